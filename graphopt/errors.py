@@ -1,0 +1,37 @@
+"""Typed errors. Every message says what failed, where, and how to fix it.
+
+The CLI turns any :class:`GraphoptError` into one line on stderr and exit code 2
+(a traceback only with ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """Base class: a user-facing failure with a fix in its message."""
+
+    exit_code = 2
+
+
+class SourceError(GraphoptError):
+    """The model source (folder, GGUF file, built-in name) cannot be used."""
+
+
+class TraceError(GraphoptError):
+    """torch.onnx.export failed or produced a graph we cannot use."""
+
+
+class PassError(GraphoptError):
+    """A pass failed; the message names the pass and the passes before it."""
+
+
+class RecipeError(GraphoptError):
+    """A pipeline recipe (TOML) is malformed or names unknown passes/options."""
+
+
+class ArtifactError(GraphoptError):
+    """An artifact directory is missing, incomplete, corrupted or mismatched."""
+
+
+class RuntimeInputError(GraphoptError):
+    """A request cannot be run: prompt too long, bad sampling value, ..."""

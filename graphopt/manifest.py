@@ -1,0 +1,162 @@
+"""manifest.json: the contract between an artifact and any server that runs it (DESIGN §7).
+
+A C++ server needs nothing else: the I/O tensors with roles, the KV layout and the
+past→present aliases, the model dims, and sha256 of every file.
+
+    {
+      "format": "graphopt-artifact", "format_version": 1, "graphopt_version": "0.1.0",
+      "source": {"architecture", "model_type", "id", "sha256"},
+      "target": "ort-cpu", "precision": {"weights", "activations", "kv_cache"},
+      "model": {"num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
+                "vocab_size", "max_seq", "bos_token_id", "eos_token_ids", "pad_token_id"},
+      "io": {"inputs": [{"name", "dtype", "shape", "role", "layer"?}], "outputs": [...]},
+      "kv_cache": {"layout": "slot-major BHSD", "dtype", "shape", "aliases": {present: past}, "update": "in-place"},
+      "plugins": [], "optimization_profiles": [],
+      "files": {"model.onnx": {"sha256", "bytes"}, ...},
+      "min_runtime": {"onnxruntime": "1.20"}
+    }
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from graphopt.errors import ArtifactError
+
+FORMAT = "graphopt-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_seq: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: "int64", "int32", "float32", "float16"
+    shape: tuple[str | int, ...]
+    role: str
+    layer: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "role": self.role}
+        if self.layer is not None:
+            out["layer"] = self.layer
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """The parsed manifest. ``raw`` keeps every field, including ones this version does not model."""
+
+    dims: ModelDims
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    target: str
+    kv_dtype: str
+    raw: dict[str, Any]
+
+    def input(self, role: str, layer: int | None = None) -> TensorSpec:
+        return _by_role(self.inputs, role, layer)
+
+    def output(self, role: str, layer: int | None = None) -> TensorSpec:
+        return _by_role(self.outputs, role, layer)
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return dict(self.raw["kv_cache"]["aliases"])
+
+
+def _by_role(specs: tuple[TensorSpec, ...], role: str, layer: int | None) -> TensorSpec:
+    for spec in specs:
+        if spec.role == role and spec.layer == layer:
+            return spec
+    raise ArtifactError(f"manifest has no tensor with role {role!r} (layer {layer}); rebuild the artifact")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """sha256 and size of each named file in ``directory`` (for the manifest's ``files``)."""
+    return {
+        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
+        for name in names
+    }
+
+
+def load_manifest(artifact: str | Path, verify_hashes: bool = True) -> Manifest:
+    """Read and check ``artifact/manifest.json``; raise :class:`ArtifactError` naming what to rebuild."""
+    directory = Path(artifact)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact {str(directory)!r} is not a directory; build one with 'graphopt build MODEL -o {directory}'")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; '{directory}' is not a graphopt artifact (rebuild with 'graphopt build')")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); rebuild the artifact with 'graphopt build'") from None
+    if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT!r} v{FORMAT_VERSION}; "
+            "rebuild the artifact with this graphopt version"
+        )
+    if verify_hashes:
+        verify_files(directory, raw.get("files", {}))
+    return parse_manifest(raw)
+
+
+def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    if not files:
+        raise ArtifactError(f"{directory / MANIFEST} lists no files; rebuild the artifact with 'graphopt build'")
+    for name, entry in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"artifact file {path} is missing; rebuild the artifact with 'graphopt build'")
+        if path.stat().st_size != entry["bytes"]:
+            raise ArtifactError(
+                f"artifact file {path} has {path.stat().st_size} bytes, manifest says {entry['bytes']} "
+                "(truncated or replaced); rebuild the artifact with 'graphopt build'"
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise ArtifactError(
+                f"artifact file {path} does not match its sha256 in manifest.json (modified or corrupted); "
+                "rebuild the artifact with 'graphopt build'"
+            )
+
+
+def parse_manifest(raw: dict[str, Any]) -> Manifest:
+    try:
+        model = raw["model"]
+        dims = ModelDims(**{**model, "eos_token_ids": tuple(model["eos_token_ids"])})
+        inputs = tuple(_spec(item) for item in raw["io"]["inputs"])
+        outputs = tuple(_spec(item) for item in raw["io"]["outputs"])
+        return Manifest(dims, inputs, outputs, raw["target"], raw["kv_cache"]["dtype"], raw)
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"manifest.json is missing or has a malformed field ({exc}); rebuild the artifact") from None
+
+
+def _spec(item: dict[str, Any]) -> TensorSpec:
+    return TensorSpec(item["name"], item["dtype"], tuple(item["shape"]), item["role"], item.get("layer"))

@@ -1,0 +1,62 @@
+"""Trace a Hugging Face causal LM's plain forward into an onnx-ir model.
+
+``torch.onnx.export(dynamo=True)`` at opset 23 of ``forward(input_ids, position_ids)`` with no
+cache (DESIGN §3): attention comes out as the opset-23 ``Attention`` op (or decomposed for eager
+attention), with ``RMSNormalization`` and ``RotaryEmbedding``. ``position_ids`` is an input so RoPE
+works for batch > 1 on ORT and so the cached graph gets absolute positions. Weights stay as
+references to the torch tensors until the artifact is saved (external data, memory-mapped later).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import onnx_ir as ir
+import torch
+
+from graphopt.errors import TraceError
+
+log = logging.getLogger(__name__)
+OPSET = 23
+
+
+class _PlainForward(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+
+
+def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
+    """Export ``model`` (eval, fp32) to an ``ir.Model`` with inputs input_ids/position_ids, output logits."""
+    model.eval()
+    seq = 7
+    input_ids = torch.zeros((2, seq), dtype=torch.long)
+    position_ids = torch.arange(seq).expand(2, seq).contiguous()
+    dims = {0: "batch", 1: "seq"}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _PlainForward(model), (input_ids, position_ids), dynamo=True, opset_version=opset,
+                input_names=["input_ids", "position_ids"], output_names=["logits"],
+                dynamic_shapes={"input_ids": dims, "position_ids": dims}, optimize=True, verbose=False,
+            )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TraceError(f"torch.onnx.export failed for {type(model).__name__}: {first}; "
+                         "try --attn-implementation eager or report the model") from exc
+    traced = program.model
+    _record_config(traced, model.config)
+    return traced
+
+
+def _record_config(model: ir.Model, config) -> None:
+    """Facts the passes need that the graph cannot show (e.g. the sliding window)."""
+    window = getattr(config, "sliding_window", None)
+    if window and getattr(config, "use_sliding_window", True):
+        model.metadata_props["graphopt.sliding_window"] = str(int(window))
+    model.metadata_props["graphopt.model_type"] = str(config.model_type)

@@ -1,0 +1,248 @@
+"""fuse-attention: every attention becomes one ``graphopt::FlashAttention`` with native GQA.
+
+Two forms are matched (DESIGN §3):
+
+(a) the opset-23 ``Attention`` op, with K/V expanded to all query heads by ``repeat_kv``::
+
+     q3 ─Reshape─Transpose─RoPE ───────────────────────────┐
+     k3 ─Reshape─Transpose─RoPE─Unsqueeze─Expand─Reshape ──┤ Attention ─Transpose─Reshape─► o3
+     v3 ─Reshape─Transpose─────Unsqueeze─Expand─Reshape ───┤
+     mask subgraph (position_ids → bool [B,1,S,S]) ────────┘
+
+(b) the decomposed form (other opsets, eager attention, GPT-2)::
+
+     MatMul(q4·c, Transpose(k4)·c) ─Mul/Div scale─(Add mask | Where mask)─Softmax─MatMul(·, v4)
+
+   after, both::
+
+     q3 ─RoPE(3D)─┐
+     k3 ─RoPE(3D)─┤ graphopt::FlashAttention(num_heads=H, kv_num_heads=Hkv, scale, causal=1) ─► o3
+     v3 ──────────┘                    (the mask subgraph is left dead for dead-code removal)
+
+Legend: B batch, S seq, H query heads, Hkv kv heads, D head dim; x3 = [B,S,H·D], x4 = [B,H,S,D].
+
+A mask is accepted only after running its subgraph and finding it causal (or sliding-window,
+with the window from the ``window`` option or the model's ``graphopt.sliding_window`` metadata).
+Anything not fused is reported by node name with the reason in ``notes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.passes._edit import attr, const_array, only_consumer, perm_is, producer, scalar, static_dim
+from graphopt.passes._mask import mask_kind
+from graphopt.passes.base import GRAPHOPT_DOMAIN, GraphoptPass
+
+
+@dataclasses.dataclass
+class _Match:
+    anchor: ir.Node
+    query: ir.Value
+    key: ir.Value
+    value: ir.Value
+    output: ir.Value
+    scale: float
+    mask: ir.Value | None
+    additive: bool
+    softcap: float = 0.0
+
+
+class FuseAttentionPass(GraphoptPass):
+    """Fuse attention into graphopt::FlashAttention.
+
+    Options:
+        window: sliding-window size; -1 reads the model metadata (none when absent).
+    """
+
+    name = "fuse-attention"
+
+    def __init__(self, window: int = -1) -> None:
+        super().__init__()
+        self.window = window
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        window = self.window if self.window > 0 else int(model.metadata_props.get("graphopt.sliding_window", -1) or -1)
+        modified = False
+        for node in list(graph):
+            if node.graph is None:
+                continue
+            if node.op_type == "Attention" and node.domain == "":
+                found = _match_attention_op(node)
+            elif node.op_type == "Softmax" and node.domain == "":
+                found = _match_decomposed(node)
+            else:
+                continue
+            if isinstance(found, _Match) and found.mask is not None:
+                reason = mask_kind(graph, found.mask, found.additive, window)
+                found = reason if reason else found
+            if isinstance(found, str):
+                self.count("unfused")
+                self.note(f"{node.op_type} node {node.name!r} not fused: {found}")
+                continue
+            form = "attention_op" if node.op_type == "Attention" else "decomposed"
+            self.count(f"fused_{form}")
+            _rewrite(graph, found, window)
+            modified = True
+        if modified:
+            model.opset_imports.setdefault(GRAPHOPT_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified)
+
+
+def _match_attention_op(node: ir.Node) -> _Match | str:
+    inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
+    query, key, value, mask = inputs[:4]
+    if any(v is not None for v in inputs[4:]):
+        return "has past_key/past_value inputs (already cached)"
+    if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
+        return "uses present/qk outputs"
+    if attr(node, "qk_matmul_output_mode", 0) != 0:
+        return "qk_matmul_output_mode is not 0"
+    causal = attr(node, "is_causal", 0) == 1
+    if causal and mask is not None:
+        return "is_causal together with an explicit mask"
+    if not causal and mask is None:
+        return "no mask and is_causal=0: bidirectional attention"
+    head_dim = static_dim(query, -1)
+    scale = attr(node, "scale", None)
+    if scale is None and head_dim:
+        scale = 1.0 / float(np.sqrt(head_dim))
+    is_bool = mask is not None and mask.dtype == ir.DataType.BOOL
+    return _Match(node, query, _strip_repeat_kv(key), _strip_repeat_kv(value), node.outputs[0],
+                  float(scale or 0.0), mask, additive=not is_bool, softcap=float(attr(node, "softcap", 0.0)))
+
+
+def _match_decomposed(softmax: ir.Node) -> _Match | str:
+    if attr(softmax, "axis", -1) not in (-1, 3):
+        return "softmax is not over the last axis"
+    scores, mask, additive = softmax.inputs[0], None, True
+    add = producer(scores, "Add")
+    where = producer(scores, "Where")
+    if add is not None:
+        side = 0 if not isinstance(_scores(add.inputs[0]), str) else 1
+        scores, mask = add.inputs[side], add.inputs[1 - side]
+    elif where is not None and (scalar(where.inputs[2]) or 0.0) < -1e4:
+        scores, mask, additive = where.inputs[1], where.inputs[0], False
+    found = _scores(scores)
+    if isinstance(found, str):
+        return found
+    scale, query, key_t = found
+    transpose = producer(key_t, "Transpose")
+    if not perm_is(transpose, (0, 1, 3, 2)):
+        return "scores MatMul's second input is not Transpose(key, perm=[0,1,3,2])"
+    pv = only_consumer(softmax.outputs[0])
+    if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not softmax.outputs[0]:
+        return "softmax output does not feed a single MatMul with the values"
+    if mask is None:
+        return "no mask: bidirectional attention"
+    key = transpose.inputs[0]
+    return _Match(pv, query, _strip_repeat_kv(key), _strip_repeat_kv(pv.inputs[1]), pv.outputs[0],
+                  scale, mask, additive)
+
+
+def _scores(value: ir.Value | None) -> tuple[float, ir.Value, ir.Value] | str:
+    """Walk back over scalar Mul/Div to the Q·Kᵀ MatMul; fold scalar scales on Q and Kᵀ too."""
+    scale = 1.0
+    node = value.producer() if value is not None else None
+    while node is not None and node.op_type in ("Mul", "Div") and scalar(node.inputs[1]) is not None:
+        factor = scalar(node.inputs[1])
+        scale *= factor if node.op_type == "Mul" else 1.0 / factor
+        node = node.inputs[0].producer()
+    if node is None or node.op_type != "MatMul":
+        return "softmax input is not a (scaled) MatMul of query and key"
+    query, key_t = node.inputs
+    for side in ("q", "k"):
+        operand = query if side == "q" else key_t
+        mul = producer(operand, "Mul")
+        if mul is not None and scalar(mul.inputs[1]) is not None:
+            scale *= scalar(mul.inputs[1])
+            query, key_t = (mul.inputs[0], key_t) if side == "q" else (query, mul.inputs[0])
+    if query.shape is None or len(query.shape) != 4:
+        return "query is not rank 4 [B,H,S,D]"
+    return scale, query, key_t
+
+
+def _strip_repeat_kv(value: ir.Value) -> ir.Value:
+    """Reshape(Expand(Unsqueeze(x, axes=[2]))) — transformers' repeat_kv — back to x."""
+    reshape = producer(value, "Reshape")
+    expand = producer(reshape.inputs[0], "Expand") if reshape else None
+    unsqueeze = producer(expand.inputs[0], "Unsqueeze") if expand else None
+    if unsqueeze is not None:
+        axes = const_array(unsqueeze.inputs[1])
+        if axes is not None and axes.reshape(-1).tolist() == [2]:
+            return unsqueeze.inputs[0]
+    return value
+
+
+def _rewrite(graph: ir.Graph, match: _Match, window: int) -> None:
+    heads, head_dim = static_dim(match.query, 1), static_dim(match.query, 3)
+    kv_heads = static_dim(match.key, 1)
+    tape = ir.tape.Tape()
+    query = _to_3d(tape, match.query, heads, head_dim)
+    key = _to_3d(tape, match.key, kv_heads, head_dim)
+    value = _to_3d(tape, match.value, kv_heads, head_dim)
+    output = tape.op(
+        "FlashAttention", [query, key, value], domain=GRAPHOPT_DOMAIN,
+        attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": match.scale, "causal": 1,
+                    "softcap": match.softcap, "window": window},
+    )
+    output.shape = ir.Shape([*match.query.shape[:1], match.query.shape[2], heads * head_dim])
+    output.dtype = match.query.dtype
+    reshape = _merge_heads_consumer(match.output)
+    if reshape is None:
+        split = tape.op("Reshape", [output, _ints(tape, [0, 0, heads, head_dim])])
+        output = tape.op("Transpose", [split], attributes={"perm": [0, 2, 1, 3]})
+        target = match.output
+    else:
+        target = reshape.outputs[0]
+    graph.insert_before(match.anchor, tape.nodes)
+    target.replace_all_uses_with(output, replace_graph_outputs=True)
+
+
+def _merge_heads_consumer(out4: ir.Value) -> ir.Node | None:
+    """The Reshape in out4 ─Transpose(0,2,1,3)─Reshape→[B,S,H·D], when that is the only use."""
+    transpose = only_consumer(out4)
+    if not perm_is(transpose, (0, 2, 1, 3)):
+        return None
+    reshape = only_consumer(transpose.outputs[0])
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    shape = reshape.outputs[0].shape
+    return reshape if shape is not None and len(shape) == 3 else None
+
+
+def _to_3d(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Value:
+    """[B,H,S,D] → [B,S,H·D], reusing the projection output when x4 = Transpose(Reshape(x3))."""
+    found = _split_heads_source(x4)
+    if found is not None:
+        return found
+    rope = producer(x4, "RotaryEmbedding")
+    if rope is not None and (len(rope.inputs) < 4 or rope.inputs[3] is None):
+        inner = _split_heads_source(rope.inputs[0])
+        if inner is not None:
+            attributes = {k: a.value for k, a in rope.attributes.items()}
+            attributes["num_heads"] = heads
+            out = tape.op("RotaryEmbedding", [inner, rope.inputs[1], rope.inputs[2]], attributes=attributes)
+            out.shape, out.dtype = inner.shape, inner.dtype
+            return out
+    transposed = tape.op("Transpose", [x4], attributes={"perm": [0, 2, 1, 3]})
+    return tape.op("Reshape", [transposed, _ints(tape, [0, 0, heads * head_dim])])
+
+
+def _split_heads_source(x4: ir.Value) -> ir.Value | None:
+    transpose = producer(x4, "Transpose")
+    if not perm_is(transpose, (0, 2, 1, 3)):
+        return None
+    reshape = producer(transpose.inputs[0], "Reshape")
+    if reshape is None:
+        return None
+    source = reshape.inputs[0]
+    return source if source.shape is not None and len(source.shape) == 3 else None
+
+
+def _ints(tape: ir.tape.Tape, values: list[int]) -> ir.Value:
+    return tape.op("Constant", [], attributes={"value": ir.tensor(np.array(values, np.int64))})
