@@ -32,6 +32,7 @@ import dataclasses
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphopt.passes._edit import attr, const_array, only_consumer, perm_is, producer, scalar, static_dim
 from graphopt.passes._mask import mask_kind
@@ -90,6 +91,7 @@ class FuseAttentionPass(GraphoptPass):
             modified = True
         if modified:
             model.opset_imports.setdefault(GRAPHOPT_DOMAIN, 1)
+            RemoveUnusedNodesPass()(model)  # the replaced attention and its mask subgraph
         return ir.passes.PassResult(model, modified)
 
 

@@ -33,6 +33,13 @@ class InsertKVCachePass(GraphoptPass):
             raise ir.passes.PreconditionError(
                 "insert-kv-cache: no graphopt::FlashAttention in the graph; run 'fuse-attention' first"
             )
+        unfused = [n.name for n in model.graph if n.domain == "" and n.op_type in ("Attention", "Softmax")
+                   and (n.outputs[0].uses() or n.outputs[0].is_graph_output())]
+        if unfused:
+            raise ir.passes.PreconditionError(
+                f"insert-kv-cache: attention left unfused at {unfused[:3]} would ignore the cache and give wrong "
+                "tokens; see the fuse-attention notes in the build report (try --attn-implementation eager)"
+            )
         if "cache_lens" in {v.name for v in model.graph.inputs}:
             raise ir.passes.PreconditionError("insert-kv-cache: the graph already has cache inputs")
 

@@ -1,0 +1,163 @@
+"""graphopt build: source → trace → pipeline → artifact directory (DESIGN §7), written atomically.
+
+Everything is produced in a temporary directory beside the destination and renamed into place
+at the end; on any failure (or Ctrl-C) the temporary directory is removed, so a half-written
+artifact never exists under the destination name.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt import __version__
+from graphopt.errors import ArtifactError, GraphoptError
+from graphopt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
+from graphopt.pipeline import PassRecord, Recipe, run_pipeline
+from graphopt.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    recipe: Recipe
+    output: Path
+    force: bool = False
+    verify: bool = False
+    dump_after: str | None = None
+    attn_implementation: str = "sdpa"
+
+
+def build(spec: str, options: BuildOptions, progress: Progress,
+          on_pass: Callable[[PassRecord], None] | None = None) -> dict[str, Any]:
+    """Build ``spec`` into ``options.output``; returns the build report."""
+    from graphopt import sources
+    from graphopt.trace import trace
+
+    _check_destination(options.output, options.force)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    with progress.step("resolving model source"):
+        source = sources.resolve_source(spec)
+    with progress.step(f"loading {source.model_id} (fp32)"), _timed(timings, "load_s"):
+        torch_model = sources.load_causal_lm(source, attn_implementation=options.attn_implementation)
+        tokenizer = sources.load_tokenizer(source)
+    with progress.step("tracing with torch.onnx.export(dynamo=True, opset 23)"), _timed(timings, "trace_s"):
+        model = trace(torch_model)
+    traced_ops = _op_counts(model)
+    with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
+        records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
+                               dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
+                               verify=options.verify, on_pass=on_pass)
+    _check_target(model, options.recipe)
+    options.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{options.output.name}.", dir=options.output.parent))
+    staging.chmod(0o755)
+    try:
+        with progress.step("writing artifact"), _timed(timings, "save_s"):
+            report = _write(staging, model, source, torch_model, tokenizer, options, records, traced_ops, timings)
+        timings["total_s"] = time.perf_counter() - started
+        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        (staging / "build-report.json").write_text(json.dumps(report, indent=2))
+        _swap_into_place(staging, options.output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return report
+
+
+def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, options: BuildOptions,
+           records: list[PassRecord], traced_ops: dict[str, int], timings: dict[str, float]) -> dict[str, Any]:
+    ir.save(model, staging / "model.onnx", external_data="model.onnx.data")
+    tokenizer.save_pretrained(staging / "tokenizer")
+    torch_model.generation_config.to_json_file(staging / "generation_config.json")
+    names = ["model.onnx"] + (["model.onnx.data"] if (staging / "model.onnx.data").exists() else [])
+    manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe)
+    manifest["files"] = file_entries(staging, names)
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    ops = _op_counts(model)
+    return {
+        "graphopt_version": __version__, "source": manifest["source"], "recipe": options.recipe.name,
+        "target": options.recipe.target, "nodes": {"traced": sum(traced_ops.values()), "final": sum(ops.values())},
+        "ops": {"traced": traced_ops, "final": ops}, "passes": [r.to_json() for r in records],
+        "unfused": [note for r in records for note in r.notes],
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "artifact_bytes": sum(e["bytes"] for e in manifest["files"].values()),
+    }
+
+
+def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe) -> dict[str, Any]:
+    from graphopt.io_contract import io_specs, model_dims
+
+    inputs, outputs = io_specs(model)
+    dims = model_dims(model, config, generation_config)
+    kv = next(s for s in inputs if s["role"] == "past_key")
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "graphopt_version": __version__,
+        "source": {"architecture": source.architecture, "model_type": source.model_type,
+                   "id": source.model_id, "spec": source.spec, "sha256": source.sha256},
+        "target": recipe.target, "recipe": recipe.name,
+        "precision": {"weights": "fp32", "activations": "fp32", "kv_cache": kv["dtype"]},
+        "model": dims, "io": {"inputs": inputs, "outputs": outputs},
+        "kv_cache": {"layout": "slot-major [batch, kv_heads, max_seq, head_dim]", "dtype": kv["dtype"],
+                     "shape": kv["shape"], "update": "in-place",
+                     "aliases": {o["name"]: o["name"].replace("present_", "past_") for o in outputs
+                                 if o["role"].startswith("present_")}},
+        "plugins": [], "optimization_profiles": [],
+        "min_runtime": {"onnxruntime": "1.22"},
+    }
+
+
+def _check_destination(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise ArtifactError(f"output {output} already exists; pass --force to replace it or choose another -o")
+    if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
+        raise ArtifactError(f"output {output} exists and is not a graphopt artifact; refusing to replace it")
+
+
+def _check_target(model: ir.Model, recipe: Recipe) -> None:
+    if recipe.target != "ort-cpu":
+        return
+    left = sorted({n.op_type for n in model.graph if n.domain == "graphopt"})
+    if left:
+        raise GraphoptError(f"recipe {recipe.name} targets ort-cpu but leaves graphopt ops {left} unlowered; "
+                            "add 'lower-ort-cpu' at the end of the recipe")
+
+
+def _swap_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+        os.replace(staging, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, output)
+
+
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    counts = collections.Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph)
+    return dict(sorted(counts.items()))
+
+
+class _timed:
+    def __init__(self, timings: dict[str, float], key: str) -> None:
+        self.timings, self.key = timings, key
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.timings[self.key] = time.perf_counter() - self.start

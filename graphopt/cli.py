@@ -1,0 +1,100 @@
+"""The graphopt command line: build, passes, inspect, generate, bench.
+
+Any GraphoptError becomes one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from graphopt.errors import GraphoptError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GraphoptError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """graphopt — a compiler for LLM inference graphs."""
+    ctx.ensure_object(dict)["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory (default: out/<model>).")
+@click.option("--recipe", default=None, help="Recipe name in models/ or a TOML path (default: the target's).")
+@click.option("--target", default="ort-cpu", type=click.Choice(["ort-cpu"]), show_default=True)
+@click.option("--verify", is_flag=True, help="Check the graph and its logits after every pass.")
+@click.option("--dump-after", default=None, metavar="PASS", help="Also save the graph after this pass.")
+@click.option("--attn-implementation", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
+def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json) -> None:
+    """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
+    from graphopt.build import BuildOptions, build as run_build
+    from graphopt.pipeline import load_recipe
+    from graphopt.progress import Progress
+    from graphopt.report import pass_table, print_build_summary
+
+    output = output or Path("out") / Path(model.rstrip("/")).name.removesuffix(".gguf")
+    options = BuildOptions(load_recipe(recipe or target), output, force, verify, dump_after, attn_implementation)
+    progress = Progress(enabled=not as_json)
+    records = []
+    report = run_build(model, options, progress, on_pass=records.append)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    progress.console.print(pass_table(records, verify))
+    print_build_summary(progress.console, report, output)
+
+
+@main.command()
+def passes() -> None:
+    """List the registered passes with their options."""
+    from graphopt.passes import REGISTRY, pass_options, summary
+
+    for name, cls in REGISTRY.items():
+        options = ", ".join(f"{k}: {t.__name__} = {d!r}" for k, (t, d) in pass_options(cls).items()) or "no options"
+        click.echo(f"{name:18} {summary(cls)}\n{'':18} options: {options}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Print an artifact's manifest and build report."""
+    from graphopt.manifest import load_manifest
+    from graphopt.report import print_inspect
+
+    manifest = load_manifest(artifact)
+    report_path = artifact / "build-report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest.raw, "build_report": report}, indent=2))
+    else:
+        print_inspect(manifest, report)
+
+
+from graphopt.cli_run import bench, generate  # noqa: E402  (commands registered on main)
+
+main.add_command(generate)
+main.add_command(bench)
