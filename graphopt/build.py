@@ -61,7 +61,7 @@ def build(spec: str, options: BuildOptions, progress: Progress,
     with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
         records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
                                dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
-                               verify=options.verify, on_pass=on_pass)
+                               verify=options.verify, on_pass=on_pass, torch_model=torch_model)
     _check_target(model, options.recipe)
     options.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{options.output.name}.", dir=options.output.parent))

@@ -102,11 +102,11 @@ Hook = Callable[[PassRecord], None]
 
 
 def run_pipeline(model: ir.Model, recipe: Recipe, *, dump_after: str | None = None, dump_path: Path | None = None,
-                 verify: bool = False, on_pass: Hook | None = None) -> list[PassRecord]:
+                 verify: bool = False, on_pass: Hook | None = None, torch_model=None) -> list[PassRecord]:
     """Run the recipe's passes in order on ``model`` (in place) and return one record per pass."""
     from graphopt.verify import StageChecker
 
-    checker = StageChecker(model) if verify else None
+    checker = StageChecker(model, torch_model) if verify else None
     records: list[PassRecord] = []
     for spec in recipe.passes:
         record = _run_one(model, spec, [r.name for r in records])

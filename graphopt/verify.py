@@ -21,9 +21,18 @@ ORT_ONNX_DOMAIN_CONTRIB = ("SimplifiedLayerNormalization",)
 
 
 class StageChecker:
-    def __init__(self, model: ir.Model) -> None:
+    """Holds the previous stage's logits; the traced graph is first checked against torch when given."""
+
+    def __init__(self, model: ir.Model, torch_model=None) -> None:
         self.seed_ids = np.random.default_rng(0).integers(0, _vocab(model), size=(BATCH, SEQ))
         self.reference = run_stage(model, self.seed_ids)
+        if torch_model is not None:
+            expected = torch_logits(torch_model, self.seed_ids)
+            diff = float(np.max(np.abs(expected - self.reference)))
+            if not diff <= TOLERANCE:
+                raise PassError(f"--verify: the traced graph's logits differ from PyTorch's by {diff:.3g} "
+                                f"(limit {TOLERANCE}); the export is wrong for this model — report it")
+            self.trace_diff = diff
 
     def check(self, model: ir.Model, name: str, before: list[str]) -> float:
         logits = run_stage(model, self.seed_ids, where=f"after pass {name!r} (passes before: {before})")
@@ -33,6 +42,15 @@ class StageChecker:
                             f"(limit {TOLERANCE}); passes before: {before}; drop or fix that pass")
         self.reference = logits
         return diff
+
+
+def torch_logits(torch_model, input_ids: np.ndarray) -> np.ndarray:
+    import torch
+
+    ids = torch.from_numpy(input_ids.astype(np.int64))
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        return torch_model(input_ids=ids, position_ids=positions, use_cache=False).logits.numpy()
 
 
 def run_stage(model: ir.Model, input_ids: np.ndarray, where: str = "traced graph") -> np.ndarray:

@@ -60,7 +60,7 @@ class LowerOrtCpuPass(GraphoptPass):
             name=node.name,
             attributes={"num_heads": int(a["num_heads"]), "kv_num_heads": int(a["kv_num_heads"]),
                         "scale": float(a["scale"]), "softcap": float(a.get("softcap", 0.0)),
-                        "local_window_size": window - 1 if window > 0 else -1},
+                        "local_window_size": window if window > 0 else -1},
         )
         graph.insert_before(node, gqa)
         for old, new in zip(node.outputs, gqa.outputs):
