@@ -52,7 +52,7 @@ def _find_lm_head(graph: ir.Graph) -> ir.Node:
     node = outputs[0].producer()
     while node is not None and node.op_type in _ELEMENTWISE:
         node = node.inputs[0].producer()
-    if node is None or node.op_type != "MatMul" or node.inputs[1].const_value is None:
+    if node is None or node.op_type != "MatMul":
         found = node.op_type if node is not None else "a graph input"
         raise PassError(f"keep-logits: 'logits' comes from {found}, not MatMul(hidden, weight); "
                         "drop keep-logits from the recipe for this model")

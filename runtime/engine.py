@@ -1,0 +1,258 @@
+"""ONNX Runtime engine: the only runtime code that touches onnxruntime (DESIGN §4, §8).
+
+One ``InferenceSession`` (CPU EP, all graph optimizations) driven through a single IOBinding:
+
+    inputs   input_ids, position_ids [B, S], cache_lens, input_lens [B], logit_positions [B, k]
+             bound by pointer to preallocated staging buffers (filled in place each step)
+    past_* / present_*   bound to the SAME memory: the slot cache's contiguous view of slots
+             [first, first+B) ([B, Hkv, max_seq, D]); ORT writes new K/V there, nothing is copied back
+    logits   bound to a preallocated float buffer [B, k, V], grown when a step needs more
+
+Bindings are redone only when the step's shape (B, S, k) or slot range changes, so a steady
+batched decode step costs one ``run_with_iobinding`` plus a few small numpy copies.
+
+On ort-cpu attention is ``com.microsoft.GroupQueryAttention``, which refuses B > 1 with S > 1
+when any row already has a cache; :meth:`OrtEngine.prefill` runs such rows one call each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from graphopt.errors import ArtifactError, RuntimeInputError
+from graphopt.manifest import Manifest, load_manifest
+from graphopt.runtime.kv_cache import SlotCache
+
+log = logging.getLogger(__name__)
+
+INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")
+DEFAULT_MAX_SEQ = 2048
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # psutil is a dependency, but stay usable without it
+        return os.cpu_count() or 1
+
+
+def runtime_max_seq(manifest: Manifest, requested: int | None) -> int:
+    """The cache length to allocate: ``requested`` (default min(2048, artifact max_seq)), ≤ the artifact's."""
+    limit = manifest.dims.max_seq
+    fixed = manifest.input("past_key", 0).shape[2]
+    if isinstance(fixed, int):  # the graph was built for one cache length: it must be used as is
+        if requested is not None and requested != fixed:
+            log.info("artifact cache length is fixed at %d; ignoring max_seq=%d", fixed, requested)
+        return fixed
+    if requested is None:
+        return min(DEFAULT_MAX_SEQ, limit)
+    if not 1 <= requested <= limit:
+        raise RuntimeInputError(f"max_seq={requested} is outside 1..{limit} (the artifact's max_seq); lower it")
+    return requested
+
+
+def create_session(model_path: Path, threads: int | None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+        raise ArtifactError(f"onnxruntime cannot load {model_path}: {exc}; rebuild the artifact") from None
+
+
+def cache_names(manifest: Manifest) -> list[tuple[str, str]]:
+    """(past, present) name pairs, K then V per layer, checked against the manifest's aliases."""
+    aliases = manifest.aliases
+    pairs = []
+    for layer in range(manifest.dims.num_layers):
+        for kind in ("key", "value"):
+            past = manifest.input(f"past_{kind}", layer).name
+            present = manifest.output(f"present_{kind}", layer).name
+            if aliases.get(present) != past:
+                raise ArtifactError(
+                    f"manifest kv_cache.aliases maps {present!r} to {aliases.get(present)!r}, expected {past!r}; "
+                    "the runtime needs present_* to alias past_* (rebuild with 'insert-kv-cache')"
+                )
+            pairs.append((past, present))
+    return pairs
+
+
+def check_session_io(manifest: Manifest, session: ort.InferenceSession) -> None:
+    expected = {spec.name for spec in manifest.inputs}
+    actual = {node.name for node in session.get_inputs()}
+    if expected != actual:
+        raise ArtifactError(
+            f"model.onnx inputs {sorted(actual)} do not match manifest.json {sorted(expected)}; rebuild the artifact"
+        )
+
+
+class OrtEngine:
+    """Runs an ort-cpu artifact with a slot KV cache bound in place.
+
+    Args:
+        artifact_dir: a graphopt artifact (manifest hashes are verified).
+        max_slots: concurrent sequences (rows of the KV slot buffers).
+        max_seq: cache positions per slot; default min(2048, the artifact's max_seq).
+        threads: ORT intra-op threads; default the number of physical cores.
+    """
+
+    def __init__(self, artifact_dir: str | Path, max_slots: int = 8, max_seq: int | None = None,
+                 threads: int | None = None) -> None:
+        directory = Path(artifact_dir)
+        self.manifest = load_manifest(directory)
+        if self.manifest.target != "ort-cpu":
+            raise ArtifactError(f"artifact {directory} targets {self.manifest.target!r}; OrtEngine runs 'ort-cpu' "
+                                "artifacts (rebuild with '--target ort-cpu')")
+        dims = self.manifest.dims
+        self.vocab_size = dims.vocab_size
+        self.eos_token_ids = dims.eos_token_ids
+        self.pad_token_id = dims.pad_token_id or 0
+        self.max_seq = runtime_max_seq(self.manifest, max_seq)
+        self.session = create_session(directory / "model.onnx", threads)
+        check_session_io(self.manifest, self.session)
+        self.cache = SlotCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, max_slots, self.max_seq,
+                               np.dtype(self.manifest.kv_dtype))
+        self._cache_names = cache_names(self.manifest)
+        self._names = {role: self.manifest.input(role).name for role in INPUT_ROLES}
+        self._logits_name = self.manifest.output("logits").name
+        capacity = max_slots * self.max_seq
+        self._staging = {role: np.zeros(capacity, np.dtype(self.manifest.input(role).dtype)) for role in INPUT_ROLES}
+        self._logits = np.empty(max_slots * dims.vocab_size, np.dtype(self.manifest.output("logits").dtype))
+        self._binding = self.session.io_binding()
+        self._bound_shape: tuple[int, int, int] | None = None
+        self._bound_slots: tuple[int, int] | None = None
+        self._views: dict[str, np.ndarray] = {}
+        self._logits_view = self._logits[:0]
+
+    # ---- the contract call -------------------------------------------------------------------------------
+    def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_lens: np.ndarray,
+             input_lens: np.ndarray, logit_positions: np.ndarray, first_slot: int = 0) -> np.ndarray:
+        """One graph call over slots ``first_slot..first_slot+B-1``; returns logits [B, k, V].
+
+        The returned array is a view of the engine's output buffer, overwritten by the next call: copy it
+        to keep it. Cache lengths are not advanced here (``prefill``/``decode`` do that).
+        """
+        batch, seq = input_ids.shape
+        k = logit_positions.shape[1]
+        self._check_step(batch, seq, np.asarray(cache_lens), first_slot)
+        views = self._stage(batch, seq, k)
+        for role, value in zip(INPUT_ROLES, (input_ids, position_ids, cache_lens, input_lens, logit_positions)):
+            np.copyto(views[role], value, casting="same_kind")
+        return self._run(first_slot, batch)
+
+    def _check_step(self, batch: int, seq: int, cache_lens: np.ndarray, first_slot: int) -> None:
+        if cache_lens.shape != (batch,):
+            raise RuntimeInputError(f"cache_lens has shape {cache_lens.shape}, expected ({batch},)")
+        if int(cache_lens.max()) + seq > self.max_seq:
+            raise RuntimeInputError(
+                f"a row would reach position {int(cache_lens.max()) + seq} (cache {int(cache_lens.max())} + {seq} "
+                f"new), over the engine's max_seq {self.max_seq}; raise max_seq or send fewer tokens"
+            )
+        if batch > 1 and seq > 1 and cache_lens.any():
+            raise RuntimeInputError(
+                f"GroupQueryAttention (ort-cpu) cannot run {batch} rows of {seq} tokens on top of a cache; "
+                "use OrtEngine.prefill, which runs such rows one call each"
+            )
+
+    def _stage(self, batch: int, seq: int, k: int) -> dict[str, np.ndarray]:
+        """Views of the staging buffers shaped for this step; (re)bind them only when the shape changes."""
+        if self._bound_shape == (batch, seq, k):
+            return self._views
+        shapes = {"input_ids": (batch, seq), "position_ids": (batch, seq), "cache_lens": (batch,),
+                  "input_lens": (batch,), "logit_positions": (batch, k)}
+        for role, shape in shapes.items():
+            buf = self._staging[role]
+            self._views[role] = buf[: int(np.prod(shape))].reshape(shape)
+            self._binding.bind_input(self._names[role], "cpu", 0, buf.dtype, shape, buf.ctypes.data)
+        need = batch * k * self.vocab_size
+        if need > self._logits.size:
+            self._logits = np.empty(need, self._logits.dtype)
+        shape = (batch, k, self.vocab_size)
+        self._logits_view = self._logits[:need].reshape(shape)
+        self._binding.bind_output(self._logits_name, "cpu", 0, self._logits.dtype, shape, self._logits.ctypes.data)
+        self._bound_shape = (batch, seq, k)
+        return self._views
+
+    def _run(self, first_slot: int, batch: int) -> np.ndarray:
+        if self._bound_slots != (first_slot, batch):
+            views = self.cache.views(first_slot, batch)
+            flat = [view for pair in views for view in pair]  # K, V per layer: the order of _cache_names
+            for (past, present), view in zip(self._cache_names, flat):
+                self._binding.bind_input(past, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+                self._binding.bind_output(present, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+            self._bound_slots = (first_slot, batch)
+        self.session.run_with_iobinding(self._binding)
+        return self._logits_view
+
+    # ---- helpers that keep the cache lengths -------------------------------------------------------------
+    def prefill(self, chunks: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray:
+        """Append ``chunks[i]`` to the cache of ``slots[i]``; return each chunk's last-token logits [B, V].
+
+        One batched call when GQA allows it (every row's cache is empty, or one token per row, over a
+        contiguous slot range); otherwise one call per row. The result is a fresh array.
+        """
+        if len(chunks) != len(slots) or not chunks:
+            raise RuntimeInputError(f"prefill got {len(chunks)} chunks for {len(slots)} slots; pass one per slot")
+        for slot, chunk in zip(slots, chunks):
+            if len(chunk) == 0:
+                raise RuntimeInputError(f"prefill chunk for slot {slot} is empty; pass at least one token")
+            self.cache.check_active(slot)
+            self.cache.check_room(slot, len(chunk))
+        first = int(slots[0])
+        contiguous = list(slots) == list(range(first, first + len(slots)))
+        seq = max(len(chunk) for chunk in chunks)
+        if contiguous and (seq == 1 or not self.cache.lens[list(slots)].any()):
+            logits = self._prefill_rows(chunks, first).copy()
+        else:
+            # each call overwrites the output buffer: copy every row out before the next
+            logits = np.stack([self._prefill_rows([chunk], int(slot))[0].copy() for chunk, slot in zip(chunks, slots)])
+        for slot, chunk in zip(slots, chunks):
+            self.cache.advance(int(slot), len(chunk))
+        return logits
+
+    def _prefill_rows(self, chunks: Sequence[Sequence[int]], first_slot: int) -> np.ndarray:
+        """One call for contiguous slots, chunks right-padded; logits [B, V] (a view)."""
+        batch, seq = len(chunks), max(len(chunk) for chunk in chunks)
+        views = self._stage(batch, seq, 1)
+        lens = self.cache.lens[first_slot:first_slot + batch]
+        views["input_ids"].fill(self.pad_token_id)
+        views["position_ids"].fill(0)
+        for row, chunk in enumerate(chunks):
+            views["input_ids"][row, : len(chunk)] = chunk
+            views["position_ids"][row, : len(chunk)] = np.arange(lens[row], lens[row] + len(chunk))
+            views["input_lens"][row] = len(chunk)
+            views["logit_positions"][row, 0] = len(chunk) - 1
+        views["cache_lens"][:] = lens
+        return self._run(first_slot, batch)[:, 0]
+
+    def decode(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """One token for each of slots ``0..B-1`` (B = len(token_ids)); returns logits [B, V] (a view).
+
+        The view is overwritten by the next engine call.
+        """
+        batch = len(token_ids)
+        if not 1 <= batch <= self.cache.num_active:
+            raise RuntimeInputError(f"decode got {batch} tokens for {self.cache.num_active} active slots")
+        lens = self.cache.lens[:batch]
+        if int(lens.max()) + 1 > self.max_seq:
+            raise RuntimeInputError(f"a slot is full ({self.max_seq} tokens = max_seq); finish it or raise max_seq")
+        views = self._stage(batch, 1, 1)
+        views["input_ids"][:, 0] = token_ids
+        views["position_ids"][:, 0] = lens
+        views["cache_lens"][:] = lens
+        views["input_lens"].fill(1)
+        views["logit_positions"].fill(0)
+        logits = self._run(0, batch)
+        self.cache.advance_prefix(batch)
+        return logits[:, 0]
