@@ -36,6 +36,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     """graphopt — a compiler for LLM inference graphs."""
     ctx.ensure_object(dict)["debug"] = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
 
 @main.command()

@@ -81,6 +81,8 @@ class LowerOrtCpuPass(GraphoptPass):
             fused = ir.node("SkipSimplifiedLayerNormalization", [add.inputs[0], add.inputs[1], weight],
                             domain=MS_DOMAIN, num_outputs=4, attributes={"epsilon": eps}, name=node.name)
             graph.insert_before(add, fused)
+            for new, old in ((fused.outputs[0], node.outputs[0]), (fused.outputs[3], add.outputs[0])):
+                new.shape, new.dtype = old.shape, old.dtype
             node.outputs[0].replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
             add.outputs[0].replace_all_uses_with(fused.outputs[3], replace_graph_outputs=True)
             graph.remove(node, safe=True)
@@ -90,6 +92,7 @@ class LowerOrtCpuPass(GraphoptPass):
         fused = ir.node("SimplifiedLayerNormalization", [x, weight], num_outputs=1, name=node.name,
                         attributes={"epsilon": eps, "axis": -1, "stash_type": 1})
         graph.insert_before(node, fused)
+        fused.outputs[0].shape, fused.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
         node.outputs[0].replace_all_uses_with(fused.outputs[0], replace_graph_outputs=True)
         graph.remove(node, safe=True)
         self.count("simplified_layer_norm")
