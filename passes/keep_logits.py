@@ -41,6 +41,9 @@ class KeepLogitsPass(GraphoptPass):
         gathered.shape = ir.Shape(["batch", "num_logits", hidden.shape[-1]])
         graph.insert_before(lm_head, tape.nodes)
         lm_head.replace_input_with(0, gathered)
+        logits = next(v for v in graph.outputs if v.name == "logits")
+        for value in (lm_head.outputs[0], logits):  # the row axis is now K, not S
+            value.shape = ir.Shape(["batch", "num_logits", logits.shape[-1] if logits.shape else None])
         self.count("lm_head_rows_gathered")
         return ir.passes.PassResult(model, True)
 

@@ -1,0 +1,47 @@
+"""The artifact directory: manifest contents, hashes, --dump-after, --force replacement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+
+from graphopt.build import BuildOptions, build
+from graphopt.manifest import load_manifest, sha256_file
+from graphopt.pipeline import load_recipe
+from graphopt.progress import QUIET
+from tiny_models import make_tiny_model
+
+
+def test_artifact_layout_manifest_and_dump(tmp_path: Path) -> None:
+    source = make_tiny_model("qwen2", tmp_path / "hf")
+    out = tmp_path / "art"
+    options = BuildOptions(load_recipe("ort-cpu"), out, dump_after="fuse-attention")
+    report = build(str(source), options, QUIET)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "build-report.json", "generation_config.json", "manifest.json", "model.onnx", "model.onnx.data", "tokenizer"]
+    manifest = load_manifest(out)
+    raw = manifest.raw
+    assert raw["source"]["architecture"] == "Qwen2ForCausalLM" and raw["target"] == "ort-cpu"
+    assert manifest.dims.num_layers == 2 and manifest.dims.num_kv_heads == 2 and manifest.dims.head_dim == 16
+    assert manifest.dims.max_seq == 256 and manifest.dims.eos_token_ids == (2,)
+    assert raw["kv_cache"]["aliases"]["present_key.1"] == "past_key.1"
+    roles = {s.role for s in manifest.inputs}
+    assert roles == {"input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions", "past_key", "past_value"}
+    assert manifest.input("cache_lens").dtype == "int32" and manifest.output("logits").shape == ("batch", "num_logits", 96)
+    assert raw["files"]["model.onnx.data"]["sha256"] == sha256_file(out / "model.onnx.data")
+    assert json.loads((out / "build-report.json").read_text())["nodes"] == report["nodes"]
+    dumped = ir.load(tmp_path / "art.fuse-attention.onnx")
+    assert [n.op_type for n in dumped.graph].count("FlashAttention") == 2
+
+
+def test_force_replaces_atomically(tmp_path: Path) -> None:
+    source = make_tiny_model("llama", tmp_path / "hf")
+    out = tmp_path / "art"
+    build(str(source), BuildOptions(load_recipe("ort-cpu"), out), QUIET)
+    first = (out / "manifest.json").read_text()
+    make_tiny_model("llama", source, seed=1)  # new weights, same folder
+    build(str(source), BuildOptions(load_recipe("ort-cpu"), out, force=True), QUIET)
+    assert (out / "manifest.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "hf"]  # no staging or old copies left
