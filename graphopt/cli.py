@@ -54,15 +54,27 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--attn-implementation", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
-def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json) -> None:
+@click.option("--int4", is_flag=True, help="int4 weights, AWQ-style (recipe <target>-int4).")
+@click.option("--int4-block", type=int, default=None, help="int4 block size: 32 (default), 64 or 128.")
+@click.option("--int8", is_flag=True, help="int8 weights and activations (recipe <target>-int8).")
+@click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
+@click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
+@click.option("--calib-text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 calibration text (default: prose from installed packages' docs).")
+@click.option("--calib-tokens", default=4096, show_default=True, help="Calibration tokens to use.")
+def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json,
+          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build import BuildOptions, build as run_build
-    from graphopt.pipeline import load_recipe
+    from graphopt.precision import PrecisionFlags, precision_recipe
     from graphopt.progress import Progress
     from graphopt.report import pass_table, print_build_summary
 
-    output = output or Path("out") / Path(model.rstrip("/")).name.removesuffix(".gguf")
-    options = BuildOptions(load_recipe(recipe or target), output, force, verify, dump_after, attn_implementation)
+    flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
+    chosen = precision_recipe(flags, recipe, target)  # bad flag combinations fail here, before any loading
+    suffix = f"-{flags.weights}" if flags.weights else ""
+    output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
+    options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens)
     progress = Progress(enabled=not as_json)
     records = []
     report = run_build(model, options, progress, on_pass=records.append)
@@ -104,3 +116,11 @@ from graphopt.cli_run import bench, generate  # noqa: E402  (commands registered
 
 main.add_command(generate)
 main.add_command(bench)
+
+from graphopt.cli_serve import serve  # noqa: E402
+
+main.add_command(serve)
+
+from graphopt.cli_eval import eval_command  # noqa: E402
+
+main.add_command(eval_command)

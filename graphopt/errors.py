@@ -35,3 +35,17 @@ class ArtifactError(GraphoptError):
 
 class RuntimeInputError(GraphoptError):
     """A request cannot be run: prompt too long, bad sampling value, ..."""
+
+
+class OverloadedError(GraphoptError):
+    """The runtime's request queue is full; the caller should retry later (HTTP 429)."""
+
+
+class RequestError(RuntimeInputError):
+    """An HTTP request the server refuses: ``param`` names the offending field, ``status`` is the HTTP status."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+        self.code = code

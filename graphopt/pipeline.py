@@ -2,7 +2,9 @@
 
 The runner (not the passes) records per pass: modified, node delta, wall time, stats and notes;
 ``dump_after`` writes the graph after a named pass; ``verify`` checks the graph after every pass
-(onnx checker, shape inference, and logits on ONNX Runtime against the previous stage).
+(onnx checker, shape inference, and logits on ONNX Runtime against the previous stage; a pass
+that declares itself ``lossy`` — quantization — has its logit change recorded, not enforced).
+Build inputs that passes need (calibration tokens, progress) travel in one explicit PassContext.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import onnx_ir as ir
 
 from graphopt.errors import PassError, RecipeError
 from graphopt.passes import REGISTRY, pass_options
+from graphopt.passes.base import PassContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,7 @@ class PassRecord:
     stats: dict[str, int]
     notes: list[str]
     max_abs_diff: float | None = None
+    lossy: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,16 +106,17 @@ Hook = Callable[[PassRecord], None]
 
 
 def run_pipeline(model: ir.Model, recipe: Recipe, *, dump_after: str | None = None, dump_path: Path | None = None,
-                 verify: bool = False, on_pass: Hook | None = None, torch_model=None) -> list[PassRecord]:
+                 verify: bool = False, on_pass: Hook | None = None, torch_model=None,
+                 context: PassContext | None = None) -> list[PassRecord]:
     """Run the recipe's passes in order on ``model`` (in place) and return one record per pass."""
     from graphopt.verify import StageChecker
 
     checker = StageChecker(model, torch_model) if verify else None
     records: list[PassRecord] = []
     for spec in recipe.passes:
-        record = _run_one(model, spec, [r.name for r in records])
+        record = _run_one(model, spec, [r.name for r in records], context or PassContext())
         if checker is not None:
-            record.max_abs_diff = checker.check(model, spec.name, [r.name for r in records])
+            record.max_abs_diff = checker.check(model, spec.name, [r.name for r in records], lossy=record.lossy)
         records.append(record)
         if on_pass is not None:
             on_pass(record)
@@ -122,8 +127,9 @@ def run_pipeline(model: ir.Model, recipe: Recipe, *, dump_after: str | None = No
     return records
 
 
-def _run_one(model: ir.Model, spec: PassSpec, before: list[str]) -> PassRecord:
+def _run_one(model: ir.Model, spec: PassSpec, before: list[str], context: PassContext) -> PassRecord:
     instance = REGISTRY[spec.name](**spec.options)
+    instance.context = context
     nodes_before = model.graph.num_nodes()
     start = time.perf_counter()
     try:
@@ -135,7 +141,7 @@ def _run_one(model: ir.Model, spec: PassSpec, before: list[str]) -> PassRecord:
                         "rerun with --debug and report it") from exc
     seconds = time.perf_counter() - start
     return PassRecord(spec.name, bool(result.modified), nodes_before, model.graph.num_nodes(), seconds,
-                      dict(instance.stats), list(instance.notes))
+                      dict(instance.stats), list(instance.notes), lossy=bool(instance.lossy and result.modified))
 
 
 def _cause(exc: BaseException) -> str:

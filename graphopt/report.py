@@ -21,7 +21,7 @@ def pass_table(records: list[PassRecord], verify: bool) -> Table:
         row = [r.name, "yes" if r.modified else "no", str(r.nodes_after), f"{r.nodes_after - r.nodes_before:+d}",
                f"{r.seconds * 1000:.0f}", stats]
         if verify:
-            row.append("—" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}")
+            row.append("—" if r.max_abs_diff is None else f"{r.max_abs_diff:.2e}" + (" (lossy)" if r.lossy else ""))
         table.add_row(*row)
     return table
 
@@ -29,12 +29,34 @@ def pass_table(records: list[PassRecord], verify: bool) -> Table:
 def print_build_summary(console: Console, report: dict[str, Any], output: Path) -> None:
     for note in report["unfused"]:
         console.print(f"[yellow]not fused:[/] {note}")
+    print_precision(console, report)
     t = report["timings"]
     console.print(
         f"[bold green]built[/] {output}  nodes {report['nodes']['traced']} → {report['nodes']['final']}  "
         f"size {report['artifact_bytes'] / 2**20:.1f} MiB  time {t['total_s']:.1f} s "
         f"(trace {t['trace_s']:.1f} s, passes {t['passes_s']:.1f} s)  peak RSS {report['peak_rss_mib']:.0f} MiB"
     )
+
+
+def print_precision(console: Console, report: dict[str, Any]) -> None:
+    """Precision, the fp8-simulation warning and the fidelity measured against fp32 (quantized builds)."""
+    precision = dict(report.get("precision") or {})
+    note = precision.pop("note", None)
+    if precision and precision.get("weights", "fp32") != "fp32" or "fidelity" in report:
+        console.print("precision: " + ", ".join(f"{k} {v}" for k, v in precision.items()))
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
+    if report.get("fidelity"):
+        console.print(fidelity_line(report["fidelity"]))
+
+
+def fidelity_line(fidelity: dict[str, Any]) -> str:
+    budget = fidelity.get("budget")
+    verdict = "" if budget is None else "  [green]within budget[/]" if budget["within"] else \
+        f"  [red]over budget: {'; '.join(budget['misses'])}[/]"
+    return (f"fidelity vs fp32 on {fidelity['tokens']} tokens: KL {fidelity['kl_mean']:.4f}, "
+            f"top-1 {fidelity['top1_agreement']:.1%}, perplexity {fidelity['ppl_reference']:.2f} → "
+            f"{fidelity['ppl_candidate']:.2f}{verdict}")
 
 
 def print_inspect(manifest: Manifest, report: dict[str, Any]) -> None:
@@ -62,3 +84,5 @@ def print_inspect(manifest: Manifest, report: dict[str, Any]) -> None:
         console.print(f"nodes {report['nodes']['final']}: " + ", ".join(f"{k}×{v}" for k, v in ops.items()))
         for note in report.get("unfused", []):
             console.print(f"[yellow]not fused:[/] {note}")
+        if report.get("fidelity"):
+            console.print(fidelity_line(report["fidelity"]))

@@ -5,15 +5,27 @@ from __future__ import annotations
 import inspect
 
 from graphopt.passes.base import GraphoptPass
+from graphopt.passes.calibrate import CalibratePass
 from graphopt.passes.cleanup import CleanupPass
 from graphopt.passes.fuse_attention import FuseAttentionPass
+from graphopt.passes.fuse_qkv_rope import FuseQkvRopePass
 from graphopt.passes.insert_kv_cache import InsertKVCachePass
 from graphopt.passes.keep_logits import KeepLogitsPass
 from graphopt.passes.lower_ort_cpu import LowerOrtCpuPass
+from graphopt.passes.lower_quant_ort_cpu import LowerQuantOrtCpuPass
+from graphopt.passes.quantize_fp8 import QuantizeFp8Pass
+from graphopt.passes.quantize_int4 import QuantizeInt4Pass
+from graphopt.passes.quantize_int8 import QuantizeInt8Pass
+from graphopt.passes.quantize_kv_cache import QuantizeKVCachePass
 
 REGISTRY: dict[str, type[GraphoptPass]] = {
     cls.name: cls
     for cls in (CleanupPass, FuseAttentionPass, InsertKVCachePass, KeepLogitsPass, LowerOrtCpuPass)
+}
+REGISTRY |= {  # quantization: calibrate → quantize-* (Q/DQ) → lower-quant-<target>
+    cls.name: cls
+    for cls in (CalibratePass, QuantizeInt4Pass, QuantizeInt8Pass, QuantizeFp8Pass, QuantizeKVCachePass,
+                LowerQuantOrtCpuPass, FuseQkvRopePass)
 }
 
 

@@ -2,19 +2,43 @@
 
 A pass fills ``self.stats`` (counters shown in the pipeline table and the build report) and
 ``self.notes`` (patterns it saw but did not rewrite, each with the reason — never silent).
+
+A pass that changes the numbers on purpose (quantization) sets ``lossy``: ``--verify`` then still
+checks the graph and records how far the logits moved, but does not hold it to the lossless
+tolerance. What a pass needs from the build besides its options (calibration tokens, a progress
+display) arrives in ``self.context``, set by the pipeline runner — never through globals.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
 import onnx_ir as ir
 
+if TYPE_CHECKING:
+    from graphopt.progress import Progress
+
 GRAPHOPT_DOMAIN = "graphopt"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassContext:
+    """Build inputs a pass may use. ``calibration_tokens``: the token stream 'calibrate' runs over."""
+
+    calibration_tokens: np.ndarray | None = None
+    calibration_source: str = ""
+    progress: Progress | None = None
+    max_positions: int | None = None  # the model's context length (config max_position_embeddings)
 
 
 class GraphoptPass(ir.passes.InPlacePass):
     """Base class. Subclasses set ``name`` (stable kebab-case) and document options in the docstring."""
 
     name: str = ""
+    lossy: bool = False  # changes the logits on purpose (quantization); instances may override
+    context: PassContext = PassContext()
 
     def __init__(self) -> None:
         super().__init__()

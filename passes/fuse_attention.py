@@ -50,6 +50,7 @@ class _Match:
     mask: ir.Value | None
     additive: bool
     softcap: float = 0.0
+    key3: ir.Value | None = None  # the key as [B,S,Hkv·D] when the match already found it
 
 
 class FuseAttentionPass(GraphoptPass):
@@ -134,7 +135,8 @@ def _match_decomposed(softmax: ir.Node) -> _Match | str:
         return found
     scale, query, key_t = found
     transpose = producer(key_t, "Transpose")
-    if not perm_is(transpose, (0, 1, 3, 2)):
+    key3 = _merged_transpose_source(transpose)
+    if not perm_is(transpose, (0, 1, 3, 2)) and key3 is None:
         return "scores MatMul's second input is not Transpose(key, perm=[0,1,3,2])"
     pv = only_consumer(softmax.outputs[0])
     if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not softmax.outputs[0]:
@@ -143,7 +145,16 @@ def _match_decomposed(softmax: ir.Node) -> _Match | str:
         return "no mask: bidirectional attention"
     key = transpose.inputs[0]
     return _Match(pv, query, _strip_repeat_kv(key), _strip_repeat_kv(pv.inputs[1]), pv.outputs[0],
-                  scale, mask, additive)
+                  scale, mask, additive, key3=key3)
+
+
+def _merged_transpose_source(transpose: ir.Node | None) -> ir.Value | None:
+    """Kᵀ as one Transpose(perm=[0,2,3,1]) of Reshape(k3 → [B,S,H,D]) (split and swap folded): k3."""
+    if not perm_is(transpose, (0, 2, 3, 1)):
+        return None
+    reshape = producer(transpose.inputs[0], "Reshape")
+    source = reshape.inputs[0] if reshape is not None else None
+    return source if source is not None and source.shape is not None and len(source.shape) == 3 else None
 
 
 def _scores(value: ir.Value | None) -> tuple[float, ir.Value, ir.Value] | str:
@@ -182,10 +193,13 @@ def _strip_repeat_kv(value: ir.Value) -> ir.Value:
 
 def _rewrite(graph: ir.Graph, match: _Match, window: int) -> None:
     heads, head_dim = static_dim(match.query, 1), static_dim(match.query, 3)
-    kv_heads = static_dim(match.key, 1)
     tape = ir.tape.Tape()
     query = _to_3d(tape, match.query, heads, head_dim)
-    key = _to_3d(tape, match.key, kv_heads, head_dim)
+    if match.key3 is not None:
+        key, kv_heads = match.key3, match.key3.shape[-1] // head_dim
+    else:
+        kv_heads = static_dim(match.key, 1)
+        key = _to_3d(tape, match.key, kv_heads, head_dim)
     value = _to_3d(tape, match.value, kv_heads, head_dim)
     output = tape.op(
         "FlashAttention", [query, key, value], domain=GRAPHOPT_DOMAIN,

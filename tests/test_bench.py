@@ -32,9 +32,10 @@ def check_engine(engine: dict, repeats: int) -> None:
 
 
 def test_bench_vs_hf(artifact: Path, capsys: pytest.CaptureFixture) -> None:
-    results = run_bench(artifact, ["hf"], prompt_tokens=8, new_tokens=8, repeats=1, progress=QUIET, threads=1)
+    # default threads (the physical cores, torch's own default): set_num_threads leaves later tests alone
+    results = run_bench(artifact, ["hf"], prompt_tokens=8, new_tokens=8, repeats=1, progress=QUIET)
     json.dumps(results)  # JSON-serialisable
-    assert (results["prompt_tokens"], results["new_tokens"], results["threads"]) == (8, 8, 1)
+    assert (results["prompt_tokens"], results["new_tokens"]) == (8, 8) and results["threads"] >= 1
     assert set(results["engines"]) == {"graphopt", "hf"}
     for engine in results["engines"].values():
         check_engine(engine, repeats=1)
@@ -52,13 +53,13 @@ def test_bench_graphopt_only_has_no_ratios(artifact: Path) -> None:
     results = run_bench(artifact, [], prompt_tokens=4, new_tokens=3, repeats=2, progress=QUIET, threads=1)
     assert set(results["engines"]) == {"graphopt"}
     check_engine(results["engines"]["graphopt"], repeats=2)
-    assert results["ratios"] == {} and results["tokens_match"] == {}
+    assert results["threads"] == 1 and results["ratios"] == {} and results["tokens_match"] == {}
 
 
 def test_bench_genai(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install onnxruntime-genai)")
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install onnxruntime-genai)")
     monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
-    results = run_bench(artifact, ["genai"], prompt_tokens=8, new_tokens=8, repeats=1, progress=QUIET, threads=1)
+    results = run_bench(artifact, ["genai"], prompt_tokens=8, new_tokens=8, repeats=1, progress=QUIET)
     check_engine(results["engines"]["genai"], repeats=1)
     assert set(results["ratios"]) == {"decode_vs_genai", "ttft_vs_genai"}
     assert results["tokens_match"]["genai"]["compared"] == 8

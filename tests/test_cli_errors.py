@@ -17,7 +17,7 @@ from graphopt.progress import QUIET
 from tiny_models import make_tiny_model
 
 
-def _fails(args: list[str], *fragments: str) -> str:
+def assert_fails(args: list[str], *fragments: str) -> str:
     result = CliRunner().invoke(main, args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2, (result.exit_code, result.output)
@@ -42,13 +42,13 @@ def _copy(artifact: Path, tmp_path: Path) -> Path:
 
 
 def test_missing_path(tmp_path: Path) -> None:
-    _fails(["build", str(tmp_path / "nope"), "-o", str(tmp_path / "out")], "does not exist")
+    assert_fails(["build", str(tmp_path / "nope"), "-o", str(tmp_path / "out")], "does not exist")
     assert not (tmp_path / "out").exists()
 
 
 def test_folder_without_config(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    _fails(["build", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], "config.json")
+    assert_fails(["build", str(tmp_path / "empty"), "-o", str(tmp_path / "out")], "config.json")
     assert not (tmp_path / "out").exists()
 
 
@@ -56,7 +56,7 @@ def test_encoder_only_bert_is_refused(tmp_path: Path) -> None:
     config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, architectures=["BertForMaskedLM"])
     transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "bert")
-    _fails(["build", str(tmp_path / "bert"), "-o", str(tmp_path / "out")], "not a causal LM")
+    assert_fails(["build", str(tmp_path / "bert"), "-o", str(tmp_path / "out")], "not a causal LM")
     assert not (tmp_path / "out").exists()
 
 
@@ -64,20 +64,20 @@ def test_failed_build_leaves_no_directory(tmp_path: Path) -> None:
     source = make_tiny_model("llama", tmp_path / "hf")
     recipe = tmp_path / "bad.toml"
     recipe.write_text('[[pass]]\nname = "insert-kv-cache"\n')  # no fuse-attention first: must fail
-    _fails(["build", str(source), "-o", str(tmp_path / "out"), "--recipe", str(recipe)], "fuse-attention")
+    assert_fails(["build", str(source), "-o", str(tmp_path / "out"), "--recipe", str(recipe)], "fuse-attention")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_existing_output_needs_force(artifact: Path) -> None:
-    _fails(["build", "smollm2-135m", "-o", str(artifact)], "--force")
+    assert_fails(["build", "smollm2-135m", "-o", str(artifact)], "--force")
 
 
 def test_truncated_model_onnx(artifact: Path, tmp_path: Path) -> None:
     copy = _copy(artifact, tmp_path)
     data = (copy / "model.onnx").read_bytes()
     (copy / "model.onnx").write_bytes(data[: len(data) // 2])
-    _fails(["generate", str(copy), "w5 w6"], "model.onnx", "rebuild")
+    assert_fails(["generate", str(copy), "w5 w6"], "model.onnx", "rebuild")
 
 
 def test_manifest_hash_mismatch(artifact: Path, tmp_path: Path) -> None:
@@ -85,22 +85,22 @@ def test_manifest_hash_mismatch(artifact: Path, tmp_path: Path) -> None:
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["model.onnx.data"]["sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    _fails(["generate", str(copy), "w5 w6"], "sha256", "rebuild")
+    assert_fails(["generate", str(copy), "w5 w6"], "sha256", "rebuild")
 
 
 def test_prompt_longer_than_context(artifact: Path) -> None:
     prompt = ",".join(["5"] * 300)  # the tiny model's context is 256
-    _fails(["generate", str(artifact), "--prompt-ids", prompt, "--max-new-tokens", "4"], "256")
+    assert_fails(["generate", str(artifact), "--prompt-ids", prompt, "--max-new-tokens", "4"], "256")
 
 
 @pytest.mark.parametrize("option,value,field", [("--temperature", "-1", "temperature"), ("--top-p", "1.5", "top_p"),
                                                 ("--max-new-tokens", "0", "max_new_tokens")])
 def test_bad_sampling_value(artifact: Path, option: str, value: str, field: str) -> None:
-    _fails(["generate", str(artifact), "w5 w6", option, value], field)
+    assert_fails(["generate", str(artifact), "w5 w6", option, value], field)
 
 
 def test_bad_prompt_ids(artifact: Path) -> None:
-    _fails(["generate", str(artifact), "--prompt-ids", "1,x,3"], "--prompt-ids")
+    assert_fails(["generate", str(artifact), "--prompt-ids", "1,x,3"], "--prompt-ids")
 
 
 def test_debug_shows_traceback(tmp_path: Path) -> None:

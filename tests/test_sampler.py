@@ -1,4 +1,4 @@
-"""Sampler: greedy, temperature, top-k, top-p, per-request seeds, parameter validation. Deterministic."""
+"""Sampler: greedy, temperature, top-k/p, min-p, penalties, logprobs, per-request seeds, validation. Deterministic."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from graphopt.errors import RuntimeInputError
-from graphopt.runtime.sampler import Sampler, SamplingParams, filtered_probs, sample
+from graphopt.runtime.penalties import apply_penalties, token_logprobs
+from graphopt.runtime.sampler import Sampler, SamplingParams, filtered_probs, sample, sample_rows
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -84,6 +85,13 @@ def test_seed_reproducible_and_independent_of_batch() -> None:
         ({"seed": -3}, "seed=-3 is invalid"),
         ({"temperature": None}, "temperature=None is invalid"),
         ({"stop_token_ids": ["eos"]}, "stop_token_ids=.* use a list of token ids"),
+        ({"min_p": 1.5}, r"min_p=1.5 is invalid; use in \[0, 1\]"),
+        ({"repetition_penalty": 0}, "repetition_penalty=0 is invalid; use > 0"),
+        ({"presence_penalty": 2.5}, r"presence_penalty=2.5 is invalid; use in \[-2, 2\]"),
+        ({"frequency_penalty": -3}, "frequency_penalty=-3 is invalid"),
+        ({"stop": ["ok", ""]}, "stop=.* list of non-empty strings"),
+        ({"stop": 5}, "stop=5 is invalid"),
+        ({"logprobs": 21}, "logprobs=21 is invalid; use None or an integer in 0..20"),
     ],
 )
 def test_invalid_params_name_field_and_range(kwargs: dict, message: str) -> None:
@@ -92,7 +100,60 @@ def test_invalid_params_name_field_and_range(kwargs: dict, message: str) -> None
 
 
 def test_params_are_frozen_and_normalised() -> None:
-    params = SamplingParams(max_new_tokens=4, stop_token_ids=[3, 4])
-    assert params.stop_token_ids == (3, 4) and params.greedy
+    params = SamplingParams(max_new_tokens=4, stop_token_ids=[3, 4], stop="END")
+    assert params.stop_token_ids == (3, 4) and params.greedy and params.stop == ("END",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b") and not params.penalised
     with pytest.raises(AttributeError):
         params.temperature = 1.0  # type: ignore[misc]
+
+
+def test_min_p_keeps_tokens_near_the_best() -> None:
+    logits = np.log(PROBS)[None, :]
+    ids, probs = filtered_probs(logits, np.ones(1), np.zeros(1, np.int64), np.ones(1), np.array([0.5]))
+    assert {int(i): float(p) for i, p in zip(ids[0], probs[0]) if p > 0} == pytest.approx({0: 0.625, 1: 0.375})
+    ids, probs = filtered_probs(logits, np.ones(1), np.zeros(1, np.int64), np.full(1, 0.6), np.array([0.05]))
+    assert {int(i) for i, p in zip(ids[0], probs[0]) if p > 0} == {0, 1}  # top-p first, then min-p
+    flat = np.random.default_rng(3).standard_normal((2, 3000)).astype(np.float32) * 0.05  # min-p set > 256
+    ids, probs = filtered_probs(flat, np.ones(2), np.zeros(2, np.int64), np.ones(2), np.full(2, 0.9))
+    for row in range(2):
+        p = np.exp(flat[row].astype(np.float64))
+        assert set(ids[row][probs[row] > 0].tolist()) == set(np.flatnonzero(p >= 0.9 * p.max()).tolist())
+    tokens = sample(np.tile(np.log(PROBS), (2000, 1)), SamplingParams(temperature=1.0, min_p=0.5, seed=1))
+    assert set(tokens.tolist()) == {0, 1}
+
+
+def _dense_penalties(logits: np.ndarray, prompt: list[int], output: list[int], params: SamplingParams) -> np.ndarray:
+    out = logits.astype(np.float64).copy()
+    for token in set(prompt) | set(output):
+        r = params.repetition_penalty
+        out[token] = out[token] / r if out[token] > 0 else out[token] * r
+    for token in set(output):
+        out[token] -= params.presence_penalty + params.frequency_penalty * output.count(token)
+    return out
+
+
+def test_penalties_match_a_dense_reference_and_leave_other_rows() -> None:
+    logits = np.random.default_rng(4).standard_normal((3, 20)).astype(np.float32)
+    params = [SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.25), SamplingParams(),
+              SamplingParams(frequency_penalty=-1.0)]
+    history = [([1, 2, 2, 3], [3, 3, 5]), ([1, 2], [4]), ([7], [8, 8, 8, 9])]
+    out = apply_penalties(logits, [0, 2], params, history)
+    for row in (0, 2):
+        np.testing.assert_allclose(out[row], _dense_penalties(logits[row], *history[row], params[row]), rtol=1e-6)
+    np.testing.assert_array_equal(out[1], logits[1])
+    before = logits.copy()
+    greedy = SamplingParams(repetition_penalty=100.0)
+    top = int(np.argmax(logits[0]))
+    tokens = sample_rows(logits, [greedy], [np.random.default_rng()], history=[([top], [])])
+    assert tokens[0] != top and tokens[0] == np.argsort(-logits[0])[1]  # the repeated best token is pushed down
+    np.testing.assert_array_equal(logits, before)
+
+
+def test_logprobs_are_the_raw_log_softmax() -> None:
+    logits = np.random.default_rng(5).standard_normal((2, 50)).astype(np.float32)
+    result = token_logprobs(logits, np.array([3, 7]), [0, 4])
+    reference = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(axis=1, keepdims=True))
+    assert result[0].token_id == 3 and result[0].logprob == pytest.approx(reference[0, 3]) and result[0].top == ()
+    best = np.argsort(-reference[1])[:4]
+    assert [i for i, _ in result[1].top] == best.tolist()
+    assert [lp for _, lp in result[1].top] == pytest.approx(reference[1, best].tolist())

@@ -1,0 +1,145 @@
+"""quantize-int4: weight-only int4, blocks along the input channels, AWQ-style scale search.
+
+Every MatMul with a constant weight, and the token embedding (with the lm_head tied to it)::
+
+    before:  x [B,S,K] ─MatMul─► y            W [K,N] fp32
+    after:   x [B,S,K] ─MatMul─► y            DequantizeLinear(W_q int4 [K,N], scale [K/b,N], axis=0,
+                                                  block_size=b)  zero-point 0 (TensorRT's form)
+    before:  Gather(E [V,H], input_ids)       MatMul(h, Transpose(E))           (tied lm_head)
+    after:   Gather(DQ(E_q int4, scale [V,H/b], axis=1, block_size=b), …)  MatMul(h, Transpose(DQ(…)))
+
+With ``method = "awq"`` (needs a 'calibrate' pass before), MatMuls that share an input (q/k/v,
+gate/up) get one input-channel scale s found by :func:`graphopt.awq.awq_scale_search` and folded
+into the producer of x (RMSNorm weight, or the up projection's columns for the down projection);
+then each weight gets a per-block clip ratio (:func:`graphopt.awq.awq_clip_search`). Inputs whose
+producer cannot absorb s (attention output → o_proj) get the clip search only. The tied embedding is
+rounded to nearest (RTN): scaling or clipping it for the lm_head would change the embedding lookup.
+``method = "rtn"`` is plain round-to-nearest everywhere, for comparison. Lowering to MatMulNBits /
+GatherBlockQuantized is 'lower-quant-ort-cpu'. Letters: B batch, S seq, K/N in/out channels, V vocab,
+H hidden, b block size.
+
+Options: ``block_size`` 32 (16–256, a power of two dividing every K); ``method`` "awq" | "rtn";
+``embedding`` (default true) quantizes the token embedding / tied lm_head too, with
+``embedding_bits`` 4 (default) or 8 (int8 blocks: the lm_head is the most sensitive MatMul).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from graphopt.awq import awq_clip_search, awq_scale_search, search_threads
+from graphopt.errors import PassError
+from graphopt.passes._quant_graph import (Embedding, Linear, calibration, dequantize_node, drop_unused,
+                                          find_embedding, find_linears, fold_input_scale, fold_target,
+                                          group_by_input, record_precision)
+from graphopt.passes.base import GraphoptPass
+from graphopt.quant_math import quantize_int
+
+METHODS = ("awq", "rtn")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+class QuantizeInt4Pass(GraphoptPass):
+    """Weight-only int4 Q/DQ (blocked, symmetric) with AWQ-style scale and clip search."""
+
+    name = "quantize-int4"
+    lossy = True
+
+    def __init__(self, block_size: int = 32, method: str = "awq", embedding: bool = True,
+                 embedding_bits: int = 4) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.method = method
+        self.embedding = embedding
+        self.embedding_bits = embedding_bits
+
+    def requires(self, model: ir.Model) -> None:
+        if self.method not in METHODS:
+            raise PassError(f"quantize-int4: method {self.method!r} is unknown; use one of {list(METHODS)}")
+        if self.block_size not in BLOCK_SIZES:
+            raise PassError(f"quantize-int4: block_size {self.block_size} is not one of {list(BLOCK_SIZES)} "
+                            "(MatMulNBits needs a power of two ≥ 16); use --int4-block 32, 64 or 128")
+        if self.embedding_bits not in (4, 8):
+            raise PassError(f"quantize-int4: embedding_bits {self.embedding_bits} is not 4 or 8")
+        if self.method == "awq":
+            calibration(model, self.name)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        linears = find_linears(graph)
+        embedding = find_embedding(graph) if self.embedding else None
+        self._check_blocks(linears, embedding)
+        if not linears and embedding is None:
+            return ir.passes.PassResult(model, False)
+        scaled: dict[str, np.ndarray] = {}
+        fp32 = [lin.weight for lin in linears] + ([embedding.table] if embedding else [])
+        with search_threads():
+            if self.method == "awq":
+                scaled = self._scale_groups(graph, linears, calibration(model, self.name))
+            for lin in linears:
+                self._quantize_linear(graph, lin, model, scaled)
+        if embedding is not None:
+            self._quantize_embedding(graph, embedding)
+        drop_unused(graph, fp32)
+        record_precision(model, weights=f"int4 block {self.block_size} symmetric ({self.method})",
+                         embedding=f"int{self.embedding_bits} block {self.block_size} (rtn)" if embedding else "fp32")
+        return ir.passes.PassResult(model, True)
+
+    def _check_blocks(self, linears: list[Linear], embedding: Embedding | None) -> None:
+        dims = [(lin.array.shape[0], f"MatMul {lin.node.name!r}") for lin in linears]
+        if embedding is not None:
+            dims.append((embedding.array.shape[1], f"the embedding {embedding.table.name!r}"))
+        for dim, where in dims:
+            if dim % self.block_size:
+                common = math.gcd(*[d for d, _ in dims])
+                fits = [b for b in (32, 64, 128) if common % b == 0]
+                hint = f"use --int4-block {' or '.join(map(str, fits))}" if fits else \
+                    "this model's dimensions fit no int4 block size; use --int8"
+                raise PassError(f"quantize-int4: block size {self.block_size} does not divide the input dimension "
+                                f"{dim} of {where}; {hint}")
+
+    def _scale_groups(self, graph: ir.Graph, linears: list[Linear], stats) -> dict[str, np.ndarray]:
+        """AWQ scale search per shared input; fold each useful scale into the input's producer."""
+        scaled = {}
+        for name, group in group_by_input(linears).items():
+            x = stats.get(name)
+            if x is None:
+                self.note(f"quantize-int4: no calibration statistics for {name!r}; rounded without AWQ")
+                continue
+            if fold_target(group[0].node.inputs[0], group) is None:  # e.g. attention output → o_proj
+                self.count("awq_unscaled_inputs")
+                continue
+            weights = np.concatenate([lin.array for lin in group], axis=1)
+            found = awq_scale_search(x.sample, weights, x.mean_abs, self.block_size)
+            if found.alpha == 0.0:
+                self.count("awq_kept_unit_scale")
+                continue
+            how = fold_input_scale(graph, group[0].node.inputs[0], group, found.scale)
+            scaled[name] = found.scale
+            self.count(f"awq_scaled_into_{how.replace('-', '_')}")
+        return scaled
+
+    def _quantize_linear(self, graph: ir.Graph, lin: Linear, model: ir.Model, scaled: dict) -> None:
+        w = lin.array
+        clip = None
+        if self.method == "awq":
+            x = calibration(model, self.name).get(lin.node.inputs[0].name)
+            if x is not None:
+                s = scaled.get(lin.node.inputs[0].name)
+                clip = awq_clip_search(x.sample if s is None else x.sample / s, w, self.block_size)
+                self.count("awq_clipped")
+        qz = quantize_int(w, 4, axis=0, block_size=self.block_size, clip=clip)
+        lin.node.replace_input_with(1, dequantize_node(graph, lin.node, qz, lin.weight.name))
+        self.count("matmuls")
+
+    def _quantize_embedding(self, graph: ir.Graph, embedding: Embedding) -> None:
+        qz = quantize_int(embedding.array, self.embedding_bits, axis=1, block_size=self.block_size)
+        dq = dequantize_node(graph, graph.node(0), qz, embedding.table.name)  # before every reader
+        embedding.table.replace_all_uses_with(dq)
+        self.count("embedding")
+        if embedding.lm_head is not None:
+            self.count("tied_lm_head")
+

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the server: requests, tokens, latency histograms, queue and slot gauges (DESIGN §8).
+
+One :class:`ServingMetrics` per server, on its own registry (several servers can live in one process,
+as the tests do). The engine side feeds it through :class:`~graphopt.runtime.async_llm.AsyncLLM`'s
+observer hooks; the HTTP side counts responses by endpoint and status code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from graphopt.runtime.llm import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ServingMetrics:
+    """Counters, histograms and gauges; ``render()`` is the /metrics body."""
+
+    def __init__(self, queue_length: Callable[[], int], slots_in_use: Callable[[], int], max_slots: int) -> None:
+        disable_created_metrics()  # no *_created series: they double the page and nobody graphs them
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.http = Counter("graphopt_http_requests", "HTTP responses by endpoint and status code",
+                            ["endpoint", "status"], registry=reg)
+        self.requests = Counter("graphopt_requests", "Generation requests by how they ended "
+                                "(stop, length, cancelled, error)", ["status"], registry=reg)
+        self.prompt_tokens = Counter("graphopt_prompt_tokens", "Prompt tokens of requests that produced a token",
+                                     registry=reg)
+        self.generation_tokens = Counter("graphopt_generation_tokens", "Generated tokens", registry=reg)
+        self.ttft = Histogram("graphopt_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=reg)
+        self.itl = Histogram("graphopt_inter_token_latency_seconds", "Time between a request's tokens",
+                             buckets=LATENCY_BUCKETS, registry=reg)
+        self.latency = Histogram("graphopt_request_latency_seconds", "Arrival to last token",
+                                 buckets=LATENCY_BUCKETS, registry=reg)
+        Gauge("graphopt_queue_length", "Requests waiting for a slot", registry=reg).set_function(queue_length)
+        Gauge("graphopt_slots_in_use", "KV slots held by requests", registry=reg).set_function(slots_in_use)
+        Gauge("graphopt_slots_total", "KV slots", registry=reg).set(max_slots)
+
+    # ---- observer hooks (AsyncLLM) -----------------------------------------------------------------------
+    def on_token(self, output: RequestOutput, ttft: float | None, itl: float | None) -> None:
+        self.generation_tokens.inc(len(output.token_ids))
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            self.prompt_tokens.inc(output.seq.num_prompt)
+        if itl is not None:
+            self.itl.observe(itl)
+
+    def on_finish(self, output: RequestOutput) -> None:
+        self.requests.labels(output.finish_reason).inc()
+        seq = output.seq
+        if seq.last_token_time is not None and output.finish_reason != "cancelled":
+            self.latency.observe(seq.last_token_time - seq.arrival_time)
+
+    def on_error(self) -> None:
+        self.requests.labels("error").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,203 @@
+"""OpenAI request validation: JSON body → prompts (token ids) + :class:`SamplingParams` (DESIGN §8).
+
+Every field is checked against a table (kind and range); a bad one raises :class:`RequestError` naming it
+(HTTP 400, OpenAI's ``param``). Unknown fields are refused, as OpenAI does. Extensions as in vLLM:
+``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from graphopt.errors import RequestError, RuntimeInputError
+from graphopt.runtime.sampler import SamplingParams
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+MAX_STOP_STRINGS = 16
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stop(v: Any) -> bool:
+    items = [v] if isinstance(v, str) else v
+    return isinstance(items, list) and len(items) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in items)
+
+
+def _ids(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_int(t) and t >= 0 for t in v)
+
+
+Rule = tuple[str, Callable[[Any], bool]]
+COMMON: dict[str, Rule] = {
+    "model": ("a string", lambda v: isinstance(v, str)),
+    "max_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "temperature": ("a number in [0, 2]", lambda v: _num(v) and 0 <= v <= 2),
+    "top_p": ("a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
+    "n": ("1 (one choice per prompt)", lambda v: _int(v) and v == 1),
+    "stream": ("a boolean", lambda v: isinstance(v, bool)),
+    "stream_options": ("an object like {\"include_usage\": true}",
+                       lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
+                       and isinstance(v.get("include_usage", False), bool)),
+    "stop": (f"a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", _stop),
+    "seed": ("an integer", _int),
+    "presence_penalty": ("a number in [-2, 2]", lambda v: _num(v) and -2 <= v <= 2),
+    "frequency_penalty": ("a number in [-2, 2]", lambda v: _num(v) and -2 <= v <= 2),
+    "logit_bias": ("empty (logit_bias is not supported)", lambda v: v == {}),
+    "user": ("a string", lambda v: isinstance(v, str)),
+    "metadata": ("an object", lambda v: isinstance(v, dict)),
+    "store": ("false", lambda v: v is False),
+    "service_tier": ("a string", lambda v: isinstance(v, str)),
+    "top_k": ("an integer >= -1 (-1 or 0 = off)", lambda v: _int(v) and v >= -1),
+    "min_p": ("a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
+    "repetition_penalty": ("a number > 0", lambda v: _num(v) and v > 0),
+    "ignore_eos": ("a boolean", lambda v: isinstance(v, bool)),
+    "stop_token_ids": ("a list of token ids", lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v)),
+}
+COMPLETIONS: dict[str, Rule] = {
+    **COMMON,
+    "prompt": ("a string, a list of strings, a list of token ids or a list of such lists",
+               lambda v: (isinstance(v, str) and bool(v)) or _ids(v) or (
+                   isinstance(v, list) and bool(v) and all((isinstance(p, str) and p) or _ids(p) for p in v))),
+    "logprobs": ("an integer in 0..5", lambda v: _int(v) and 0 <= v <= 5),
+    "echo": ("false (echo is not supported)", lambda v: v is False),
+    "best_of": ("1", lambda v: _int(v) and v == 1),
+    "suffix": ("null (suffix is not supported)", lambda v: False),
+}
+CHAT: dict[str, Rule] = {
+    **COMMON,
+    "messages": ("a non-empty list of {role, content} messages", lambda v: isinstance(v, list) and bool(v)),
+    "max_completion_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "logprobs": ("a boolean", lambda v: isinstance(v, bool)),
+    "top_logprobs": ("an integer in 0..20", lambda v: _int(v) and 0 <= v <= 20),
+    "response_format": ("{\"type\": \"text\"}", lambda v: v == {"type": "text"}),
+    "tools": ("empty (tools are not supported)", lambda v: v == []),
+    "tool_choice": ("\"none\"", lambda v: v == "none"),
+    "parallel_tool_calls": ("a boolean", lambda v: isinstance(v, bool)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request: one or more prompts (token ids) sharing one set of sampling params."""
+
+    model: str | None
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: int | None  # alternatives per token, None = off
+
+
+def validate(body: Any, rules: dict[str, Rule], required: str) -> dict[str, Any]:
+    """Check every field of ``body`` against ``rules``; null means "default"."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", param="body")
+    for name, value in body.items():
+        if name not in rules:
+            raise RequestError(f"unrecognized request argument supplied: {name}", param=name)
+        description, ok = rules[name]
+        if value is not None and not ok(value):
+            raise RequestError(f"'{name}' must be {description}; got {value!r:.80}", param=name)
+    if body.get(required) is None:
+        raise RequestError(f"'{required}' is required", param=required)
+    return {name: value for name, value in body.items() if value is not None}
+
+
+def completion_prompts(body: dict[str, Any], tokenizer: Any) -> list[list[int]]:
+    prompt = body["prompt"]
+    items = [prompt] if isinstance(prompt, str) or _ids(prompt) else prompt
+    return [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in items]
+
+
+def chat_prompt(body: dict[str, Any], tokenizer: Any) -> list[int]:
+    """The chat template applied to ``messages`` (content: a string or a list of text parts)."""
+    messages = [_message(m, i) for i, m in enumerate(body["messages"])]
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    except Exception as exc:  # jinja raises TemplateError (e.g. "roles must alternate") and others
+        raise RequestError(f"the chat template refused these messages: {exc}", param="messages") from None
+    return list(ids)
+
+
+def _message(message: Any, index: int) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict) or message.get("role") not in ROLES:
+        raise RequestError(f"{where} must be an object with 'role' one of {', '.join(ROLES)}", param=where)
+    content = message.get("content")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise RequestError(f"{where}.content parts must be {{\"type\": \"text\", \"text\": ...}}",
+                               param=f"{where}.content")
+        content = "".join(p["text"] for p in content)
+    if content is None and message["role"] == "assistant":
+        content = ""
+    if not isinstance(content, str):
+        raise RequestError(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+    return {"role": message["role"], "content": content}
+
+
+def sampling_params(body: dict[str, Any], max_tokens: int, logprobs: int | None) -> SamplingParams:
+    stop = body.get("stop", ())
+    top_k = body.get("top_k", 0)
+    try:
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
+            top_k=max(top_k, 0), min_p=body.get("min_p", 0.0),
+            repetition_penalty=body.get("repetition_penalty", 1.0),
+            presence_penalty=body.get("presence_penalty", 0.0), frequency_penalty=body.get("frequency_penalty", 0.0),
+            seed=body["seed"] % 2**63 if "seed" in body else None, stop=(stop,) if isinstance(stop, str) else stop,
+            stop_token_ids=body.get("stop_token_ids", ()), ignore_eos=body.get("ignore_eos", False), logprobs=logprobs)
+    except RuntimeInputError as exc:
+        raise RequestError(str(exc)) from None
+
+
+def fit_max_tokens(prompts: list[list[int]], requested: int | None, default: int | None, max_seq: int,
+                   prompt_field: str) -> int:
+    """max_tokens for these prompts: the request's (checked against the context) or a default clamped to it."""
+    longest = max(len(p) for p in prompts)
+    if longest >= max_seq:
+        raise RequestError(f"this model's maximum context length is {max_seq} tokens, but the prompt has "
+                           f"{longest}; shorten the prompt", param=prompt_field, code="context_length_exceeded")
+    room = max_seq - longest
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise RequestError(f"this model's maximum context length is {max_seq} tokens; the prompt has {longest} "
+                           f"and max_tokens asks for {requested} more; lower max_tokens to at most {room}",
+                           param="max_tokens", code="context_length_exceeded")
+    return requested
+
+
+def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int) -> ParsedRequest:
+    body = validate(body, COMPLETIONS, "prompt")
+    prompts = completion_prompts(body, tokenizer)
+    if any(not p or max(p) >= vocab_size for p in prompts):
+        raise RequestError(f"prompt token ids must be in 0..{vocab_size - 1} (and prompts non-empty)", param="prompt")
+    max_tokens = fit_max_tokens(prompts, body.get("max_tokens"), COMPLETIONS_DEFAULT_MAX_TOKENS, max_seq, "prompt")
+    logprobs = body.get("logprobs")
+    return ParsedRequest(body.get("model"), prompts, sampling_params(body, max_tokens, logprobs),
+                         body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
+                         logprobs)
+
+
+def parse_chat(body: Any, tokenizer: Any, max_seq: int) -> ParsedRequest:
+    body = validate(body, CHAT, "messages")
+    prompt = chat_prompt(body, tokenizer)
+    requested = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = fit_max_tokens([prompt], requested, None, max_seq, "messages")
+    logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
+    return ParsedRequest(body.get("model"), [prompt], sampling_params(body, max_tokens, logprobs),
+                         body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
+                         logprobs)

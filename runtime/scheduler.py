@@ -1,0 +1,209 @@
+"""In-flight batching: which sequences run in the next engine call (DESIGN §8). Pure Python, no model.
+
+Slot layout (the engine binds contiguous slot ranges, GQA decodes slots 0..d-1)::
+
+    slots:  [ D D D ... D | P ]      D = decoding (d of them, slots 0..d-1), P = at most one chunked prefill
+
+Each step is either
+
+- a **prefill** step: the sequence whose long prompt is being prefilled in chunks (alone: GQA on ort-cpu
+  cannot batch rows that bring several tokens on top of a cache), or as many waiting requests as free slots
+  and the token budget allow (``rows x longest prompt ≤ max_batch_tokens``, the padded cost; a prompt longer
+  than the budget is admitted alone and prefilled ``max_batch_tokens`` tokens at a time); or
+- a **decode** step: one token for every decoding sequence, slots 0..d-1.
+
+When both kinds have work they alternate, so a long prompt delays running streams by one bounded chunk.
+
+Policy when slots run out: waiting requests queue first-come first-served, up to ``max_queue`` (then
+:class:`~graphopt.errors.OverloadedError`, which the server turns into 429). There is no preemption: a
+request is refused at ``add`` unless prompt + max_new_tokens fits a slot, so an admitted request always
+finishes in its slot. Finished requests free their slot in the step that finished them (:meth:`release`);
+cancelled ones at the start of the next :meth:`schedule`. Freeing keeps the layout: the last decoding
+sequence fills the hole, then the prefill sequence (if any) takes that one's place.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+
+from graphopt.errors import OverloadedError, RuntimeInputError
+from graphopt.runtime.kv_cache import SlotCache
+from graphopt.runtime.sequence import Sequence, Status
+
+
+class StepKind(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """``max_batch_tokens``: padded prompt tokens per prefill step; ``max_queue``: waiting requests allowed."""
+
+    max_batch_tokens: int = 256
+    max_queue: int = 128
+
+    def __post_init__(self) -> None:
+        for field in ("max_batch_tokens", "max_queue"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RuntimeInputError(f"scheduler {field}={value!r} is invalid; use an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One engine call: ``chunks[i]`` are the tokens row i (``seqs[i]``, slot ``seqs[i].slot``) adds."""
+
+    kind: StepKind
+    seqs: list[Sequence]
+    chunks: list[list[int]]
+
+    @property
+    def slots(self) -> list[int]:
+        return [seq.slot for seq in self.seqs]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(chunk) for chunk in self.chunks)
+
+
+class Scheduler:
+    """Admits, batches and releases sequences over a :class:`SlotCache`'s slots."""
+
+    def __init__(self, cache: SlotCache, config: SchedulerConfig = SchedulerConfig()) -> None:
+        self.cache = cache
+        self.config = config
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.slots: list[Sequence] = []  # slot i -> its sequence; mirrors cache.num_active
+        self._cancelled = 0
+        self._last_kind: StepKind | None = None
+
+    # ---- queue -------------------------------------------------------------------------------------------
+    @property
+    def num_decoding(self) -> int:
+        return len(self.slots) - (1 if self._partial() is not None else 0)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.slots)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq``; refuse one that can never fit a slot, or any when the queue is full."""
+        need = seq.num_prompt + seq.params.max_new_tokens
+        if not seq.prompt_ids or need > self.cache.max_seq:
+            raise RuntimeInputError(
+                f"request {seq.request_id}: prompt {seq.num_prompt} tokens + max_new_tokens "
+                f"{seq.params.max_new_tokens} = {need}, over the context limit {self.cache.max_seq} "
+                "(or the prompt is empty); shorten the prompt or lower max_new_tokens"
+            )
+        if len(self.waiting) >= self.config.max_queue:
+            raise OverloadedError(
+                f"request queue is full ({self.config.max_queue} waiting, {len(self.slots)} slots busy); "
+                "retry later, or raise --max-queue / --max-slots"
+            )
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> bool:
+        """Mark ``seq`` cancelled; its slot is freed at the next :meth:`schedule`. False if already finished."""
+        if seq.finished or seq.cancelled:
+            return False
+        seq.cancelled = True
+        seq.finish_reason = "cancelled"
+        self._cancelled += 1
+        return True
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def schedule(self) -> Step | None:
+        """Free cancelled sequences, then pick the next prefill or decode step (None when idle)."""
+        self._reap_cancelled()
+        step = self._prefill_step() if self._wants_prefill() else None
+        step = step or self._decode_step()
+        self._last_kind = step.kind if step else None
+        return step
+
+    def complete(self, step: Step) -> list[int]:
+        """Record that ``step`` ran; returns the rows that now sample a token (prompt done, or decoding)."""
+        rows = []
+        for row, (seq, chunk) in enumerate(zip(step.seqs, step.chunks)):
+            seq.num_cached += len(chunk)
+            if seq.status is Status.PREFILL and seq.prompt_left == 0:
+                seq.status = Status.DECODE
+            if seq.status is Status.DECODE and not seq.cancelled:
+                rows.append(row)
+        return rows
+
+    def release(self, seqs: list[Sequence]) -> None:
+        """Free the slots of finished sequences now, highest slot first (a moved slot is never one to free)."""
+        for seq in sorted(seqs, key=lambda s: s.slot, reverse=True):
+            self._free(seq)
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _partial(self) -> Sequence | None:
+        last = self.slots[-1] if self.slots else None
+        return last if last is not None and last.status is Status.PREFILL else None
+
+    def _wants_prefill(self) -> bool:
+        has_prefill = self._partial() is not None or (self.waiting and self.cache.num_free > 0)
+        if not has_prefill:
+            return False
+        return self.num_decoding == 0 or self._last_kind is not StepKind.PREFILL
+
+    def _prefill_step(self) -> Step | None:
+        budget = self.config.max_batch_tokens
+        partial = self._partial()
+        if partial is not None:
+            return Step(StepKind.PREFILL, [partial], [partial.next_chunk(budget)])
+        seqs: list[Sequence] = []
+        width = 0
+        while self.waiting and self.cache.num_free > 0:
+            width = max(width, self.waiting[0].num_prompt)
+            if seqs and width * (len(seqs) + 1) > budget:
+                break
+            seqs.append(self._admit(self.waiting.popleft()))
+        if not seqs:
+            return None
+        return Step(StepKind.PREFILL, seqs, [seq.next_chunk(budget) for seq in seqs])
+
+    def _decode_step(self) -> Step | None:
+        seqs = self.slots[: self.num_decoding]
+        if not seqs:
+            return None
+        return Step(StepKind.DECODE, seqs, [[seq.last_token] for seq in seqs])
+
+    def _admit(self, seq: Sequence) -> Sequence:
+        seq.slot = self.cache.allocate()
+        assert seq.slot == len(self.slots), "scheduler slots out of step with the cache"
+        seq.status = Status.PREFILL
+        self.slots.append(seq)
+        return seq
+
+    def _reap_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._cancelled = 0
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            seq.status = Status.FINISHED
+        self.release([seq for seq in self.slots if seq.cancelled])
+
+    def _free(self, seq: Sequence) -> None:
+        slot, decoding = seq.slot, self.num_decoding
+        if seq.status is Status.DECODE and slot != decoding - 1:
+            self._move(decoding - 1, slot)  # the last decoding sequence fills the hole
+            slot = decoding - 1
+        move = self.cache.free(slot)  # the last active one (the prefill, if any) moves into ``slot``
+        if move is not None:
+            self._move_record(move.src, move.dst)
+        self.slots.pop()
+        seq.status, seq.slot = Status.FINISHED, -1
+
+    def _move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+        self._move_record(src, dst)
+
+    def _move_record(self, src: int, dst: int) -> None:
+        self.slots[dst] = self.slots[src]
+        self.slots[dst].slot = dst

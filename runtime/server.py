@@ -1,0 +1,243 @@
+"""OpenAI-compatible HTTP server over :class:`AsyncLLM` (Starlette + uvicorn) (DESIGN §8).
+
+    POST /v1/completions, /v1/chat/completions   JSON, or SSE with "stream": true
+    GET  /v1/models, /health, /metrics (Prometheus)
+
+Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
+(named in ``param``), 401 for a missing or wrong API key (only /v1/* needs one), 404 for an unknown model,
+413 for a body over ``max_body_bytes``, 429 with ``Retry-After`` when the request queue is full, 500 if
+the engine fails. A client that disconnects cancels its request and frees its slot at the next step.
+On SIGTERM the server stops accepting, lets in-flight requests finish for ``shutdown_timeout`` seconds, then
+cancels the rest (their responses end cleanly with finish_reason "cancelled"); the engine thread stops last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from graphopt.errors import GraphoptError, OverloadedError, RequestError, RuntimeInputError
+from graphopt.runtime.async_llm import AsyncLLM
+from graphopt.runtime.http_io import SSEResponse, read_json, until_disconnect
+from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
+from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
+from graphopt.runtime.openai_format import Responses, error_body
+from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion
+
+log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``graphopt serve`` takes; built once by the CLI (or a test)."""
+
+    artifact: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_slots: int = 8
+    max_queue: int = 128
+    max_seq: int | None = None
+    max_batch_tokens: int = 256
+    threads: int | None = None
+    model_name: str | None = None  # default: the artifact folder's name
+    max_body_bytes: int = 1 << 20
+    shutdown_timeout: float = 30.0
+
+
+class OpenAIServer:
+    """The routes, bound to one LLM; ``app`` is the ASGI application."""
+
+    def __init__(self, config: ServerConfig, llm: LLM | None = None) -> None:
+        self.config = config
+        self.llm = llm or LLM(config.artifact, max_slots=config.max_slots, max_seq=config.max_seq,
+                              max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
+                              threads=config.threads)
+        self.model_name = config.model_name or Path(config.artifact).resolve().name
+        cache = self.llm.engine.cache
+        self.metrics = ServingMetrics(lambda: len(self.llm.scheduler.waiting), lambda: cache.num_active,
+                                      cache.max_slots)
+        self.async_llm = AsyncLLM(self.llm, observer=self.metrics)
+        self.started = int(time.time())
+        routes = [
+            Route("/v1/completions", self._endpoint("completions", self.completions, True), methods=["POST"]),
+            Route("/v1/chat/completions", self._endpoint("chat", self.chat, True), methods=["POST"]),
+            Route("/v1/models", self._endpoint("models", self.models, True), methods=["GET"]),
+            Route("/health", self._endpoint("health", self.health, False), methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+        self.app = Starlette(routes=routes, lifespan=self._lifespan,
+                             exception_handlers={HTTPException: self._http_exception})
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        self.async_llm.start()
+        log.info("serving %s as %r with %d slots", self.config.artifact, self.model_name, self.config.max_slots)
+        yield
+        await self.async_llm.shutdown()
+
+    # ---- error handling, auth and accounting -------------------------------------------------------------
+    def _endpoint(self, name: str, handler: Callable[[Request], Awaitable[Any]], auth: bool):
+        async def endpoint(request: Request) -> Any:
+            try:
+                if auth:
+                    self._authorize(request)
+                response = await handler(request)
+            except RequestError as exc:
+                response = _error(exc.status, str(exc), "invalid_request_error", exc.param, exc.code)
+            except OverloadedError as exc:
+                response = _error(429, str(exc), "rate_limit_error", code="queue_full")
+                response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            except RuntimeInputError as exc:
+                response = _error(400, str(exc), "invalid_request_error")
+            except GraphoptError as exc:
+                log.error("request failed: %s", exc)
+                self.metrics.on_error()
+                response = _error(500, str(exc), "server_error")
+            except Exception:  # a bug: log it with its traceback, answer in the API's shape
+                log.exception("unexpected error serving %s", request.url.path)
+                self.metrics.on_error()
+                response = _error(500, "internal server error; see the server log", "server_error")
+            self.metrics.http.labels(name, str(response.status_code)).inc()
+            return response
+
+        return endpoint
+
+    async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
+        """Unknown paths (404) and wrong methods (405) in OpenAI's error shape too."""
+        self.metrics.http.labels("other", str(exc.status_code)).inc()
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error")
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise RequestError("missing or incorrect API key; send 'Authorization: Bearer KEY' with the key the "
+                               "server was started with (--api-key)", status=401, code="invalid_api_key")
+
+    # ---- routes ------------------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        if not self.async_llm.alive:
+            return _error(503, "the engine thread is not running; restart the server", "server_error")
+        return JSONResponse({"status": "ok", "slots_in_use": self.llm.engine.cache.num_active,
+                             "queue_length": len(self.llm.scheduler.waiting)})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        card = {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "graphopt",
+                "max_model_len": self.llm.max_seq}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def completions(self, request: Request) -> Any:
+        body = await read_json(request, self.config.max_body_bytes)
+        parsed = parse_completion(body, self.llm.tokenizer, self.llm.max_seq, self.llm.engine.vocab_size)
+        return await self._generate(request, parsed, chat=False)
+
+    async def chat(self, request: Request) -> Any:
+        body = await read_json(request, self.config.max_body_bytes)
+        return await self._generate(request, parse_chat(body, self.llm.tokenizer, self.llm.max_seq), chat=True)
+
+    # ---- generation --------------------------------------------------------------------------------------
+    async def _generate(self, request: Request, parsed: ParsedRequest, chat: bool) -> Any:
+        if parsed.model is not None and parsed.model != self.model_name:
+            raise RequestError(f"the model '{parsed.model}' does not exist; this server serves '{self.model_name}'",
+                               param="model", status=404, code="model_not_found")
+        ids, queue = self.async_llm.submit(parsed.prompts, parsed.params)
+        responses = Responses(chat, self.model_name, self.llm.tokenizer, parsed.logprobs)
+        outputs = self.async_llm.outputs(ids, queue)
+        if parsed.stream:
+            return SSEResponse(self._events(parsed, responses, outputs), _error_event)
+        done, parts = await until_disconnect(request.receive, _gather(outputs, len(ids)))
+        if not done:
+            log.info("client went away; cancelled %d request(s)", len(ids))
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        results = [collect_completion(part[-1].seq, part) for part in parts]
+        return JSONResponse(responses.final(results))
+
+    async def _events(self, parsed: ParsedRequest, responses: Responses,
+                      outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+        prompt_tokens = completion_tokens = 0
+        for index in range(len(parsed.prompts)):
+            opening = responses.role_chunk(index)
+            if opening is not None:
+                yield json.dumps(opening)
+        try:
+            async for index, out in outputs:
+                chunk = responses.chunk(index, out)
+                if chunk is not None:
+                    yield json.dumps(chunk)
+                if out.finished:
+                    prompt_tokens += out.seq.num_prompt
+                    completion_tokens += len(out.seq.output_ids)
+        finally:
+            await outputs.aclose()
+        if parsed.include_usage:
+            yield json.dumps(responses.usage_chunk(prompt_tokens, completion_tokens))
+
+
+async def _gather(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[list[RequestOutput]]:
+    parts: list[list[RequestOutput]] = [[] for _ in range(count)]
+    try:
+        async for index, out in outputs:
+            parts[index].append(out)
+    finally:
+        await outputs.aclose()
+    return parts
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+
+def _error_event(exc: GraphoptError) -> str:
+    return json.dumps(error_body(str(exc), "server_error"))
+
+
+def uvicorn_server(server: OpenAIServer, port: int | None = None, log_level: str = "info"):
+    """A uvicorn server for ``server.app`` whose shutdown (SIGTERM, SIGINT) drains before closing connections:
+
+    stop listening → let in-flight requests finish for ``shutdown_timeout`` s → cancel the rest (streams end
+    with finish_reason "cancelled" and [DONE]) → uvicorn closes connections → the engine thread stops.
+    """
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            for listener in self.servers:
+                listener.close()
+            await server.async_llm.drain(server.config.shutdown_timeout)
+            await super().shutdown(sockets)
+
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", [])
+            if sig == signal.SIGTERM and sig in captured:  # uvicorn re-raises it after shutdown: after a drained
+                captured.remove(sig)  # shutdown the process should exit 0, not die of the signal
+
+    config = server.config
+    return DrainingServer(uvicorn.Config(server.app, host=config.host, port=config.port if port is None else port,
+                                         log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
+
+
+def serve(config: ServerConfig, llm: LLM | None = None) -> None:
+    """Run the server until SIGTERM/SIGINT (uvicorn catches the signals; shutdown drains as above)."""
+    uvicorn_server(OpenAIServer(config, llm)).run()
