@@ -122,7 +122,7 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "graphopt_version": __version__,
         "source": {"architecture": source.architecture, "model_type": source.model_type,
-                   "id": source.model_id, "spec": source.spec, "sha256": source.sha256},
+                   "id": source.model_id, "spec": _absolute_spec(source.spec), "sha256": source.sha256},
         "target": recipe.target, "recipe": recipe.name,
         "precision": precision_of(model, kv["dtype"]),
         "model": dims, "io": {"inputs": inputs, "outputs": outputs},
@@ -133,6 +133,12 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
         "plugins": [], "optimization_profiles": [],
         "min_runtime": {"onnxruntime": "1.22"},
     }
+
+
+def _absolute_spec(spec: str) -> str:
+    """What to pass to resolve_source later from any directory: a built-in name, or an absolute path."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def _check_destination(output: Path, force: bool) -> None:
