@@ -20,11 +20,11 @@ from starlette.types import Receive, Scope, Send
 from graphopt.errors import GraphoptError, RequestError
 
 log = logging.getLogger(__name__)
-DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body, so the client sees the 413
+DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body, so the client sees the 400
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body; 413 over ``limit`` bytes, 400 for non-UTF-8 or malformed JSON (param "body")."""
+    """The request's JSON body; 400 over ``limit`` bytes, 400 for non-UTF-8 or malformed JSON (param "body")."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -34,7 +34,7 @@ async def read_json(request: Request, limit: int) -> Any:
             break
     if size > limit:
         raise RequestError(f"request body is {size} bytes, over the server's {limit}-byte limit; send a shorter "
-                           "prompt or raise --max-body-bytes", param="body", status=413)
+                           "prompt or raise --max-body-bytes", param="body", status=400)
     raw = b"".join(chunks)
     try:
         text = raw.decode("utf-8")

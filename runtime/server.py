@@ -5,7 +5,7 @@
 
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
 (named in ``param``), 401 for a missing or wrong API key (only /v1/* needs one), 404 for an unknown model,
-413 for a body over ``max_body_bytes``, 429 with ``Retry-After`` when the request queue is full, 500 if
+400 (param "body") for a body over ``max_body_bytes``, 429 with ``Retry-After`` when the request queue is full, 500 if
 the engine fails. A client that disconnects cancels its request and frees its slot at the next step.
 On SIGTERM the server stops accepting, lets in-flight requests finish for ``shutdown_timeout`` seconds, then
 cancels the rest (their responses end cleanly with finish_reason "cancelled"); the engine thread stops last.
