@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, DynamicCache
 
-from graphopt.errors import ArtifactError, GraphoptError, RuntimeInputError, SourceError
+from graphopt.errors import ArtifactError, BenchError, RuntimeInputError, SourceError
 from graphopt.manifest import load_manifest
 from graphopt.progress import Progress
 from graphopt.runtime.engine import OrtEngine, physical_cores
@@ -51,10 +51,6 @@ PROMPT_TEXT = (  # real English, tokenized and repeated/cut to the prompt length
     "layer hid the one below it and let more people build useful things without knowing how the wires ran.")
 
 Runner = Callable[[Sequence[int], int], "Run"]
-
-
-class BenchError(GraphoptError):
-    """A peer engine cannot be set up (missing package, failed build)."""
 
 
 class Run(NamedTuple):

@@ -49,3 +49,7 @@ class RequestError(RuntimeInputError):
         self.param = param
         self.status = status
         self.code = code
+
+
+class BenchError(GraphoptError):
+    """A benchmark peer cannot be set up (missing package, failed build)."""
