@@ -94,7 +94,7 @@ def test_eval_cli_compares_with_the_fp32_build(tiny, int4) -> None:
     assert abs(out["kl_mean"] - int4[0]["fidelity"]["kl_mean"]) < 1e-3
 
 
-def _fails(args: list[str], *fragments: str) -> None:
+def assert_fails(args: list[str], *fragments: str) -> None:
     result = CliRunner().invoke(main, args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
@@ -112,13 +112,13 @@ def _fails(args: list[str], *fragments: str) -> None:
     (["--kv-cache", "fp16"], ["--kv-cache fp16", "fp8 or int8"]),
 ])
 def test_bad_flags_fail_before_loading(tiny, tmp_path: Path, flags: list[str], fragments: list[str]) -> None:
-    _fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), *flags], *fragments)
+    assert_fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), *flags], *fragments)
     assert not (tmp_path / "out").exists()
 
 
 def test_block_that_does_not_divide_the_model(tmp_path: Path) -> None:
     hf = make_tiny_model("llama", tmp_path / "hf")  # hidden 64
-    _fails(["build", str(hf), "-o", str(tmp_path / "out"), "--int4", "--int4-block", "128"],
+    assert_fails(["build", str(hf), "-o", str(tmp_path / "out"), "--int4", "--int4-block", "128"],
            "--int4-block 128 does not divide the model's hidden_size 64", "use --int4-block 32 or 64")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # nothing half-written
 
@@ -130,15 +130,15 @@ def test_block_that_does_not_divide_the_model(tmp_path: Path) -> None:
 def test_unusable_calibration_text(tiny, tmp_path: Path, content: bytes, fragments: list[str]) -> None:
     text = tmp_path / "calib.txt"
     text.write_bytes(content)
-    _fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), "--int4", "--calib-text", str(text)],
+    assert_fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), "--int4", "--calib-text", str(text)],
            "--calib-text", *fragments)
-    _fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), "--int4", "--calib-text", str(tmp_path / "no")],
+    assert_fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), "--int4", "--calib-text", str(tmp_path / "no")],
            "no such file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt"]
 
 
 def test_calibration_text_for_a_recipe_that_does_not_calibrate(tiny, tmp_path: Path) -> None:
-    _fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), "--calib-text", str(tiny["words"])],
+    assert_fails(["build", str(tiny["hf"]), "-o", str(tmp_path / "out"), "--calib-text", str(tiny["words"])],
            "no 'calibrate' pass", "drop --calib-text")
 
 
@@ -147,4 +147,4 @@ def test_eval_refuses_artifacts_of_different_models(tiny, int4, tmp_path: Path) 
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["source"]["sha256"] = "0" * 64  # as if built from other weights
     (other / "manifest.json").write_text(json.dumps(manifest))
-    _fails(["eval", str(int4[1]), "--reference", str(other), "--text", str(tiny["words"])], "different weights")
+    assert_fails(["eval", str(int4[1]), "--reference", str(other), "--text", str(tiny["words"])], "different weights")
