@@ -142,6 +142,14 @@ def quantize_group_input(graph: ir.Graph, group: list[Linear], scale: float | No
         lin.node.replace_input_with(0, x_hat)
 
 
+def weight_targets(graph: ir.Graph, embedding: bool) -> tuple[list[Linear], Embedding | None, list[ir.Value]]:
+    """What a quantize pass rewrites: the linears, the embedding (when asked), and their fp32 weights."""
+    linears = find_linears(graph)
+    table = find_embedding(graph) if embedding else None
+    fp32 = [lin.weight for lin in linears] + ([table.table] if table else [])
+    return linears, table, fp32
+
+
 def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
     """Remove initializers no node reads any more (fp32 weights replaced by their Q/DQ form)."""
     for value in values:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt.errors import PassError
-from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused, find_embedding,
-                                          find_linears, group_by_input, quantize_group_input, record_precision)
+from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused,
+                                          weight_targets, group_by_input, quantize_group_input, record_precision)
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant_math import quantize_fp8, tensor_scale
 
@@ -48,11 +48,9 @@ class QuantizeFp8Pass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears = find_linears(graph)
-        embedding = find_embedding(graph) if self.embedding else None
+        linears, embedding, fp32 = weight_targets(graph, self.embedding)
         if not linears and embedding is None:
             return ir.passes.PassResult(model, False)
-        fp32 = [lin.weight for lin in linears] + ([embedding.table] if embedding else [])
         for lin in linears:
             qz = quantize_fp8(lin.array, axis=1)
             lin.node.replace_input_with(1, dequantize_node(graph, lin.node, qz, lin.weight.name))

@@ -33,7 +33,7 @@ import onnx_ir as ir
 from graphopt.awq import awq_clip_search, awq_scale_search, search_threads
 from graphopt.errors import PassError
 from graphopt.passes._quant_graph import (Embedding, Linear, calibration, dequantize_node, drop_unused,
-                                          find_embedding, find_linears, fold_input_scale, fold_target,
+                                          fold_input_scale, fold_target, weight_targets,
                                           group_by_input, record_precision)
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant_math import quantize_int
@@ -69,13 +69,11 @@ class QuantizeInt4Pass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears = find_linears(graph)
-        embedding = find_embedding(graph) if self.embedding else None
+        linears, embedding, fp32 = weight_targets(graph, self.embedding)
         self._check_blocks(linears, embedding)
         if not linears and embedding is None:
             return ir.passes.PassResult(model, False)
         scaled: dict[str, np.ndarray] = {}
-        fp32 = [lin.weight for lin in linears] + ([embedding.table] if embedding else [])
         with search_threads():
             if self.method == "awq":
                 scaled = self._scale_groups(graph, linears, calibration(model, self.name))

@@ -29,8 +29,8 @@ import onnx_ir as ir
 
 from graphopt.awq import smoothquant_scale
 from graphopt.errors import PassError
-from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused, find_embedding,
-                                          find_linears, fold_input_scale, group_by_input, quantize_group_input,
+from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused,
+                                          weight_targets, fold_input_scale, group_by_input, quantize_group_input,
                                           record_precision)
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant_math import quantize_int, tensor_scale
@@ -67,11 +67,9 @@ class QuantizeInt8Pass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears = find_linears(graph)
-        embedding = find_embedding(graph) if self.embedding else None
+        linears, embedding, fp32 = weight_targets(graph, self.embedding)
         if not linears and embedding is None:
             return ir.passes.PassResult(model, False)
-        fp32 = [lin.weight for lin in linears] + ([embedding.table] if embedding else [])
         groups = group_by_input(linears)
         # all folds first: smoothing the down projection rescales the (still fp32) up projection's columns
         smoothing = {name: self._smooth(graph, model, name, group) for name, group in groups.items()}
