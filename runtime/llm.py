@@ -8,6 +8,9 @@ The loop, one engine call per step::
     outputs = postprocess(step, rows, logits)   # sample, detokenize, stop checks
     scheduler.release(finished)                 # finished requests free their slot in this same step
 
+With speculative decoding (``speculative=SpecConfig(...)``), a decode step the scheduler marks as speculating
+runs through :class:`~graphopt.runtime.speculative.Speculator` and a row may emit several tokens at once.
+
 Requests may be added and aborted from other threads (the async server does): the scheduler is touched
 only under ``self._lock``, which is not held while the engine runs.
 """
@@ -30,6 +33,7 @@ from graphopt.runtime.penalties import TokenLogprob, token_logprobs
 from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKind
 from graphopt.runtime.sequence import Sequence
+from graphopt.runtime.speculative import SpecConfig, Speculator, SpecResult
 
 Prompt = str | list[int]
 
@@ -39,13 +43,15 @@ class RequestOutput:
     """What one step produced for one request: new tokens and text, and how it ended if it did."""
 
     request_id: str
-    token_ids: list[int]  # new this step (0 or 1 token)
+    token_ids: list[int]  # new this step (0 or 1 token; up to k+1 with speculative decoding)
     text: str  # new text this step (may lag tokens: held back at a partial stop string or character)
     logprobs: list[TokenLogprob]
     finish_reason: str | None  # "stop" | "length" | "cancelled" on the request's last output
     seq: Sequence = dataclasses.field(repr=False)
     num_generated: int = 0  # tokens generated so far, this output's included
     time: float = 0.0  # when the step made it (perf_counter)
+    num_drafted: int = 0  # speculative drafts verified this step for this request
+    num_accepted: int = 0  # of which accepted
 
     @property
     def finished(self) -> bool:
@@ -64,6 +70,7 @@ class Completion:
     logprobs: list[TokenLogprob]
     ttft_s: float
     latency_s: float
+    speculative: dict[str, float] | None = None  # acceptance statistics when the request speculated
 
 
 class LLM:
@@ -75,15 +82,20 @@ class LLM:
         max_seq: context per slot (default min(2048, the artifact's)).
         max_batch_tokens / max_queue: see :class:`SchedulerConfig`.
         threads: ORT intra-op threads (default: physical cores).
+        speculative: speculative decoding (a draft artifact or n-gram lookup), or None.
     """
 
     def __init__(self, artifact: str | Path, max_slots: int = 8, max_seq: int | None = None,
                  max_batch_tokens: int = 256, max_queue: int = 128, threads: int | None = None,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, speculative: SpecConfig | None = None) -> None:
         self.artifact = Path(artifact)
         self.engine = OrtEngine(self.artifact, max_slots=max_slots, max_seq=max_seq, threads=threads)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
-        self.scheduler = Scheduler(self.engine.cache, SchedulerConfig(max_batch_tokens, max_queue))
+        self.speculator = None if speculative is None else Speculator(speculative, self.engine, self.artifact,
+                                                                      threads)
+        spec = self.speculator
+        self.scheduler = Scheduler(self.engine.cache, SchedulerConfig(max_batch_tokens, max_queue),
+                                   planner=spec.plan if spec else None, mirrors=tuple(spec.mirrors) if spec else ())
         self._requests: dict[str, tuple[Sequence, TextStream]] = {}
         self._lock = threading.Lock()
 
@@ -137,17 +149,43 @@ class LLM:
             return []
         logits = self._run(step)
         with self._lock:
-            rows = self.scheduler.complete(step)
-            outputs = self._postprocess(step, rows, logits)
+            if isinstance(logits, SpecResult):
+                accepted = {row: a.num_accepted for row, a in logits.accepted.items()}
+                rows = self.scheduler.complete(step, accepted)
+                outputs = self._postprocess_spec(step, rows, logits)
+            else:
+                rows = self.scheduler.complete(step)
+                outputs = self._postprocess(step, rows, logits)
             self.scheduler.release([out.seq for out in outputs if out.finished])
         return outputs
 
-    def _run(self, step: Step) -> np.ndarray:
+    def _run(self, step: Step) -> np.ndarray | SpecResult:
         if step.kind is StepKind.PREFILL:
             return self.engine.prefill(step.chunks, step.slots)
-        return self.engine.decode([chunk[0] for chunk in step.chunks])
+        if step.speculating:
+            return self.speculator.run(step.seqs, step.num_speculative)
+        began = time.perf_counter()
+        logits = self.engine.decode([chunk[0] for chunk in step.chunks])
+        if self.speculator is not None:  # plain decode steps keep the cost model current
+            self.speculator.costs.observe("decode", len(step.seqs), time.perf_counter() - began)
+        return logits
+
+    def _postprocess_spec(self, step: Step, rows: list[int], result: SpecResult) -> list[RequestOutput]:
+        """Plain rows sample as usual; speculating rows emit their accepted drafts and the target's token."""
+        index = {row: i for i, row in enumerate(result.plain_rows)}
+        plain = [row for row in rows if row in index]
+        outputs = self._postprocess(step, plain, result.logits[[index[row] for row in plain]]) if plain else []
+        now = time.perf_counter()
+        for row in (row for row in rows if row in result.accepted):
+            seq, accepted = step.seqs[row], result.accepted[row]
+            logprobs = seq.params.logprobs
+            lps = token_logprobs(result.target_logits[row][: len(accepted.tokens)], np.asarray(accepted.tokens),
+                                 [logprobs] * len(accepted.tokens)) if logprobs is not None else []
+            outputs.append(self._emit(seq, accepted.tokens, lps, now, accepted.num_proposed, accepted.num_accepted))
+        return outputs
 
     def _postprocess(self, step: Step, rows: list[int], logits: np.ndarray) -> list[RequestOutput]:
+        """``logits[i]`` belongs to ``step.seqs[rows[i]]``."""
         if not rows:
             return []
         seqs = [step.seqs[row] for row in rows]
@@ -159,19 +197,25 @@ class LLM:
         logprobs = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted],
                                                    [params[r].logprobs for r in wanted]))) if wanted else {}
         now = time.perf_counter()
-        return [self._emit(seq, token, logprobs.get(row), now) for row, (seq, token) in
+        return [self._emit(seq, [token], [logprobs[row]] if row in logprobs else [], now) for row, (seq, token) in
                 enumerate(zip(seqs, tokens.tolist()))]
 
-    def _emit(self, seq: Sequence, token: int, logprob: TokenLogprob | None, now: float) -> RequestOutput:
-        seq.append(token, now)
+    def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob], now: float, drafted: int = 0,
+              accepted: int = 0) -> RequestOutput:
+        """Append ``tokens`` one by one until the request finishes (the rest of a speculative round is dropped)."""
         stream = self._requests[seq.request_id][1]
-        stream.push(token)
-        seq.finish_reason = self._finish_reason(seq, token, stream)
-        if seq.finish_reason is not None:
-            del self._requests[seq.request_id]
+        emitted = []
+        for token in tokens:
+            seq.append(token, now)
+            stream.push(token)
+            emitted.append(token)
+            seq.finish_reason = self._finish_reason(seq, token, stream)
+            if seq.finish_reason is not None:
+                del self._requests[seq.request_id]
+                break
         text = stream.take(final=seq.finish_reason is not None)
-        return RequestOutput(seq.request_id, [token], text, [logprob] if logprob else [], seq.finish_reason, seq,
-                             len(seq.output_ids), now)
+        return RequestOutput(seq.request_id, emitted, text, logprobs[: len(emitted)], seq.finish_reason, seq,
+                             len(seq.output_ids), now, drafted, accepted)
 
     def _finish_reason(self, seq: Sequence, token: int, stream: TextStream) -> str | None:
         params = seq.params
@@ -217,7 +261,8 @@ def collect_completion(seq: Sequence, outputs: list[RequestOutput]) -> Completio
     return Completion(seq.request_id, "".join(o.text for o in outputs), list(seq.output_ids),
                       seq.finish_reason or "cancelled", seq.num_prompt,
                       [lp for o in outputs for lp in o.logprobs],
-                      (seq.first_token_time or end) - seq.arrival_time, end - seq.arrival_time)
+                      (seq.first_token_time or end) - seq.arrival_time, end - seq.arrival_time,
+                      seq.spec.as_dict() if seq.spec.rounds else None)
 
 
 def load_tokenizer(artifact: Path) -> Any:

@@ -10,7 +10,9 @@ Each step is either
   cannot batch rows that bring several tokens on top of a cache), or as many waiting requests as free slots
   and the token budget allow (``rows x longest prompt ≤ max_batch_tokens``, the padded cost; a prompt longer
   than the budget is admitted alone and prefilled ``max_batch_tokens`` tokens at a time); or
-- a **decode** step: one token for every decoding sequence, slots 0..d-1.
+- a **decode** step: one token for every decoding sequence, slots 0..d-1 — or, with speculative decoding, the
+  ``planner``'s k drafts on top for each speculating sequence: the step then stands for k+1 tokens per such
+  sequence, and the k are cut (largest first) so the step's tokens stay within ``max_batch_tokens``.
 
 When both kinds have work they alternate, so a long prompt delays running streams by one bounded chunk.
 
@@ -19,7 +21,8 @@ Policy when slots run out: waiting requests queue first-come first-served, up to
 request is refused at ``add`` unless prompt + max_new_tokens fits a slot, so an admitted request always
 finishes in its slot. Finished requests free their slot in the step that finished them (:meth:`release`);
 cancelled ones at the start of the next :meth:`schedule`. Freeing keeps the layout: the last decoding
-sequence fills the hole, then the prefill sequence (if any) takes that one's place.
+sequence fills the hole, then the prefill sequence (if any) takes that one's place. ``mirrors`` (a draft
+model's slot cache) get the same allocations, moves and frees, so slot i means the same request in each.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+from collections.abc import Callable
 
 from graphopt.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.kv_cache import SlotCache
@@ -59,22 +63,31 @@ class Step:
     kind: StepKind
     seqs: list[Sequence]
     chunks: list[list[int]]
+    num_speculative: list[int] = dataclasses.field(default_factory=list)  # drafts per row (decode steps)
 
     @property
     def slots(self) -> list[int]:
         return [seq.slot for seq in self.seqs]
 
     @property
+    def speculating(self) -> bool:
+        return any(self.num_speculative)
+
+    @property
     def num_tokens(self) -> int:
-        return sum(len(chunk) for chunk in self.chunks)
+        return sum(len(chunk) for chunk in self.chunks) + sum(self.num_speculative)
 
 
 class Scheduler:
     """Admits, batches and releases sequences over a :class:`SlotCache`'s slots."""
 
-    def __init__(self, cache: SlotCache, config: SchedulerConfig = SchedulerConfig()) -> None:
+    def __init__(self, cache: SlotCache, config: SchedulerConfig = SchedulerConfig(),
+                 planner: Callable[[list[Sequence]], list[int]] | None = None,
+                 mirrors: tuple[SlotCache, ...] = ()) -> None:
         self.cache = cache
         self.config = config
+        self.planner = planner  # drafts per decoding sequence (speculative decoding), or None
+        self.mirrors = tuple(mirrors)
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.slots: list[Sequence] = []  # slot i -> its sequence; mirrors cache.num_active
         self._cancelled = 0
@@ -124,11 +137,12 @@ class Scheduler:
         self._last_kind = step.kind if step else None
         return step
 
-    def complete(self, step: Step) -> list[int]:
-        """Record that ``step`` ran; returns the rows that now sample a token (prompt done, or decoding)."""
+    def complete(self, step: Step, accepted: dict[int, int] | None = None) -> list[int]:
+        """Record that ``step`` ran (``accepted[row]``: drafts kept in row's cache); returns the rows that now
+        sample a token (prompt done, or decoding)."""
         rows = []
         for row, (seq, chunk) in enumerate(zip(step.seqs, step.chunks)):
-            seq.num_cached += len(chunk)
+            seq.num_cached += len(chunk) + (accepted or {}).get(row, 0)
             if seq.status is Status.PREFILL and seq.prompt_left == 0:
                 seq.status = Status.DECODE
             if seq.status is Status.DECODE and not seq.cancelled:
@@ -171,10 +185,20 @@ class Scheduler:
         seqs = self.slots[: self.num_decoding]
         if not seqs:
             return None
-        return Step(StepKind.DECODE, seqs, [[seq.last_token] for seq in seqs])
+        ks = self.planner(seqs) if self.planner is not None else []
+        return Step(StepKind.DECODE, seqs, [[seq.last_token] for seq in seqs], self._fit_budget(ks))
+
+    def _fit_budget(self, ks: list[int]) -> list[int]:
+        """Cut the largest draft lengths until the step's k+1 tokens per row fit ``max_batch_tokens``."""
+        ks = list(ks)
+        while ks and sum(ks) + len(ks) > self.config.max_batch_tokens and max(ks) > 0:
+            ks[ks.index(max(ks))] -= 1
+        return ks
 
     def _admit(self, seq: Sequence) -> Sequence:
         seq.slot = self.cache.allocate()
+        for mirror in self.mirrors:
+            mirror.allocate()
         assert seq.slot == len(self.slots), "scheduler slots out of step with the cache"
         seq.status = Status.PREFILL
         self.slots.append(seq)
@@ -195,13 +219,16 @@ class Scheduler:
             self._move(decoding - 1, slot)  # the last decoding sequence fills the hole
             slot = decoding - 1
         move = self.cache.free(slot)  # the last active one (the prefill, if any) moves into ``slot``
+        for mirror in self.mirrors:
+            mirror.free(slot)
         if move is not None:
             self._move_record(move.src, move.dst)
         self.slots.pop()
         seq.status, seq.slot = Status.FINISHED, -1
 
     def _move(self, src: int, dst: int) -> None:
-        self.cache.move(src, dst)
+        for cache in (self.cache, *self.mirrors):
+            cache.move(src, dst)
         self._move_record(src, dst)
 
     def _move_record(self, src: int, dst: int) -> None:

@@ -19,6 +19,39 @@ from graphopt.runtime.sampler import SamplingParams, make_generator
 _ids = itertools.count()
 
 
+@dataclasses.dataclass
+class SpecState:
+    """One request's speculative decoding: its current draft length and acceptance statistics.
+
+    ``rounds`` verification calls proposed ``proposed`` drafts, of which ``accepted`` were kept; each round also
+    emits one target token, so a round yields ``accepted / rounds + 1`` tokens on average (``mean_accepted_length``,
+    as vLLM reports it). ``beta_sum / beta_count`` estimates Leviathan's α (spec_accept.py). ``alpha`` is the
+    running estimate the adaptive policy uses; ``resume_at`` is the output length at which an "off" request probes again.
+    """
+
+    k: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    beta_sum: float = 0.0
+    beta_count: int = 0
+    alpha: float | None = None
+    resume_at: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return self.accepted / self.rounds + 1.0 if self.rounds else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 4)}
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, no slot yet
     PREFILL = "prefill"  # holds a slot, prompt partly in the cache (chunked prefill)
@@ -42,6 +75,7 @@ class Sequence:
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     last_token_time: float | None = None
+    spec: SpecState = dataclasses.field(default_factory=SpecState, repr=False)
     generator: np.random.Generator = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +94,13 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prompt + len(self.output_ids)
+
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     @property
     def finished(self) -> bool:

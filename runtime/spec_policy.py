@@ -1,0 +1,139 @@
+"""When to speculate, and how far: measured call costs and per-request acceptance (DESIGN §8).
+
+Costs come from timing the engines, not from constants: :class:`CostModel` keeps a running average of
+each kind of call by size — ``decode`` (target, one token per row, by batch), ``verify`` (target, one row of
+k+1 tokens, by k: on ort-cpu GroupQueryAttention cannot batch several multi-token rows over a cache, so
+verification is one call per speculating row), ``draft`` (a draft step, by batch) — seeded by a short
+calibration when the LLM starts and updated by every step afterwards.
+
+Per request, :meth:`SpecPolicy.choose_k` picks the draft length k ∈ 0..K that maximises tokens per second at
+batch 1 given the request's running acceptance estimate α: a round emits (1 − α^(k+1)) / (1 − α) tokens and
+costs verify(k) + k·draft(1). k = 0 (off) when plain decoding is faster; an off request probes again after
+``PROBE_GAP`` tokens. Per step, :meth:`SpecPolicy.plan` turns speculation off for the whole batch when the
+predicted rate of the speculative step is below that of one batched decode step — under load the per-row
+verification calls cost more than the accepted tokens save, and plain batched decoding wins.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Sequence as Seq
+
+from graphopt.runtime.sequence import Sequence
+from graphopt.runtime.spec_accept import expected_tokens
+
+log = logging.getLogger(__name__)
+
+PRIOR_ALPHA = 0.6  # acceptance assumed for a request before its first round (replaced by the measured one)
+SMOOTHING = 0.3  # weight of the newest observation in the running averages
+PROBE_GAP = 16  # tokens an "off" request decodes plainly before it tries speculation again
+
+
+class CostModel:
+    """Running average of measured call times (seconds) per (kind, size); estimates between sizes by interpolation."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, dict[int, float]] = {}
+
+    def observe(self, kind: str, size: int, seconds: float) -> None:
+        table = self.times.setdefault(kind, {})
+        old = table.get(size)
+        table[size] = seconds if old is None else (1 - SMOOTHING) * old + SMOOTHING * seconds
+
+    def estimate(self, kind: str, size: int) -> float:
+        """Measured time for ``size``, else linear in size between (or beyond) the nearest measured sizes."""
+        table = self.times.get(kind)
+        if not table:
+            return 0.0
+        if size in table:
+            return table[size]
+        sizes = sorted(table)
+        if len(sizes) == 1:
+            return table[sizes[0]] * size / sizes[0] if sizes[0] else table[sizes[0]]
+        i = min(max(bisect.bisect_left(sizes, size), 1), len(sizes) - 1)
+        lo, hi = sizes[i - 1], sizes[i]
+        slope = (table[hi] - table[lo]) / (hi - lo)
+        return max(table[lo] + slope * (size - lo), 0.0)
+
+    def known(self) -> bool:
+        return "decode" in self.times and "verify" in self.times
+
+
+class SpecPolicy:
+    """Draft lengths per request and the per-step on/off decision, from a :class:`CostModel`."""
+
+    def __init__(self, max_k: int, costs: CostModel, adaptive: bool = True, draft_model: bool = True) -> None:
+        self.max_k = max_k
+        self.costs = costs
+        self.adaptive = adaptive
+        self.draft_model = draft_model  # a draft model steps once per draft; n-gram lookup once per round
+        self.enabled_steps = 0  # steps where speculation ran / was turned off for the batch (for stats)
+        self.disabled_steps = 0
+
+    def round_cost(self, k: int, batch: int = 1) -> float:
+        """Predicted seconds for one row's round of k drafts when ``batch`` rows speculate together."""
+        draft = self.costs.estimate("draft", batch) / batch if batch else 0.0
+        return self.costs.estimate("verify", k) + self._draft_steps(k) * draft
+
+    def _draft_steps(self, k: int) -> int:
+        return k if self.draft_model else 1  # the catch-up feed yields d_1, then one step per further draft
+
+    def choose_k(self, alpha: float, limit: int) -> int:
+        """The k ≤ ``limit`` with the best predicted tokens per second; 0 when plain decoding is faster."""
+        if not self.adaptive or not self.costs.known():
+            return min(self.max_k, limit)
+        best_k, best_rate = 0, 1.0 / max(self.costs.estimate("decode", 1), 1e-9)
+        for k in range(1, min(self.max_k, limit) + 1):
+            rate = expected_tokens(alpha, k) / max(self.round_cost(k), 1e-9)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def request_k(self, seq: Sequence) -> int:
+        """This request's draft length for its next round (0: decode plainly this step)."""
+        params, spec = seq.params, seq.spec
+        limit = params.max_new_tokens - len(seq.output_ids) - 1  # the round's extra token must still fit
+        if params.penalised or limit < 1:
+            return 0  # penalties depend on each accepted token: speculation would change the distribution
+        if len(seq.output_ids) < spec.resume_at:
+            return 0
+        if spec.resume_at and spec.k == 0:  # off for PROBE_GAP tokens: one k=1 round measures α again
+            spec.k = 1
+            return 1
+        spec.k = self.choose_k(PRIOR_ALPHA if spec.alpha is None else spec.alpha, limit)
+        if spec.k == 0:
+            spec.resume_at = len(seq.output_ids) + PROBE_GAP
+        return spec.k
+
+    def plan(self, seqs: Seq[Sequence]) -> list[int]:
+        """k per row for one decode step: each request's own choice, or all 0 when batched decoding wins."""
+        ks = [self.request_k(seq) for seq in seqs]
+        if self.adaptive and any(ks) and self.costs.known() and not self._batch_wins(seqs, ks):
+            self.disabled_steps += 1
+            return [0] * len(ks)
+        self.enabled_steps += bool(any(ks))
+        return ks
+
+    def _batch_wins(self, seqs: Seq[Sequence], ks: list[int]) -> bool:
+        """True when the speculative step's predicted tokens/s beats one plain batched decode of every row."""
+        spec_rows = [(seq, k) for seq, k in zip(seqs, ks) if k]
+        plain = len(ks) - len(spec_rows)
+        seconds = sum(self.costs.estimate("verify", k) for _, k in spec_rows)
+        for depth in range(1, self._draft_steps(max(ks)) + 1):  # draft steps, batched over rows still drafting
+            seconds += self.costs.estimate("draft", sum(1 for k in ks if k >= depth))
+        seconds += self.costs.estimate("decode", plain) if plain else 0.0
+        tokens = plain + sum(expected_tokens(PRIOR_ALPHA if s.spec.alpha is None else s.spec.alpha, k)
+                             for s, k in spec_rows)
+        return tokens / max(seconds, 1e-9) > len(ks) / max(self.costs.estimate("decode", len(ks)), 1e-9)
+
+    def record(self, seq: Sequence, betas: Seq[float], accepted: int) -> None:
+        """Fold one round's outcome into the request's statistics and running α."""
+        spec = seq.spec
+        spec.rounds += 1
+        spec.proposed += len(betas)
+        spec.accepted += accepted
+        spec.beta_sum += sum(betas)
+        spec.beta_count += len(betas)
+        observed = sum(betas) / len(betas) if betas else 0.0
+        spec.alpha = observed if spec.alpha is None else (1 - SMOOTHING) * spec.alpha + SMOOTHING * observed

@@ -1,0 +1,98 @@
+"""Draft proposals for speculative decoding: n-gram prompt lookup and a draft model (DESIGN §8).
+
+N-gram lookup (prompt lookup decoding, vLLM's ``ngram`` and TensorRT-LLM's lookahead-free variant): find the
+latest earlier occurrence of the last n tokens (n = ``max_n`` down to ``min_n``) in the prompt and generated
+text, and propose the k tokens that followed it. Its draft distribution is a point mass, so rejection
+sampling accepts d with probability p(d).
+
+A draft model keeps its own slot cache, mirrored slot for slot with the target's by the scheduler. Each round
+it first catches up on what it has not seen (the tokens accepted since its last round: one token usually,
+two when every draft was accepted, the whole prompt the first time), then proposes one token per step;
+steps are batched over rows in contiguous slots (GroupQueryAttention batches one-token rows).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence as Seq
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.sequence import Sequence
+from graphopt.runtime.spec_accept import dense_probs, draw
+from graphopt.runtime.spec_policy import CostModel
+
+
+def ngram_lookup(tokens: Seq[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier match of the longest suffix n-gram (n ≥ ``min_n``)."""
+    ids = np.asarray(tokens, dtype=np.int64)
+    for n in range(min(max_n, len(ids) - 1), min_n - 1, -1):
+        windows = sliding_window_view(ids[:-1], n)  # every n-gram that ends before the last token
+        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return ids[start:start + k].tolist()
+    return []
+
+
+def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostModel | None = None,
+         kind: str = "decode") -> np.ndarray:
+    """Append ``chunks[i]`` to slot ``slots[i]``; each row's last-token logits [n, V] (a fresh array).
+
+    One-token rows in contiguous slots share one call (timed into ``costs`` as ``kind`` by batch size);
+    a multi-token row on top of a cache runs alone (GroupQueryAttention's limit on ort-cpu).
+    """
+    out = np.empty((len(slots), engine.vocab_size), dtype=np.float32)
+    start = 0
+    while start < len(slots):
+        stop = start + 1
+        if len(chunks[start]) == 1:
+            while stop < len(slots) and len(chunks[stop]) == 1 and slots[stop] == slots[stop - 1] + 1:
+                stop += 1
+        began = time.perf_counter()
+        out[start:stop] = engine.prefill(chunks[start:stop], slots[start:stop])
+        if costs is not None and len(chunks[start]) == 1:
+            costs.observe(kind, stop - start, time.perf_counter() - began)
+        start = stop
+    return out
+
+
+class DraftModel:
+    """Proposes k tokens per row with a draft artifact whose cache mirrors the target's slots."""
+
+    def __init__(self, engine: OrtEngine, costs: CostModel) -> None:
+        self.engine = engine
+        self.costs = costs
+
+    def propose(self, seqs: Seq[Sequence], ks: Seq[int]) -> tuple[list[list[int]], list[np.ndarray | None]]:
+        """Drafts per row and their draft distributions q [k, V] (None for greedy requests)."""
+        cache = self.engine.cache
+        chunks = [seq.tokens()[int(cache.lens[seq.slot]):] for seq in seqs]  # catch-up: all it has not seen
+        logits = feed(self.engine, [seq.slot for seq in seqs], chunks, self.costs, "draft")
+        drafts: list[list[int]] = [[] for _ in seqs]
+        probs: list[list[np.ndarray]] = [[] for _ in seqs]
+        rows = list(range(len(seqs)))
+        while True:
+            for i, row in enumerate(rows):
+                drafts[row].append(self._pick(seqs[row], logits[i], probs[row]))
+            rows = [row for row in rows if len(drafts[row]) < ks[row]]
+            if not rows:
+                break
+            logits = feed(self.engine, [seqs[r].slot for r in rows], [[drafts[r][-1]] for r in rows], self.costs,
+                          "draft")
+        return drafts, [np.stack(p) if p else None for p in probs]
+
+    @staticmethod
+    def _pick(seq: Sequence, logits: np.ndarray, probs: list[np.ndarray]) -> int:
+        if seq.params.greedy:
+            return int(np.argmax(logits))
+        q = dense_probs(logits[None], seq.params)[0]
+        probs.append(q)
+        return draw(q, seq.generator.random())
+
+    def rollback(self, slot: int, keep: int) -> None:
+        """Keep at most ``keep`` cached tokens: the draft fed its own proposals, and the rejected ones go."""
+        cache = self.engine.cache
+        cache.truncate(slot, min(int(cache.lens[slot]), keep))

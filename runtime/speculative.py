@@ -1,0 +1,200 @@
+"""Speculative decoding inside in-flight batching: propose, verify k+1 positions in one target call, roll back.
+
+One decode step with speculation (:meth:`Speculator.run`), for the rows the policy gave k > 0::
+
+    propose   n-gram lookup in the request's tokens, or the draft model (catch-up feed + k batched steps)
+    verify    target.step([last, d_1..d_k]) on the row's slot, logit_positions 0..k  → p_1..p_{k+1}
+    accept    spec_accept: greedy prefix match, or rejection sampling → accepted drafts + one target token
+    rollback  target cache: keep T + n (the prompt/output so far plus the n accepted drafts); draft cache:
+              keep what matches; both are just lower ``cache_lens`` (DESIGN §4)
+
+Rows with k = 0 (or no n-gram match) are decoded as usual, batched by contiguous slots, in the same step.
+Verification is one call per speculating row: on ort-cpu GroupQueryAttention refuses several rows of
+k+1 tokens over a cache, so the policy (spec_policy.py) weighs these per-row calls against one batched
+decode, from measured costs, and turns speculation off for a batch when it would be slower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+
+import numpy as np
+
+from graphopt.errors import ArtifactError, RuntimeInputError
+from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.sequence import Sequence
+from graphopt.runtime.spec_accept import Acceptance, accept_greedy, accept_sampled, dense_probs
+from graphopt.runtime.spec_policy import CostModel, SpecPolicy
+from graphopt.runtime.spec_propose import DraftModel, feed, ngram_lookup
+
+log = logging.getLogger(__name__)
+METHODS = ("draft", "ngram")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """``method``: "draft" (needs ``draft``, an artifact with the target's tokenizer) or "ngram";
+    ``num_speculative_tokens``: the most drafts per round (K); ``adaptive``: let measured costs and acceptance
+    turn K down or off (False: always K, for tests and measurements)."""
+
+    method: str = "draft"
+    num_speculative_tokens: int = 4
+    draft: Path | None = None
+    adaptive: bool = True
+    ngram_max: int = 3
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RuntimeInputError(f"speculative method {self.method!r} is unknown; use one of {list(METHODS)}")
+        if (self.method == "draft") != (self.draft is not None):
+            raise RuntimeInputError("speculative decoding needs exactly one of --draft DRAFT_ARTIFACT or "
+                                    "--speculative ngram")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 16:
+            raise RuntimeInputError(f"num_speculative_tokens={k!r} is invalid; use an integer in 1..16")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise RuntimeInputError(f"ngram sizes {self.ngram_min}..{self.ngram_max} are invalid; use 1 <= min <= max")
+
+
+@dataclasses.dataclass
+class SpecResult:
+    """What a speculative step produced: sampled-later logits for plain rows, emitted tokens for the others."""
+
+    plain_rows: list[int]
+    logits: np.ndarray  # [len(plain_rows), V]
+    accepted: dict[int, Acceptance]  # row -> its round's outcome (tokens to emit)
+    target_logits: dict[int, np.ndarray]  # row -> [k+1, V] (for log-probabilities)
+
+
+def check_draft(target: OrtEngine, draft: OrtEngine, target_dir: Path, draft_dir: Path) -> None:
+    """The draft must speak the target's vocabulary: same size and the same tokenizer."""
+    fix = "use a draft built from the same model family, e.g. 'graphopt build MODEL --int4'"
+    if draft.vocab_size != target.vocab_size:
+        raise ArtifactError(f"draft {draft_dir} has a vocabulary of {draft.vocab_size} tokens but the target "
+                            f"{target_dir} has {target.vocab_size}; {fix}")
+    if _vocab(draft_dir) != _vocab(target_dir):
+        raise ArtifactError(f"draft {draft_dir} has a different tokenizer from the target {target_dir}; {fix}")
+
+
+def _vocab(artifact: Path) -> object:
+    path = artifact / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data.get("model", {}).get("vocab"), [t.get("content") for t in data.get("added_tokens", [])]
+
+
+class Speculator:
+    """Drafting, batched verification bookkeeping, acceptance and rollback for one target engine."""
+
+    def __init__(self, config: SpecConfig, target: OrtEngine, target_dir: Path, threads: int | None = None) -> None:
+        self.config = config
+        self.target = target
+        self.costs = CostModel()
+        self.policy = SpecPolicy(config.num_speculative_tokens, self.costs, config.adaptive,
+                                 draft_model=config.method == "draft")
+        self.draft: DraftModel | None = None
+        if config.method == "draft":
+            engine = OrtEngine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
+                               threads=threads)
+            check_draft(target, engine, Path(target_dir), Path(config.draft))
+            self.draft = DraftModel(engine, self.costs)
+        if config.adaptive:
+            self.calibrate()
+
+    @property
+    def mirrors(self) -> list:
+        """Slot caches the scheduler must keep in step with the target's (allocate, move, free)."""
+        return [self.draft.engine.cache] if self.draft is not None else []
+
+    def plan(self, seqs: Seq[Sequence]) -> list[int]:
+        return self.policy.plan(seqs)
+
+    # ---- one step ----------------------------------------------------------------------------------------
+    def run(self, seqs: Seq[Sequence], ks: Seq[int]) -> SpecResult:
+        """Decode ``seqs`` (slots in row order), speculating ``ks[i]`` tokens for row i."""
+        rows = [row for row, k in enumerate(ks) if k > 0]
+        drafts, probs = self._propose([seqs[r] for r in rows], [ks[r] for r in rows])
+        spec = {row: (d, q) for row, d, q in zip(rows, drafts, probs) if d}
+        plain = [row for row in range(len(seqs)) if row not in spec]
+        logits = feed(self.target, [seqs[r].slot for r in plain], [[seqs[r].last_token] for r in plain], self.costs)
+        result = SpecResult(plain, logits, {}, {})
+        for row, (draft_tokens, q) in spec.items():
+            seq = seqs[row]
+            target_logits = self.verify(seq.slot, [seq.last_token, *draft_tokens])
+            accepted = self._accept(seq, draft_tokens, q, target_logits)
+            self._rollback(seq, accepted)
+            result.accepted[row], result.target_logits[row] = accepted, target_logits
+        return result
+
+    def _propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[np.ndarray | None]]:
+        if not seqs:
+            return [], []
+        if self.draft is not None:
+            return self.draft.propose(seqs, ks)
+        began = time.perf_counter()
+        cfg = self.config
+        drafts = [ngram_lookup(seq.tokens(), k, cfg.ngram_max, cfg.ngram_min) for seq, k in zip(seqs, ks)]
+        self.costs.observe("draft", len(seqs), time.perf_counter() - began)
+        return drafts, [None] * len(seqs)
+
+    def verify(self, slot: int, tokens: list[int]) -> np.ndarray:
+        """Append ``tokens`` to ``slot`` in one target call; logits at every one of them [len, V] (a copy)."""
+        cache, n = self.target.cache, len(tokens)
+        cache.check_room(slot, n)
+        start = int(cache.lens[slot])
+        began = time.perf_counter()
+        logits = self.target.step(np.asarray([tokens], dtype=np.int64), np.arange(start, start + n)[None],
+                                  np.asarray([start], dtype=np.int32), np.asarray([n], dtype=np.int32),
+                                  np.arange(n, dtype=np.int64)[None], first_slot=slot)[0].copy()
+        self.costs.observe("verify", n - 1, time.perf_counter() - began)
+        cache.advance(slot, n)
+        return logits
+
+    def _accept(self, seq: Sequence, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> Acceptance:
+        if seq.params.greedy:
+            accepted = accept_greedy(drafts, logits.argmax(axis=1))
+        else:
+            accepted = accept_sampled(drafts, q, dense_probs(logits, seq.params), seq.generator.random(len(drafts) + 1))
+        self.policy.record(seq, accepted.betas, accepted.num_accepted)
+        return accepted
+
+    def _rollback(self, seq: Sequence, accepted: Acceptance) -> None:
+        """Target keeps the T tokens it had seen plus the accepted drafts; the new last token is not cached yet."""
+        keep = seq.num_tokens + accepted.num_accepted
+        self.target.cache.truncate(seq.slot, keep)
+        if self.draft is not None:
+            self.draft.rollback(seq.slot, keep)
+
+    # ---- costs -------------------------------------------------------------------------------------------
+    def calibrate(self, repeats: int = 2) -> None:
+        """Time target decode (by batch), verification (by k) and draft steps on scratch slots, once at start."""
+        engines = [self.target] + ([self.draft.engine] if self.draft is not None else [])
+        if any(engine.cache.num_active for engine in engines):
+            raise RuntimeInputError("speculative calibration needs idle engines; calibrate before adding requests")
+        batch = min(self.target.cache.max_slots, 8)
+        try:
+            for engine in engines:
+                slots = [engine.cache.allocate() for _ in range(batch)]
+                engine.prefill([[self.target.pad_token_id]] * batch, slots)
+            sizes = sorted({1, 2, batch} & set(range(1, batch + 1)))
+            for rep in range(repeats + 1):  # the first round warms ORT up and is forgotten
+                if rep == 1:
+                    self.costs.times.clear()
+                for size in sizes:
+                    for engine, kind in zip(engines, ("decode", "draft")):
+                        feed(engine, list(range(size)), [[0]] * size, self.costs, kind)
+                for k in range(1, self.config.num_speculative_tokens + 1):
+                    self.verify(0, [0] * (k + 1))
+                    self.target.cache.truncate(0, 1)
+        finally:
+            for engine in engines:
+                engine.cache.free_all()
+        log.info("speculative calibration (s): %s", {kind: {n: round(t, 5) for n, t in table.items()}
+                                                      for kind, table in self.costs.times.items()})
