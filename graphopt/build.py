@@ -45,24 +45,59 @@ class BuildOptions:
     eval_text: Path | None = None  # default: the evaluation half of the installed packages' prose
 
 
+@dataclasses.dataclass
+class Loaded:
+    """A model loaded and traced once; ``build_traced`` runs any number of recipes on copies of the trace."""
+    source: Any
+    torch_model: Any
+    tokenizer: Any
+    timings: dict[str, float]
+    model: ir.Model | None = None
+    traced_ops: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 def build(spec: str, options: BuildOptions, progress: Progress,
           on_pass: Callable[[PassRecord], None] | None = None) -> dict[str, Any]:
     """Build ``spec`` into ``options.output``; returns the build report."""
-    from graphopt import quant_build, sources
-    from graphopt.trace import trace
+    from graphopt import quant_build
 
     _check_destination(options.output, options.force)
     corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
-    timings, started = {}, time.perf_counter()
+    loaded = load(spec, options.attn_implementation, progress)
+    context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
+    trace_loaded(loaded, progress)
+    return build_traced(loaded, options, progress, context, on_pass)
+
+
+def load(spec: str, attn_implementation: str, progress: Progress) -> Loaded:
+    """Resolve the source and load the fp32 PyTorch model and its tokenizer."""
+    from graphopt import sources
+
+    timings: dict[str, float] = {}
     with progress.step("resolving model source"):
         source = sources.resolve_source(spec)
     with progress.step(f"loading {source.model_id} (fp32)"), _timed(timings, "load_s"):
-        torch_model = sources.load_causal_lm(source, attn_implementation=options.attn_implementation)
+        torch_model = sources.load_causal_lm(source, attn_implementation=attn_implementation)
         tokenizer = sources.load_tokenizer(source)
-    context = quant_build.pass_context(options, corpus, torch_model.config, tokenizer, progress)
-    with progress.step("tracing with torch.onnx.export(dynamo=True, opset 23)"), _timed(timings, "trace_s"):
-        model = trace(torch_model)
-    traced_ops = _op_counts(model)
+    return Loaded(source, torch_model, tokenizer, timings)
+
+
+def trace_loaded(loaded: Loaded, progress: Progress) -> None:
+    from graphopt.trace import trace
+
+    with progress.step("tracing with torch.onnx.export(dynamo=True, opset 23)"), _timed(loaded.timings, "trace_s"):
+        loaded.model = trace(loaded.torch_model)
+    loaded.traced_ops = _op_counts(loaded.model)
+
+
+def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, context,
+                 on_pass: Callable[[PassRecord], None] | None = None, copy: bool = False) -> dict[str, Any]:
+    """Run ``options.recipe`` on the trace (on a copy of it when ``copy``) and write the artifact."""
+    from graphopt import quant_build
+
+    source, torch_model, tokenizer = loaded.source, loaded.torch_model, loaded.tokenizer
+    model = loaded.model.clone() if copy else loaded.model
+    timings, started = dict(loaded.timings), time.perf_counter() - sum(loaded.timings.values())
     with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
         records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
                                dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
@@ -73,7 +108,8 @@ def build(spec: str, options: BuildOptions, progress: Progress,
     staging.chmod(0o755)
     try:
         with progress.step("writing artifact"), _timed(timings, "save_s"):
-            report = _write(staging, model, source, torch_model, tokenizer, options, records, traced_ops, timings)
+            report = _write(staging, model, source, torch_model, tokenizer, options, records, loaded.traced_ops,
+                            timings)
         if any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
             report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
                                                               timings)
@@ -105,6 +141,7 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
         "graphopt_version": __version__, "source": manifest["source"], "recipe": options.recipe.name,
         "target": options.recipe.target, "nodes": {"traced": sum(traced_ops.values()), "final": sum(ops.values())},
         "ops": {"traced": traced_ops, "final": ops}, "passes": [r.to_json() for r in records],
+        "pipeline": [{"name": spec.name, **spec.options} for spec in options.recipe.passes],  # for graphopt diff
         "unfused": [note for r in records for note in r.notes],
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "artifact_bytes": sum(e["bytes"] for e in manifest["files"].values()),

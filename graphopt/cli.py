@@ -124,3 +124,8 @@ main.add_command(serve)
 from graphopt.cli_eval import eval_command  # noqa: E402
 
 main.add_command(eval_command)
+
+from graphopt.cli_compare import compare_command, diff_command  # noqa: E402
+
+main.add_command(compare_command)
+main.add_command(diff_command)

@@ -1,0 +1,148 @@
+"""graphopt compare end to end on a tiny random Llama: metrics in compare.json, the gate against a baseline
+(passes on a rerun, fails on a more aggressive recipe), --bisect blames the lossy pass, diff of artifacts."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from graphopt.cli import main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import tiny_model  # noqa: E402
+
+LOOSE_TIMING = ["--decode-down", "0.9", "--batch-down", "0.9", "--ttft-up", "9"]  # tiny timings are noise
+PASSES = """
+[[pass]]
+name = "cleanup"
+[[pass]]
+name = "fuse-attention"
+[[pass]]
+name = "insert-kv-cache"
+[[pass]]
+name = "keep-logits"
+[[pass]]
+name = "cleanup"
+[[pass]]
+name = "calibrate"
+seq_len = 64
+sample_rows = 16
+[[pass]]
+name = "quantize-int4"
+block_size = 64
+method = "rtn"
+embedding = true
+[[pass]]
+name = "lower-ort-cpu"
+rmsnorm = true
+[[pass]]
+name = "lower-quant-ort-cpu"
+accuracy_level = 4
+[[pass]]
+name = "cleanup"
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("compare")
+    tiny_model.main(root)
+    return root
+
+
+def compare(tiny: Path, *args: str):
+    common = ["--model", str(tiny / "hf"), "--calib-text", str(tiny / "words.txt"), "--eval-text",
+              str(tiny / "words.txt"), "--eval-tokens", "512", "--calib-tokens", "1024", "--prompt-tokens", "16",
+              "--new-tokens", "8", "--repeats", "1"]
+    return CliRunner().invoke(main, ["compare", *args, *common])
+
+
+@pytest.fixture(scope="module")
+def first(tiny: Path) -> Path:
+    out = tiny / "first"
+    result = compare(tiny, "ort-cpu", "ort-cpu-int8", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_compare_writes_every_metric(first: Path) -> None:
+    data = json.loads((first / "compare.json").read_text())
+    assert data["format"] == "graphopt-compare" and data["reference_recipe"] == "ort-cpu"
+    assert data["timings"]["trace_s"] > 0 and data["eval"]["tokens"] == 512
+    fp32, int8 = data["recipes"]
+    assert [fp32["recipe"], int8["recipe"]] == ["ort-cpu", "ort-cpu-int8"]
+    for entry in (fp32, int8):
+        assert set(entry["fidelity"]) >= {"kl_mean", "top1_agreement", "ppl_reference", "ppl_candidate"}
+        assert all(entry["speed"][key] > 0 for key in ("ttft_ms", "decode_tokens_per_s", "batch_tokens_per_s"))
+        assert entry["build_s"] > 0 and entry["nodes"]["final"] == sum(entry["ops"].values())
+        assert [p["name"] for p in entry["passes"]] == [p["name"] for p in entry["pipeline"]]
+        assert all("stats" in p and "seconds" in p for p in entry["passes"])
+    assert fp32["fidelity"]["kl_mean"] < 1e-5 < int8["fidelity"]["kl_mean"] < 0.01
+    assert fp32["relative"] == {"decode": 1.0, "batch": 1.0, "ttft": 1.0}
+    assert int8["artifact_bytes"] < fp32["artifact_bytes"] / 2
+    assert int8["ops"]["com.microsoft::MatMulNBits"] > 0 and "com.microsoft::MatMulNBits" not in fp32["ops"]
+    markdown = (first / "compare.md").read_text()
+    assert "| ort-cpu-int8 |" in markdown and "quantize-int8" in markdown and "gate" not in markdown
+    png = (first / "compare.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert not list(first.glob(".compare.*"))  # no staging left behind
+
+
+def test_gate_passes_against_its_own_output(tiny: Path, first: Path) -> None:
+    out = tiny / "rerun"
+    result = compare(tiny, "ort-cpu", "ort-cpu-int8", "--out", str(out), "--baseline", str(first / "compare.json"),
+                     *LOOSE_TIMING)
+    assert result.exit_code == 0, result.output
+    assert "gate: passed" in result.output and "regression" not in result.output
+    assert "**gate: passed**" in (out / "compare.md").read_text()
+
+
+def test_gate_fails_on_a_more_aggressive_recipe(tiny: Path, first: Path) -> None:
+    aggressive = tiny / "aggressive.toml"  # same name as the baseline's int8 recipe, int4 rtn inside
+    aggressive.write_text('name = "ort-cpu-int8"\ntarget = "ort-cpu"\n' + PASSES)
+    out = tiny / "aggressive"
+    result = compare(tiny, "ort-cpu", str(aggressive), "--out", str(out), "--baseline", str(first / "compare.json"),
+                     *LOOSE_TIMING)
+    assert result.exit_code == 1, result.output
+    old = json.loads((first / "compare.json").read_text())["recipes"][1]["fidelity"]["kl_mean"]
+    line = next(line for line in result.output.splitlines() if "kl_mean" in line)
+    match = re.fullmatch(r"regression: ort-cpu-int8: kl_mean (\S+) -> (\S+) \(\+[\d.]+%, limit \+20%\)", line)
+    assert match and float(match[1]) == pytest.approx(old, rel=1e-3) and float(match[2]) > 10 * old, line
+    assert "gate: failed" in result.output
+    assert "**gate: failed**" in (out / "compare.md").read_text()
+
+
+def test_diff_of_two_artifacts(first: Path) -> None:
+    result = CliRunner().invoke(main, ["diff", str(first / "artifacts" / "ort-cpu"),
+                                       str(first / "artifacts" / "ort-cpu-int8")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "+ pass 6: quantize-int8" in lines and "+ pass 5: calibrate" in lines
+    assert any(re.fullmatch(r"~ op com\.microsoft::MatMulNBits: 0 -> \d+ \(\+\d+\)", line) for line in lines)
+    assert any(line.startswith("~ precision weights: fp32 -> int8") for line in lines)
+
+
+@pytest.mark.parametrize("recipe,within,culprit", [("lossy", False, "quantize-int4"), ("ort-cpu", True, None)])
+def test_bisect_blames_the_lossy_pass(tiny: Path, recipe: str, within: bool, culprit: str | None) -> None:
+    if recipe == "lossy":  # int4, plain rounding, coarse blocks, held to an int8-grade budget
+        path = tiny / "lossy.toml"
+        path.write_text('name = "lossy-int4"\ntarget = "ort-cpu"\n[gate]\nkl_budget = 0.002\n' + PASSES)
+        recipe = str(path)
+    out = tiny / f"bisect-{Path(recipe).stem}"
+    result = compare(tiny, "--bisect", recipe, "--out", str(out))
+    assert result.exit_code == (0 if within else 1), result.output
+    data = json.loads((out / "bisect.json").read_text())
+    assert data["within_budget"] is within and data["stages"][0]["name"] == "(trace)"
+    assert (data["culprit"] or {}).get("pass") == culprit
+    kls = [s["fidelity"]["kl_mean"] for s in data["stages"]]
+    if culprit:
+        index = data["culprit"]["index"]
+        assert data["stages"][index]["name"] == "quantize-int4" and max(kls[:index]) < 1e-5 < kls[index]
+        assert f"pass {index} 'quantize-int4' broke the KL budget 0.002" in result.output
+    else:
+        assert max(kls) < 1e-5 and "within the KL budget" in result.output

@@ -1,0 +1,130 @@
+"""The compare gate on hand-written compare.json documents (no model), and bad input to compare: one line,
+exit 2, nothing written."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from graphopt.cli import main
+from graphopt.errors import RecipeError
+from graphopt.gate import DEFAULTS, CompareError, Thresholds, check, load_baseline, recipe_gate, thresholds
+
+
+def entry(name: str, kl: float, decode: float, size: int = 1000) -> dict:
+    return {"recipe": name, "artifact_bytes": size,
+            "fidelity": {"kl_mean": kl, "top1_agreement": 0.95, "ppl_candidate": 10.0},
+            "speed": {"ttft_ms": 10.0, "decode_tokens_per_s": decode, "batch_tokens_per_s": 4 * decode},
+            "relative": {"decode": decode / 100, "batch": decode / 100, "ttft": 1.0}}
+
+
+def run(kl: float = 0.01, decode: float = 150.0, size: int = 1000) -> dict:
+    return {"format": "graphopt-compare", "model": "m", "model_sha256": "abc", "reference_recipe": "fp32",
+            "recipes": [entry("fp32", 0.0, 100.0, 4000), entry("int4", kl, decode, size)]}
+
+
+LIMITS = {"fp32": DEFAULTS, "int4": DEFAULTS}
+
+
+def lines(baseline: dict, current: dict, limits: dict = LIMITS) -> list[str]:
+    found, _ = check(baseline, current, limits)
+    return [r.line() for r in found]
+
+
+def test_a_run_passes_against_itself() -> None:
+    assert lines(run(), run()) == []
+
+
+def test_fidelity_and_size_regressions_name_metric_and_values() -> None:
+    assert lines(run(), run(kl=0.0115)) == []  # +15%: within the default +20%
+    found = lines(run(), run(kl=0.0125, size=1100))
+    assert found == ["int4: kl_mean 0.01 -> 0.0125 (+25.0%, limit +20%)",
+                     "int4: artifact_bytes 1000 -> 1100 (+10.0%, limit +5%)"]
+    worse = run()
+    worse["recipes"][1]["fidelity"] |= {"top1_agreement": 0.93, "ppl_candidate": 10.5}
+    assert lines(run(), worse) == ["int4: top1_agreement 0.95 -> 0.93 (-2.1%, limit -0.01)",
+                                   "int4: perplexity 10 -> 10.5 (+5.0%, limit +2%)"]
+
+
+def test_a_lowered_threshold_fails_the_same_numbers() -> None:
+    tight = {"fp32": DEFAULTS, "int4": Thresholds(kl_budget=0.005)}
+    assert lines(run(), run(), tight) == ["int4: kl_mean 0.01 over the budget kl_budget 0.005"]
+
+
+def test_timing_uses_ratios_to_the_reference_recipe() -> None:
+    slower_machine = run()
+    for item in slower_machine["recipes"]:  # everything half as fast, ratios unchanged
+        item["speed"] = {key: value / 2 for key, value in item["speed"].items()}
+    assert lines(run(), slower_machine) == []
+    assert lines(run(), run(decode=130.0)) == ["int4: decode tok/s vs reference 1.5 -> 1.3 (-13.3%, limit -10%)",
+                                               "int4: batch tok/s vs reference 1.5 -> 1.3 (-13.3%, limit -10%)"]
+    loose = {"fp32": DEFAULTS, "int4": Thresholds(decode_down=0.2, batch_down=0.2)}
+    assert lines(run(), run(decode=130.0), loose) == []
+
+
+def test_timing_is_not_gated_when_the_reference_recipe_changed() -> None:
+    other = run(decode=50.0)
+    other["reference_recipe"] = "int4"
+    found, notes = check(run(), other, LIMITS)
+    assert found == [] and "reference recipe changed" in notes[0]
+
+
+def test_other_weights_are_refused() -> None:
+    other = run()
+    other["model_sha256"] = "def"
+    with pytest.raises(CompareError, match="other weights"):
+        check(run(), other, LIMITS)
+
+
+def test_recipe_gate_table_and_command_line_precedence(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "r"\n[gate]\nkl_up = 0.5\nsize_up = 0.1\n[[pass]]\nname = "cleanup"\n')
+    assert recipe_gate(str(recipe)) == {"kl_up": 0.5, "size_up": 0.1}
+    chosen = thresholds(str(recipe), {"kl_up": 0.3, "decode_down": None})
+    assert (chosen.kl_up, chosen.size_up, chosen.decode_down) == (0.3, 0.1, DEFAULTS.decode_down)
+    recipe.write_text('name = "r"\n[gate]\nkl_upp = 0.5\n[[pass]]\nname = "cleanup"\n')
+    with pytest.raises(RecipeError, match="no key 'kl_upp'"):
+        recipe_gate(str(recipe))
+    assert recipe_gate("ort-cpu") == {}
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"), ("{not json", "not valid JSON"), ('{"format": "other"}', "not a graphopt compare.json"),
+    ('{"format": "graphopt-compare", "recipes": [{"recipe": "x"}]}', "lacks recipe/fidelity"),
+])
+def test_bad_baselines(tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "base.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(CompareError, match=message):
+        load_baseline(path)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["ort-cpu", "--baseline", "{missing}"], "does not exist"),
+    (["ort-cpu", "--baseline", "{malformed}"], "not valid JSON"),
+    (["ort-cpu", "ort-cpu"], "repeat a name"),
+    (["--bisect", "ort-cpu", "ort-cpu-int8"], "exactly one recipe"),
+    (["ort-cpu", "--repeats", "0"], "--repeats 0 is too small"),
+    ([], "at least one recipe"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:
+    (tmp_path / "malformed.json").write_text("[1, 2")
+    args = [a.format(missing=tmp_path / "missing.json", malformed=tmp_path / "malformed.json") for a in args]
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["compare", *args, "--model", str(tmp_path / "no-model"), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: ") and message in result.output
+    assert not out.exists()
+
+
+def test_regression_line_for_a_zero_baseline() -> None:
+    base = run()
+    base["recipes"][1]["fidelity"]["kl_mean"] = 0.0
+    assert lines(base, copy.deepcopy(run(kl=0.01))) == ["int4: kl_mean 0 -> 0.01 (new, limit +20%)"]
+    assert json.dumps(DEFAULTS.__dict__)  # thresholds serialise into compare.json
