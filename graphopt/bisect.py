@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.build import load, trace_loaded
-from graphopt.compare import CompareOptions, build_options, plan
+from graphopt.calib_text import token_stream
+from graphopt.compare import CompareOptions, plan, prepare
 from graphopt.compare_measure import ReferenceLogits, measure_fidelity
 from graphopt.fidelity import Logits
 from graphopt.pipeline import Recipe, run_pipeline
@@ -113,15 +113,7 @@ def run_bisect(options: CompareOptions, overrides: dict[str, float | None], prog
     chosen = plan(options, overrides)
     (recipe,), limit = chosen.recipes, chosen.limits[chosen.recipes[0].name]
     budget, budget_source = kl_budget(recipe, limit.kl_budget, limit.kl_abs)
-    from graphopt import quant_build
-
-    loaded = load(options.model, options.attn_implementation, progress)
-    built = build_options(recipe, options)
-    corpus = quant_build.calibration_corpus(recipe, built.calib_text)
-    context = quant_build.pass_context(built, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
-    trace_loaded(loaded, progress)
-    from graphopt.calib_text import token_stream
-
+    loaded, (context,) = prepare(options, [recipe], progress)
     ids = token_stream(loaded.tokenizer, chosen.eval_corpus, options.eval_tokens, "--eval-tokens")
     reference, text = ReferenceLogits(loaded.torch_model), chosen.eval_corpus.source
     model = loaded.model

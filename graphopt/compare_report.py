@@ -91,6 +91,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         axes.scatter([x], [y], s=40)
         axes.annotate(e["recipe"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axes.set_yscale("log")
+    axes.margins(x=0.2, y=0.3)
     axes.set_xlabel("decode tok/s (batch 1)")
     axes.set_ylabel(f"KL(fp32 ‖ recipe), nats (floor {KL_FLOOR:g})")
     axes.set_title(f"{result['model']}: fidelity vs speed", fontsize=10)
