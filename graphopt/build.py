@@ -110,7 +110,9 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
         with progress.step("writing artifact"), _timed(timings, "save_s"):
             report = _write(staging, model, source, torch_model, tokenizer, options, records, loaded.traced_ops,
                             timings)
-        if any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
+        if options.recipe.target == "trt" and any(r.lossy for r in records):  # OrtEngine runs ort-cpu only
+            report["fidelity"] = {"skipped": "trt artifacts: measure the same Q/DQ numbers on the ort-cpu build"}
+        elif any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
             report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
                                                               timings)
         timings["total_s"] = time.perf_counter() - started
@@ -156,7 +158,7 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
     inputs, outputs = io_specs(model)
     dims = model_dims(model, config, generation_config)
     kv = next(s for s in inputs if s["role"] == "past_key")
-    return {
+    manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "graphopt_version": __version__,
         "source": {"architecture": source.architecture, "model_type": source.model_type,
                    "id": source.model_id, "spec": _absolute_spec(source.spec), "sha256": source.sha256},
@@ -170,6 +172,11 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
         "plugins": [], "optimization_profiles": [],
         "min_runtime": {"onnxruntime": "1.22"},
     }
+    if recipe.target == "trt":  # plugins, profiles, dtypes, TensorRT versions (graphopt/trt_manifest.py)
+        from graphopt.trt_manifest import trt_fields
+
+        manifest |= trt_fields(model, manifest)
+    return manifest
 
 
 def _absolute_spec(spec: str) -> str:
@@ -186,6 +193,8 @@ def _check_destination(output: Path, force: bool) -> None:
 
 
 def _check_target(model: ir.Model, recipe: Recipe) -> None:
+    if recipe.target == "trt" and "check-trt" not in {p.name for p in recipe.passes}:
+        raise GraphoptError(f"recipe {recipe.name} targets trt without 'check-trt'; add it at the end of the recipe")
     if recipe.target != "ort-cpu":
         return
     left = sorted({n.op_type for n in model.graph if n.domain == "graphopt"})

@@ -48,7 +48,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory (default: out/<model>).")
 @click.option("--recipe", default=None, help="Recipe name in models/ or a TOML path (default: the target's).")
-@click.option("--target", default="ort-cpu", type=click.Choice(["ort-cpu"]), show_default=True)
+@click.option("--target", default="ort-cpu", type=click.Choice(["ort-cpu", "trt"]), show_default=True)
 @click.option("--verify", is_flag=True, help="Check the graph and its logits after every pass.")
 @click.option("--dump-after", default=None, metavar="PASS", help="Also save the graph after this pass.")
 @click.option("--attn-implementation", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
@@ -62,8 +62,16 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 calibration text (default: prose from installed packages' docs).")
 @click.option("--calib-tokens", default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--attention", default="standard", type=click.Choice(["standard", "plugin"]), show_default=True,
+              help="trt: FlashAttention as TensorScatter + Attention, or the graphopt plugin node.")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "bfloat16", "float32"]),
+              show_default=True, help="trt: compute and KV-cache dtype.")
+@click.option("--trt-max-seq", default=0, show_default=True, help="trt: static KV-cache length (0 = model's, ≤4096).")
+@click.option("--aot-check", default=None, metavar="sm89,sm120",
+              help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
 def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json,
-          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens) -> None:
+          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, attention, dtype, trt_max_seq,
+          aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build import BuildOptions, build as run_build
     from graphopt.precision import PrecisionFlags, precision_recipe
@@ -71,7 +79,10 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     from graphopt.report import pass_table, print_build_summary
 
     flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
-    chosen = precision_recipe(flags, recipe, target)  # bad flag combinations fail here, before any loading
+    from graphopt.cli_trt import finish_trt_build, trt_recipe
+
+    trt_options = (attention, dtype, trt_max_seq, kv_cache, aot_check)
+    chosen = trt_recipe(precision_recipe(flags, recipe, target), target, *trt_options)  # fails before loading
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens)
@@ -83,6 +94,7 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
         return
     progress.console.print(pass_table(records, verify))
     print_build_summary(progress.console, report, output)
+    finish_trt_build(output, target, aot_check)
 
 
 @main.command()
@@ -129,3 +141,8 @@ from graphopt.cli_compare import compare_command, diff_command  # noqa: E402
 
 main.add_command(compare_command)
 main.add_command(diff_command)
+
+from graphopt.cli_trt import engine_command, export_group  # noqa: E402
+
+main.add_command(engine_command)
+main.add_command(export_group)

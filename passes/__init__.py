@@ -6,6 +6,7 @@ import inspect
 
 from graphopt.passes.base import GraphoptPass
 from graphopt.passes.calibrate import CalibratePass
+from graphopt.passes.check_trt import CheckTrtPass
 from graphopt.passes.cleanup import CleanupPass
 from graphopt.passes.fuse_attention import FuseAttentionPass
 from graphopt.passes.fuse_qkv_rope import FuseQkvRopePass
@@ -13,6 +14,7 @@ from graphopt.passes.insert_kv_cache import InsertKVCachePass
 from graphopt.passes.keep_logits import KeepLogitsPass
 from graphopt.passes.lower_ort_cpu import LowerOrtCpuPass
 from graphopt.passes.lower_quant_ort_cpu import LowerQuantOrtCpuPass
+from graphopt.passes.lower_trt import LowerTrtPass
 from graphopt.passes.quantize_fp8 import QuantizeFp8Pass
 from graphopt.passes.quantize_int4 import QuantizeInt4Pass
 from graphopt.passes.quantize_int8 import QuantizeInt8Pass
@@ -27,6 +29,7 @@ REGISTRY |= {  # quantization: calibrate → quantize-* (Q/DQ) → lower-quant-<
     for cls in (CalibratePass, QuantizeInt4Pass, QuantizeInt8Pass, QuantizeFp8Pass, QuantizeKVCachePass,
                 LowerQuantOrtCpuPass, FuseQkvRopePass)
 }
+REGISTRY |= {cls.name: cls for cls in (LowerTrtPass, CheckTrtPass)}  # --target trt: lower, then hold to the parser
 
 
 def pass_options(cls: type[GraphoptPass]) -> dict[str, tuple[type, object]]:

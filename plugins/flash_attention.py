@@ -60,8 +60,13 @@ def _expand(graph: ir.Graph, node: ir.Node) -> None:
         outputs = [out]
     else:
         outputs = _expand_cached(tape, node, attention, int(a.get("window", -1)))
+    annotate_dtypes(tape.nodes)
     graph.insert_before(node, tape.nodes)
     for old, new in zip(node.outputs, outputs):
+        new.shape = old.shape
+        if old.is_graph_output():  # keep the contract's names (present_key.i …)
+            name, old.name = old.name, f"{old.name}__expanded"
+            new.name = name
         old.replace_all_uses_with(new, replace_graph_outputs=True)
     graph.remove(node, safe=True)
 
@@ -99,6 +104,34 @@ def _mask(tape: ir.tape.Tape, start_B: ir.Value, query: ir.Value, capacity: ir.V
         lower = tape.op("Sub", [q_pos, _ints(tape, window)])
         allowed = tape.op("And", [allowed, tape.op("Greater", [k_pos, lower])])
     return allowed
+
+
+_BOOL_OPS = ("LessOrEqual", "Greater", "And")
+_INT_OPS = {"Shape": ir.DataType.INT64}
+_SAME_AS_FIRST = frozenset("Add Sub Mul Div Neg Cos Sin Exp Sqrt Reciprocal Pow Sigmoid Softmax MatMul Reshape "
+                           "Transpose Squeeze Unsqueeze Range Concat Expand Slice Gather Identity TensorScatter "
+                           "Attention RotaryEmbedding RMSNormalization ReduceMax ReduceMean ReduceSum".split())
+
+
+def annotate_dtypes(nodes) -> None:
+    """Fill in missing element types (a strongly typed consumer — TensorRT — needs them): simple rules,
+    the first input's type for shape-preserving and elementwise ops."""
+    for node in nodes:
+        out = node.outputs[0]
+        if out.dtype is not None or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Constant":
+            out.dtype = node.attributes["value"].value.dtype
+        elif node.op_type == "Cast":
+            out.dtype = ir.DataType(node.attributes["to"].value)
+        elif node.op_type in _BOOL_OPS:
+            out.dtype = ir.DataType.BOOL
+        elif node.op_type in _INT_OPS:
+            out.dtype = _INT_OPS[node.op_type]
+        elif node.op_type == "ConstantOfShape":
+            out.dtype = node.attributes["value"].value.dtype
+        elif node.op_type in _SAME_AS_FIRST and node.inputs and node.inputs[0] is not None:
+            out.dtype = node.inputs[0].dtype
 
 
 def _seq(tape: ir.tape.Tape, query: ir.Value) -> ir.Value:
