@@ -29,6 +29,37 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+def spec_options(command):
+    """--draft / --speculative / --num-speculative-tokens / --fixed-k, shared by generate, serve and bench."""
+    options = [
+        click.option("--draft", type=click.Path(path_type=Path), default=None,
+                     help="Speculative decoding with this draft artifact (same tokenizer, e.g. the --int4 build)."),
+        click.option("--speculative", type=click.Choice(["ngram"]), default=None,
+                     help="Speculative decoding by n-gram lookup in the prompt and output (no draft model)."),
+        click.option("--num-speculative-tokens", "-k", "num_spec", default=4, show_default=True, type=int,
+                     help="Most draft tokens per verification."),
+        click.option("--fixed-k", is_flag=True, help="Always draft k tokens (no adaptive k or batch cut-off)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def spec_config(draft: Path | None, speculative: str | None, num_spec: int, fixed_k: bool):
+    """The SpecConfig the flags ask for, or None when speculation is off."""
+    from graphopt.runtime.speculative import SpecConfig
+
+    if draft is None and speculative is None:
+        return None
+    if draft is not None and speculative is not None:
+        raise RuntimeInputError("give either --draft DRAFT or --speculative ngram, not both")
+    if draft is not None and not (draft / "manifest.json").is_file():
+        raise RuntimeInputError(f"--draft {draft} is not a graphopt artifact (no manifest.json); build one with "
+                                "'graphopt build MODEL --int4 -o DIR'")
+    return SpecConfig(method="ngram" if speculative else "draft", num_speculative_tokens=num_spec, draft=draft,
+                      adaptive=not fixed_k)
+
+
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt", required=False)
@@ -41,30 +72,48 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
 @click.option("--seed", default=None, type=int)
 @click.option("--max-seq", default=None, type=int, help="KV cache capacity per sequence (default: min(model, 4096)).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, top_p, top_k, seed, max_seq, as_json):
+@spec_options
+def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, top_p, top_k, seed, max_seq, as_json,
+             draft, speculative, num_spec, fixed_k):
     """Generate text from ARTIFACT for PROMPT."""
     from transformers import AutoTokenizer
 
-    from graphopt.runtime.engine import OrtEngine
-    from graphopt.runtime.generate import generate as run
     from graphopt.runtime.sampler import SamplingParams
 
     if (prompt is None) == (prompt_ids is None):
         raise RuntimeInputError("give either a PROMPT or --prompt-ids (exactly one)")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    engine = OrtEngine(artifact, max_slots=1, max_seq=max_seq)
+    spec = spec_config(draft, speculative, num_spec, fixed_k)
     tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer", local_files_only=True)
     ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else encode_prompt(tokenizer, prompt, chat)
-    (result,) = run(engine, [ids], params)
-    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    result, stats = _run_generate(artifact, ids, params, max_seq, spec, tokenizer)
+    text = tokenizer.decode(result["token_ids"], skip_special_tokens=True)
     if as_json:
-        click.echo(json.dumps({"text": text, "token_ids": result.token_ids, "prompt_tokens": len(ids),
-                               "finish_reason": result.finish_reason, "ttft_ms": round(result.ttft_ms, 2),
-                               "decode_tokens_per_s": round(result.decode_tokens_per_s, 2)}))
-    else:
-        click.echo(text)
-        click.echo(f"[{len(result.token_ids)} tokens, TTFT {result.ttft_ms:.0f} ms, "
-                   f"decode {result.decode_tokens_per_s:.1f} tok/s, {result.finish_reason}]", err=True)
+        click.echo(json.dumps({"text": text, **result, "prompt_tokens": len(ids), "speculative": stats}))
+        return
+    click.echo(text)
+    spec_line = (f", {stats['acceptance_rate']:.0%} of drafts accepted, {stats['mean_accepted_length']:.2f} "
+                 "tokens per verification" if stats else "")
+    click.echo(f"[{len(result['token_ids'])} tokens, TTFT {result['ttft_ms']:.0f} ms, "
+               f"decode {result['decode_tokens_per_s']:.1f} tok/s, {result['finish_reason']}{spec_line}]", err=True)
+
+
+def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict, dict | None]:
+    """One prompt without speculation (fixed-batch generate) or with it (the LLM's scheduler)."""
+    if spec is None:
+        from graphopt.runtime.engine import OrtEngine
+        from graphopt.runtime.generate import generate as run
+
+        (r,) = run(OrtEngine(artifact, max_slots=1, max_seq=max_seq), [ids], params)
+        return {"token_ids": r.token_ids, "finish_reason": r.finish_reason, "ttft_ms": round(r.ttft_ms, 2),
+                "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)}, None
+    from graphopt.runtime.llm import LLM
+
+    (c,) = LLM(artifact, max_slots=1, max_seq=max_seq, tokenizer=tokenizer, speculative=spec).generate(ids, params)
+    decode_s = c.latency_s - c.ttft_s
+    rate = (len(c.token_ids) - 1) / decode_s if decode_s > 0 else 0.0
+    return {"token_ids": c.token_ids, "finish_reason": c.finish_reason, "ttft_ms": round(c.ttft_s * 1e3, 2),
+            "decode_tokens_per_s": round(rate, 2)}, c.speculative
 
 
 @click.command()
@@ -74,10 +123,30 @@ def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, to
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Runs per engine; medians are reported.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(artifact, peers, prompt_tokens, new_tokens, repeats, as_json):
-    """Batch-1 TTFT and decode tok/s of ARTIFACT vs peers on the same weights, in the same run."""
+@click.option("--concurrency", default=16, show_default=True, type=int,
+              help="With speculation: also time this many concurrent requests, speculation on vs off.")
+@click.option("--task", type=click.Choice(["continue", "repeat"]), default=None,
+              help="With speculation: continue an English paragraph, or ask the chat model to repeat one "
+                   "(default: repeat for --speculative ngram, continue otherwise).")
+@spec_options
+def bench(artifact, peers, prompt_tokens, new_tokens, repeats, as_json, concurrency, task, draft, speculative,
+          num_spec, fixed_k):
+    """Batch-1 TTFT and decode tok/s of ARTIFACT vs peers on the same weights, in the same run.
+
+    With --draft or --speculative: speculative vs plain decoding of ARTIFACT instead (no peers)."""
     from graphopt.bench import print_bench, run_bench
 
+    spec = spec_config(draft, speculative, num_spec, fixed_k)
+    if spec is not None:
+        from graphopt.bench_spec import print_spec_bench, run_spec_bench
+
+        results = run_spec_bench(artifact, spec, task or ("repeat" if speculative else "continue"), prompt_tokens,
+                                 new_tokens, repeats, concurrency)
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+        else:
+            print_spec_bench(results)
+        return
     results = run_bench(artifact, list(peers), prompt_tokens, new_tokens, repeats)
     if as_json:
         click.echo(json.dumps(results, indent=2))

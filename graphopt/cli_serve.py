@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from graphopt.cli_run import spec_config, spec_options
 from graphopt.errors import RuntimeInputError
 
 
@@ -29,8 +30,10 @@ from graphopt.errors import RuntimeInputError
 @click.option("--ray", "use_ray", is_flag=True, help="Serve as a Ray Serve deployment (needs graphopt[ray]).")
 @click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas (one engine each).")
 @click.option("--ray-address", default=None, help="Existing Ray cluster (default: start a local one on loopback).")
+@spec_options
 def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batch_tokens, threads, model_name,
-          max_body_bytes, shutdown_timeout, use_ray, replicas, ray_address) -> None:
+          max_body_bytes, shutdown_timeout, use_ray, replicas, ray_address, draft, speculative, num_spec,
+          fixed_k) -> None:
     """Serve ARTIFACT with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     from graphopt.runtime.server import ServerConfig
 
@@ -42,7 +45,8 @@ def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batc
         raise RuntimeInputError(f"{artifact} is not a graphopt artifact (no manifest.json); build one with "
                                 "'graphopt build MODEL -o DIR'")
     config = ServerConfig(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batch_tokens, threads,
-                          model_name, max_body_bytes, shutdown_timeout)
+                          model_name, max_body_bytes, shutdown_timeout,
+                          spec_config(draft, speculative, num_spec, fixed_k))
     if use_ray:
         from graphopt.runtime.ray_serve import serve_ray
 

@@ -40,15 +40,34 @@ class ServingMetrics:
         Gauge("graphopt_queue_length", "Requests waiting for a slot", registry=reg).set_function(queue_length)
         Gauge("graphopt_slots_in_use", "KV slots held by requests", registry=reg).set_function(slots_in_use)
         Gauge("graphopt_slots_total", "KV slots", registry=reg).set(max_slots)
+        self.spec_drafts = Counter("graphopt_spec_draft_tokens", "Speculative draft tokens verified", registry=reg)
+        self.spec_accepted = Counter("graphopt_spec_accepted_tokens", "Speculative draft tokens accepted",
+                                     registry=reg)
+        self.spec_rounds = Counter("graphopt_spec_verifications", "Speculative verification rounds", registry=reg)
+        self._spec_totals = [0, 0, 0]  # rounds, drafts, accepted: the gauges below are ratios of these
+        Gauge("graphopt_spec_acceptance_rate", "Accepted / verified draft tokens since start",
+              registry=reg).set_function(lambda: self._spec_totals[2] / max(self._spec_totals[1], 1))
+        Gauge("graphopt_spec_mean_accepted_length", "Tokens per verification round (accepted drafts + 1)",
+              registry=reg).set_function(self._mean_accepted_length)
 
     # ---- observer hooks (AsyncLLM) -----------------------------------------------------------------------
     def on_token(self, output: RequestOutput, ttft: float | None, itl: float | None) -> None:
         self.generation_tokens.inc(len(output.token_ids))
+        if output.num_drafted:
+            self.spec_rounds.inc()
+            self.spec_drafts.inc(output.num_drafted)
+            self.spec_accepted.inc(output.num_accepted)
+            for i, value in enumerate((1, output.num_drafted, output.num_accepted)):
+                self._spec_totals[i] += value
         if ttft is not None:
             self.ttft.observe(ttft)
             self.prompt_tokens.inc(output.seq.num_prompt)
         if itl is not None:
             self.itl.observe(itl)
+
+    def _mean_accepted_length(self) -> float:
+        rounds, _, accepted = self._spec_totals
+        return accepted / rounds + 1.0 if rounds else 0.0
 
     def on_finish(self, output: RequestOutput) -> None:
         self.requests.labels(output.finish_reason).inc()
@@ -61,3 +80,4 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+

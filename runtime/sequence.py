@@ -48,6 +48,7 @@ class SpecState:
 
     def as_dict(self) -> dict[str, float]:
         return {"rounds": self.rounds, "proposed": self.proposed, "accepted": self.accepted,
+                "beta_sum": round(self.beta_sum, 4),
                 "acceptance_rate": round(self.acceptance_rate, 4),
                 "mean_accepted_length": round(self.mean_accepted_length, 4)}
 

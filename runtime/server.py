@@ -37,6 +37,7 @@ from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
 from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
 from graphopt.runtime.openai_format import Responses, error_body
 from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion
+from graphopt.runtime.speculative import SpecConfig
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -58,6 +59,7 @@ class ServerConfig:
     model_name: str | None = None  # default: the artifact folder's name
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
+    speculative: SpecConfig | None = None  # draft artifact or n-gram lookup
 
 
 class OpenAIServer:
@@ -67,7 +69,7 @@ class OpenAIServer:
         self.config = config
         self.llm = llm or LLM(config.artifact, max_slots=config.max_slots, max_seq=config.max_seq,
                               max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
-                              threads=config.threads)
+                              threads=config.threads, speculative=config.speculative)
         self.model_name = config.model_name or Path(config.artifact).resolve().name
         cache = self.llm.engine.cache
         self.metrics = ServingMetrics(lambda: len(self.llm.scheduler.waiting), lambda: cache.num_active,
