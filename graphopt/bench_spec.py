@@ -112,7 +112,9 @@ def _summary(runs: dict[str, list], fast: LLM, spec: SpecConfig) -> dict[str, An
             "mean_accepted_length": round(accepted / rounds + 1, 3) if rounds else 0.0,
             "mean_k": round(mean_k, 3), "cost_ratio_c": round(cost_ratio, 4),
             "predicted_speedup": round(leviathan_speedup(alpha, mean_k, cost_ratio), 3) if rounds else None,
-            "runs": {name: [round(rate, 2) for _, rate in values] for name, values in runs.items()}}
+            "runs": {name: [round(rate, 2) for _, rate in values] for name, values in runs.items()},
+            "measured_costs_ms": {kind: {size: round(seconds * 1e3, 3) for size, seconds in sorted(table.items())}
+                                  for kind, table in fast.speculator.costs.times.items()}}
 
 
 def print_spec_bench(r: dict[str, Any]) -> None:
@@ -137,5 +139,8 @@ def print_spec_bench(r: dict[str, Any]) -> None:
                       f"speculative {conc['speculative_tokens_per_s']:.1f} tok/s (×{conc['ratio']:.2f}; speculation "
                       f"ran in {conc['steps_speculating']} steps, was turned off in {conc['steps_turned_off']}); "
                       f"same tokens: {'yes' if conc['tokens_match'] else 'NO'}")
+    for kind, table in r["measured_costs_ms"].items():
+        console.print(f"measured {kind} ms by {'k' if kind == 'verify' else 'batch'}: "
+                      + ", ".join(f"{size}: {ms:.2f}" for size, ms in table.items()))
     machine = r["machine"]
     console.print(f"{machine['cpu']}, {machine['physical_cores']} physical cores, load avg {machine['load_avg_1m']}")

@@ -8,10 +8,12 @@ calibration when the LLM starts and updated by every step afterwards.
 
 Per request, :meth:`SpecPolicy.choose_k` picks the draft length k ∈ 0..K that maximises tokens per second at
 batch 1 given the request's running acceptance estimate α: a round emits (1 − α^(k+1)) / (1 − α) tokens and
-costs verify(k) + k·draft(1). k = 0 (off) when plain decoding is faster; an off request probes again after
-``PROBE_GAP`` tokens. Per step, :meth:`SpecPolicy.plan` turns speculation off for the whole batch when the
-predicted rate of the speculative step is below that of one batched decode step — under load the per-row
-verification calls cost more than the accepted tokens save, and plain batched decoding wins.
+costs verify(k) + k·draft(1). α is measured, never assumed: a request starts from the acceptance measured on
+earlier requests, and the very first request measures it with a full-K round. k = 0 (off) when plain decoding is
+faster; an off request probes again with k = 1 after ``PROBE_GAP`` tokens. Per step with several rows,
+:meth:`SpecPolicy.plan` turns speculation off for the whole batch when the predicted rate of the speculative
+step is below that of one batched decode step, taking α = 1 for rows not measured yet — under load the
+per-row verification calls cost more than the accepted tokens save, and plain batched decoding wins.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from graphopt.runtime.spec_accept import expected_tokens
 
 log = logging.getLogger(__name__)
 
-PRIOR_ALPHA = 0.6  # acceptance assumed for a request before its first round (replaced by the measured one)
 SMOOTHING = 0.3  # weight of the newest observation in the running averages
 PROBE_GAP = 16  # tokens an "off" request decodes plainly before it tries speculation again
 
@@ -68,6 +69,7 @@ class SpecPolicy:
         self.costs = costs
         self.adaptive = adaptive
         self.draft_model = draft_model  # a draft model steps once per draft; n-gram lookup once per round
+        self.alpha: float | None = None  # acceptance measured over every request so far (running average)
         self.enabled_steps = 0  # steps where speculation ran / was turned off for the batch (for stats)
         self.disabled_steps = 0
 
@@ -98,10 +100,11 @@ class SpecPolicy:
             return 0  # penalties depend on each accepted token: speculation would change the distribution
         if len(seq.output_ids) < spec.resume_at:
             return 0
-        if spec.resume_at and spec.k == 0:  # off for PROBE_GAP tokens: one k=1 round measures α again
-            spec.k = 1
-            return 1
-        spec.k = self.choose_k(PRIOR_ALPHA if spec.alpha is None else spec.alpha, limit)
+        alpha = spec.alpha if spec.alpha is not None else self.alpha
+        if alpha is None or (spec.resume_at and spec.k == 0):  # measure: full K the first time, then k = 1 probes
+            spec.k = min(self.max_k if alpha is None else 1, limit)
+            return spec.k
+        spec.k = self.choose_k(alpha, limit)
         if spec.k == 0:
             spec.resume_at = len(seq.output_ids) + PROBE_GAP
         return spec.k
@@ -109,7 +112,7 @@ class SpecPolicy:
     def plan(self, seqs: Seq[Sequence]) -> list[int]:
         """k per row for one decode step: each request's own choice, or all 0 when batched decoding wins."""
         ks = [self.request_k(seq) for seq in seqs]
-        if self.adaptive and any(ks) and self.costs.known() and not self._batch_wins(seqs, ks):
+        if self.adaptive and len(ks) > 1 and any(ks) and self.costs.known() and not self._batch_wins(seqs, ks):
             self.disabled_steps += 1
             return [0] * len(ks)
         self.enabled_steps += bool(any(ks))
@@ -123,8 +126,7 @@ class SpecPolicy:
         for depth in range(1, self._draft_steps(max(ks)) + 1):  # draft steps, batched over rows still drafting
             seconds += self.costs.estimate("draft", sum(1 for k in ks if k >= depth))
         seconds += self.costs.estimate("decode", plain) if plain else 0.0
-        tokens = plain + sum(expected_tokens(PRIOR_ALPHA if s.spec.alpha is None else s.spec.alpha, k)
-                             for s, k in spec_rows)
+        tokens = plain + sum(expected_tokens(1.0 if s.spec.alpha is None else s.spec.alpha, k) for s, k in spec_rows)
         return tokens / max(seconds, 1e-9) > len(ks) / max(self.costs.estimate("decode", len(ks)), 1e-9)
 
     def record(self, seq: Sequence, betas: Seq[float], accepted: int) -> None:
@@ -137,3 +139,4 @@ class SpecPolicy:
         spec.beta_count += len(betas)
         observed = sum(betas) / len(betas) if betas else 0.0
         spec.alpha = observed if spec.alpha is None else (1 - SMOOTHING) * spec.alpha + SMOOTHING * observed
+        self.alpha = observed if self.alpha is None else (1 - SMOOTHING) * self.alpha + SMOOTHING * observed

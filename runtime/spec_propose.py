@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -37,7 +38,7 @@ def ngram_lookup(tokens: Seq[int], k: int, max_n: int = 3, min_n: int = 1) -> li
     return []
 
 
-def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostModel | None = None,
+def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostModel | Any = None,
          kind: str = "decode") -> np.ndarray:
     """Append ``chunks[i]`` to slot ``slots[i]``; each row's last-token logits [n, V] (a fresh array).
 

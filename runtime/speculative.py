@@ -144,7 +144,7 @@ class Speculator:
         self.costs.observe("draft", len(seqs), time.perf_counter() - began)
         return drafts, [None] * len(seqs)
 
-    def verify(self, slot: int, tokens: list[int]) -> np.ndarray:
+    def verify(self, slot: int, tokens: list[int], costs: CostModel | SampleLog | None = None) -> np.ndarray:
         """Append ``tokens`` to ``slot`` in one target call; logits at every one of them [len, V] (a copy)."""
         cache, n = self.target.cache, len(tokens)
         cache.check_room(slot, n)
@@ -153,7 +153,7 @@ class Speculator:
         logits = self.target.step(np.asarray([tokens], dtype=np.int64), np.arange(start, start + n)[None],
                                   np.asarray([start], dtype=np.int32), np.asarray([n], dtype=np.int32),
                                   np.arange(n, dtype=np.int64)[None], first_slot=slot)[0].copy()
-        self.costs.observe("verify", n - 1, time.perf_counter() - began)
+        (costs or self.costs).observe("verify", n - 1, time.perf_counter() - began)
         cache.advance(slot, n)
         return logits
 
@@ -173,28 +173,40 @@ class Speculator:
             self.draft.rollback(seq.slot, keep)
 
     # ---- costs -------------------------------------------------------------------------------------------
-    def calibrate(self, repeats: int = 2) -> None:
-        """Time target decode (by batch), verification (by k) and draft steps on scratch slots, once at start."""
+    def calibrate(self, repeats: int = 3) -> None:
+        """Time target decode (by batch), verification (by k) and draft steps on scratch slots, once at start;
+        the cost model starts from the median of ``repeats`` rounds (after one warm-up round)."""
         engines = [self.target] + ([self.draft.engine] if self.draft is not None else [])
         if any(engine.cache.num_active for engine in engines):
             raise RuntimeInputError("speculative calibration needs idle engines; calibrate before adding requests")
         batch = min(self.target.cache.max_slots, 8)
+        samples = SampleLog()
         try:
             for engine in engines:
                 slots = [engine.cache.allocate() for _ in range(batch)]
                 engine.prefill([[self.target.pad_token_id]] * batch, slots)
-            sizes = sorted({1, 2, batch} & set(range(1, batch + 1)))
-            for rep in range(repeats + 1):  # the first round warms ORT up and is forgotten
-                if rep == 1:
-                    self.costs.times.clear()
-                for size in sizes:
+            for rep in range(repeats + 1):
+                log_to = samples if rep else SampleLog()  # the first round warms ORT up and is dropped
+                for size in sorted({1, 2, batch} & set(range(1, batch + 1))):
                     for engine, kind in zip(engines, ("decode", "draft")):
-                        feed(engine, list(range(size)), [[0]] * size, self.costs, kind)
+                        feed(engine, list(range(size)), [[0]] * size, log_to, kind)
                 for k in range(1, self.config.num_speculative_tokens + 1):
-                    self.verify(0, [0] * (k + 1))
+                    self.verify(0, [0] * (k + 1), log_to)
                     self.target.cache.truncate(0, 1)
         finally:
             for engine in engines:
                 engine.cache.free_all()
-        log.info("speculative calibration (s): %s", {kind: {n: round(t, 5) for n, t in table.items()}
-                                                      for kind, table in self.costs.times.items()})
+        for (kind, size), seconds in samples.times.items():
+            self.costs.observe(kind, size, float(np.median(seconds)))
+        log.info("speculative calibration (ms): %s", {kind: {n: round(t * 1e3, 3) for n, t in table.items()}
+                                                       for kind, table in self.costs.times.items()})
+
+
+class SampleLog:
+    """Every timing, kept (calibration takes their median)."""
+
+    def __init__(self) -> None:
+        self.times: dict[tuple[str, int], list[float]] = {}
+
+    def observe(self, kind: str, size: int, seconds: float) -> None:
+        self.times.setdefault((kind, size), []).append(seconds)

@@ -152,11 +152,23 @@ def test_policy_k_follows_acceptance_and_cost() -> None:
 
 
 def test_policy_turns_speculation_off_for_a_large_batch() -> None:
-    policy = SpecPolicy(4, _costs({1: 0.010, 8: 0.024}, 0.011, 0.002))
+    policy = SpecPolicy(4, _costs({1: 0.010, 8: 0.016}, 0.011, 0.002))
     one = [_seq()]
-    assert policy.plan(one)[0] > 0
+    assert policy.plan(one) == [4]  # nothing measured yet: the first round measures α with the full K
     many = [_seq() for _ in range(8)]
-    assert policy.plan(many) == [0] * 8 and policy.disabled_steps == 1  # 8 verify calls cost more than 1 decode
+    # even at α = 1, 8 verification calls (8 x 5 tokens in 0.12 s) lose to one batched decode (8 in 0.016 s)
+    assert policy.plan(many) == [0] * 8 and policy.disabled_steps == 1
+    assert policy.plan(many[:2]) != [0, 0]  # two rows: speculation still pays
+
+
+def test_new_requests_start_from_the_measured_acceptance() -> None:
+    policy = SpecPolicy(5, _costs({1: 0.010, 8: 0.016}, 0.011, 0.002))
+    first = _seq()
+    assert policy.request_k(first) == 5
+    policy.record(first, [0.0, 0.0, 0.0, 0.0, 0.0], 0)
+    assert policy.alpha == 0.0 and policy.request_k(_seq()) == 0  # a new request inherits α = 0: off
+    policy.record(first, [1.0] * 5, 5)
+    assert policy.alpha == pytest.approx(0.3) and first.spec.alpha == pytest.approx(0.3)
 
 
 def test_off_request_probes_again_later() -> None:
