@@ -256,3 +256,12 @@ class OrtEngine:
         logits = self._run(0, batch)
         self.cache.advance_prefix(batch)
         return logits[:, 0]
+
+
+def open_engine(artifact_dir: str | Path, max_slots: int = 8, **options):
+    """The engine for an artifact's target: OrtEngine (ort-cpu), TrtEngine (trt, runtime/engine_trt.py)."""
+    if load_manifest(artifact_dir).target == "trt":
+        from graphopt.runtime.engine_trt import TrtEngine
+
+        return TrtEngine(artifact_dir, max_slots=max_slots)
+    return OrtEngine(artifact_dir, max_slots=max_slots, **options)
