@@ -30,6 +30,16 @@ def test_parses_and_aot_builds(recipe: str, attention: str) -> None:
     assert manifest["precision"]["weights"].split()[0] == weights
 
 
+def test_bfloat16_parses_and_aot_builds() -> None:
+    import onnx_ir as ir
+
+    artifact = built("trt", "llama", "standard", dtype="bfloat16")
+    model = ir.load(artifact / "model.onnx")
+    assert all(n.inputs[0].dtype == ir.DataType.BFLOAT16 for n in model.graph if n.op_type == "Attention")
+    assert json.loads((artifact / "manifest.json").read_text())["kv_cache"]["dtype"] == "bfloat16"
+    assert [r.arch for r in aot_check(artifact, ARCHS)] == ARCHS
+
+
 def test_cli_build_with_aot_check(tmp_path) -> None:
     source = make_tiny_model("qwen2", tmp_path / "hf")
     out = tmp_path / "art"

@@ -57,8 +57,9 @@ _BUILT: dict[tuple, Path] = {}
 _ROOT: list[Path] = []
 
 
-def built(recipe: str, arch: str = "llama", attention: str = "standard", **overrides) -> Path:
-    """A tiny ``arch`` model built with ``recipe`` (trt recipes get ``attention``), once per test session."""
+def built(recipe: str, arch: str = "llama", attention: str = "standard", dtype: str = "float16",
+          **overrides) -> Path:
+    """A tiny ``arch`` model built with ``recipe`` (trt recipes get ``attention``, ``dtype``), once per session."""
     import atexit
     import shutil
     import tempfile
@@ -69,7 +70,7 @@ def built(recipe: str, arch: str = "llama", attention: str = "standard", **overr
     from graphopt.trt_options import TrtOptions, apply_trt_options
     from tiny_models import make_tiny_model
 
-    key = (recipe, arch, attention, tuple(sorted(overrides.items())))
+    key = (recipe, arch, attention, dtype, tuple(sorted(overrides.items())))
     if key in _BUILT:
         return _BUILT[key]
     if not _ROOT:
@@ -82,8 +83,8 @@ def built(recipe: str, arch: str = "llama", attention: str = "standard", **overr
         make_tiny_model(arch, source, **overrides)
     chosen = load_recipe(recipe)
     if chosen.target == "trt":
-        chosen = apply_trt_options(chosen, TrtOptions(attention=attention))
-    out = root / f"{recipe}-{attention}-{tag}"
+        chosen = apply_trt_options(chosen, TrtOptions(attention=attention, dtype=dtype))
+    out = root / f"{recipe}-{attention}-{dtype}-{tag}"
     build(str(source), BuildOptions(chosen, out, force=True), QUIET)
     _BUILT[key] = out
     return out
