@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from graphopt.runtime.llm import RequestOutput
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+RATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+LENGTH_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 17.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -49,6 +51,11 @@ class ServingMetrics:
               registry=reg).set_function(lambda: self._spec_totals[2] / max(self._spec_totals[1], 1))
         Gauge("graphopt_spec_mean_accepted_length", "Tokens per verification round (accepted drafts + 1)",
               registry=reg).set_function(self._mean_accepted_length)
+        self.spec_request_rate = Histogram("graphopt_spec_request_acceptance_rate", "Per finished request that "
+                                           "speculated: accepted / verified drafts", buckets=RATE_BUCKETS, registry=reg)
+        self.spec_request_length = Histogram("graphopt_spec_request_mean_accepted_length", "Per finished request "
+                                             "that speculated: tokens per verification round", buckets=LENGTH_BUCKETS,
+                                             registry=reg)
 
     # ---- observer hooks (AsyncLLM) -----------------------------------------------------------------------
     def on_token(self, output: RequestOutput, ttft: float | None, itl: float | None) -> None:
@@ -74,6 +81,9 @@ class ServingMetrics:
         seq = output.seq
         if seq.last_token_time is not None and output.finish_reason != "cancelled":
             self.latency.observe(seq.last_token_time - seq.arrival_time)
+        if seq.spec.rounds:
+            self.spec_request_rate.observe(seq.spec.acceptance_rate)
+            self.spec_request_length.observe(seq.spec.mean_accepted_length)
 
     def on_error(self) -> None:
         self.requests.labels("error").inc()

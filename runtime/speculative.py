@@ -40,7 +40,9 @@ METHODS = ("draft", "ngram")
 class SpecConfig:
     """``method``: "draft" (needs ``draft``, an artifact with the target's tokenizer) or "ngram";
     ``num_speculative_tokens``: the most drafts per round (K); ``adaptive``: let measured costs and acceptance
-    turn K down or off (False: always K, for tests and measurements)."""
+    turn K down or off (False: always K, for tests and measurements). Greedy output is the same as without
+    speculation; sampled output has the same distribution, but a seeded request draws different numbers (its
+    generator also drafts and tests acceptance), so its tokens differ from the same seed without speculation."""
 
     method: str = "draft"
     num_speculative_tokens: int = 4

@@ -49,6 +49,8 @@ def test_metrics_report_acceptance() -> None:
         rounds = metric(server.port, "graphopt_spec_verifications_total")
         assert metric(server.port, "graphopt_spec_mean_accepted_length") == drafts / rounds + 1
         assert metric(server.port, "graphopt_generation_tokens_total") == 9
+        assert metric(server.port, "graphopt_spec_request_acceptance_rate_count") == 1
+        assert metric(server.port, "graphopt_spec_request_acceptance_rate_sum") == 1.0
 
 
 def test_spec_bench_summary(capsys) -> None:
