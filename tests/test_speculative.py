@@ -81,6 +81,16 @@ def test_greedy_speculative_equals_plain(target, draft, prompts, reference, k: i
     assert stats["acceptance_rate"] == 1.0 and stats["mean_accepted_length"] == pytest.approx(k + 1, rel=0.25)
 
 
+def test_adaptive_greedy_and_logprobs(target, draft, prompts, reference) -> None:
+    llm = LLM(target, max_slots=4, threads=1, speculative=SpecConfig(draft=draft, num_speculative_tokens=3))
+    assert llm.speculator.costs.known()  # calibrated at start
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == reference
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, logprobs=2, seed=1, ignore_eos=True)
+    (done,) = _llm(target, num_speculative_tokens=3, draft=target).generate([prompts[1]], sampled)
+    assert [lp.token_id for lp in done.logprobs] == done.token_ids and done.speculative["rounds"] > 0
+    assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in done.logprobs)
+
+
 def test_rollback_leaves_lengths_and_contents_right(target, draft, prompts) -> None:
     llm = _llm(target, num_speculative_tokens=4, draft=draft)
     seqs = [llm.add_request(p, SamplingParams(max_new_tokens=30, ignore_eos=True)) for p in prompts]
@@ -118,15 +128,18 @@ def _exact_joint(target: Path, prompt: list[int], params: SamplingParams, depth:
     return joint
 
 
-@pytest.mark.parametrize("mode", ["speculative", "plain", "broken"])
+@pytest.mark.parametrize("mode", ["speculative", "point-mass", "plain", "broken"])
 def test_sampling_distribution_matches_plain(target, draft, monkeypatch, mode: str) -> None:
     """Chi-square of (t1, t2, t3) over 1200 seeded requests vs the exact plain-sampling distribution.
 
     t1 comes from the prompt; t2, t3 from a verification round with 2 drafts of a noisy draft (some accepted,
-    some rejected). "plain" samples without speculation (checks the reference); "broken" accepts every
-    draft — the test must catch it.
+    some rejected), or from the n-gram path with a point-mass draft (the lookup stubbed to propose [77, 10], a
+    frequent continuation here). "plain" samples without speculation (checks the reference); "broken" accepts
+    every draft — the test must catch it.
     """
     broken = mode == "broken"
+    if mode == "point-mass":
+        monkeypatch.setattr(speculative, "ngram_lookup", lambda tokens, k, *sizes: [77, 10][:k])
     if broken:
         def accept_all(drafts, q, p, uniforms):
             return spec_accept.Acceptance(list(drafts) + [0], len(drafts), len(drafts), (1.0,) * len(drafts))
@@ -136,10 +149,12 @@ def test_sampling_distribution_matches_plain(target, draft, monkeypatch, mode: s
     if mode == "plain":
         results = LLM(target, max_slots=16, threads=1).generate([prompt] * len(params), params)
     else:
-        llm = _llm(target, max_slots=16, num_speculative_tokens=2, draft=draft)
+        llm = _llm(target, max_slots=16, num_speculative_tokens=2,
+                   **({"method": "ngram"} if mode == "point-mass" else {"draft": draft}))
         results = llm.generate([prompt] * len(params), params)
-        rejected = sum(r.speculative["proposed"] - r.speculative["accepted"] for r in results)
-        assert sum(r.speculative["accepted"] for r in results) > 0 and (rejected > 0) != broken
+        stats = [r.speculative for r in results]
+        rejected = sum(s["proposed"] - s["accepted"] for s in stats)
+        assert sum(s["accepted"] for s in stats) > 0 and (rejected > 0) != broken
     joint = _exact_joint(target, prompt, params[0], depth)
     cells = {key: i for i, key in enumerate(joint)}
     counts = np.zeros(len(cells) + 1)  # the last cell: sequences plain sampling cannot produce

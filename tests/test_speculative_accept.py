@@ -93,15 +93,18 @@ def test_leviathan_formula() -> None:
 
 
 @pytest.mark.parametrize("broken", [False, True])
-def test_rejection_sampling_reproduces_the_target_distribution(broken: bool) -> None:
-    """Chi-square over 20k rounds: emitted tokens follow p; accepting every draft (the bug) follows q and fails."""
+@pytest.mark.parametrize("point_mass", [False, True])
+def test_rejection_sampling_reproduces_the_target_distribution(broken: bool, point_mass: bool) -> None:
+    """Chi-square over 20k rounds: emitted tokens follow p; accepting every draft (the bug) follows q and fails.
+
+    ``point_mass``: the draft always proposes tokens 3, 1 (n-gram lookup), q = None."""
     rng = np.random.default_rng(0)
     p = rng.dirichlet(np.ones(6), size=3)
     q = rng.dirichlet(np.ones(6), size=2)
     first = np.zeros(6)
     for _ in range(20_000):
-        drafts = [draw(q[j], rng.random()) for j in range(2)]
-        tokens = drafts if broken else accept_sampled(drafts, q, p, rng.random(3)).tokens
+        drafts = [3, 1] if point_mass else [draw(q[j], rng.random()) for j in range(2)]
+        tokens = drafts if broken else accept_sampled(drafts, None if point_mass else q, p, rng.random(3)).tokens
         first[tokens[0]] += 1
     pvalue = chi_square_pvalue(first, p[0])
     assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
