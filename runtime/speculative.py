@@ -82,6 +82,9 @@ def check_draft(target: OrtEngine, draft: OrtEngine, target_dir: Path, draft_dir
                             f"{target_dir} has {target.vocab_size}; {fix}")
     if _vocab(draft_dir) != _vocab(target_dir):
         raise ArtifactError(f"draft {draft_dir} has a different tokenizer from the target {target_dir}; {fix}")
+    if draft.max_seq < target.max_seq:
+        raise ArtifactError(f"draft {draft_dir} holds {draft.max_seq} positions but the target runs with "
+                            f"{target.max_seq}; lower --max-seq to {draft.max_seq} or rebuild the draft")
 
 
 def _vocab(artifact: Path) -> object:

@@ -218,11 +218,16 @@ def _tokenizer(root: Path, vocab: dict[str, int]) -> Path:
 def test_draft_must_share_the_vocabulary(tmp_path: Path) -> None:
     a, b = _tokenizer(tmp_path / "a", {"x": 0, "y": 1}), _tokenizer(tmp_path / "b", {"x": 1, "y": 0})
     same = _tokenizer(tmp_path / "c", {"x": 0, "y": 1})
-    check_draft(SimpleNamespace(vocab_size=2), SimpleNamespace(vocab_size=2), a, same)
+    def engine(vocab: int, max_seq: int = 64) -> SimpleNamespace:
+        return SimpleNamespace(vocab_size=vocab, max_seq=max_seq)
+
+    check_draft(engine(2), engine(2), a, same)
     with pytest.raises(ArtifactError, match="vocabulary of 3 tokens but the target .* has 2; use a draft built"):
-        check_draft(SimpleNamespace(vocab_size=2), SimpleNamespace(vocab_size=3), a, same)
+        check_draft(engine(2), engine(3), a, same)
     with pytest.raises(ArtifactError, match="different tokenizer from the target"):
-        check_draft(SimpleNamespace(vocab_size=2), SimpleNamespace(vocab_size=2), a, b)
+        check_draft(engine(2), engine(2), a, b)
+    with pytest.raises(ArtifactError, match="holds 32 positions but the target runs with 64; lower --max-seq to 32"):
+        check_draft(engine(2), engine(2, 32), a, same)
 
 
 def test_spec_config_refusals() -> None:

@@ -53,6 +53,14 @@ def test_metrics_report_acceptance() -> None:
         assert metric(server.port, "graphopt_spec_request_acceptance_rate_sum") == 1.0
 
 
+def test_server_config_builds_a_speculating_llm() -> None:
+    from graphopt.runtime.server import OpenAIServer
+
+    server = OpenAIServer(ServerConfig(tiny_artifact(), max_slots=2, threads=1,
+                                       speculative=SpecConfig(method="ngram", num_speculative_tokens=2)))
+    assert server.llm.speculator is not None and server.llm.speculator.config.num_speculative_tokens == 2
+
+
 def test_spec_bench_summary(capsys) -> None:
     artifact = tiny_artifact()
     result = run_spec_bench(artifact, SpecConfig(method="ngram", num_speculative_tokens=3, adaptive=False), "repeat",
