@@ -85,6 +85,10 @@ def test_adaptive_greedy_and_logprobs(target, draft, prompts, reference) -> None
     llm = LLM(target, max_slots=4, threads=1, speculative=SpecConfig(draft=draft, num_speculative_tokens=3))
     assert llm.speculator.costs.known()  # calibrated at start
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == reference
+    # chunked prefill (12 tokens a step) next to speculating rows, whose k+1 tokens must fit the same budget
+    chunked = LLM(target, max_slots=4, threads=1, max_batch_tokens=12,
+                  speculative=SpecConfig(draft=draft, num_speculative_tokens=5, adaptive=False))
+    assert [c.token_ids for c in chunked.generate(prompts, GREEDY)] == reference
     sampled = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, logprobs=2, seed=1, ignore_eos=True)
     (done,) = _llm(target, num_speculative_tokens=3, draft=target).generate([prompts[1]], sampled)
     assert [lp.token_id for lp in done.logprobs] == done.token_ids and done.speculative["rounds"] > 0
