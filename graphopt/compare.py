@@ -5,7 +5,8 @@
     fidelity vs the fp32 PyTorch model (reference logits computed once) ◄─┘
     speed: every artifact timed in interleaved rounds (graphopt.compare_measure)
 
-The first recipe is the reference: every recipe's timings are also stored as ratios to it
+Build time per recipe is its passes plus writing the artifact; loading and tracing happen once and are
+reported separately. The first recipe is the reference: every recipe's timings are also stored as ratios to it
 (``relative``), which is what the gate compares between runs. Artifacts go to ``OUT/artifacts/<recipe>``;
 compare.json / compare.md / compare.png are written by the CLI once everything is measured.
 """

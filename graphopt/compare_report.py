@@ -34,10 +34,11 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
 
 
 def title(result: dict[str, Any]) -> str:
-    s = result["speed_settings"]
+    s, t = result["speed_settings"], result["timings"]
     return (f"{result['model']} on {result['target']}: fidelity vs fp32 on {result['eval']['tokens']} tokens; "
             f"speed: {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, batch 1 and {s['batch']}, "
-            f"median of {s['repeats']}; × decode = ratio to {result['reference_recipe']}")
+            f"median of {s['repeats']}; × decode = ratio to {result['reference_recipe']}; build s = passes + "
+            f"writing (load {t.get('load_s', 0):.1f} s and trace {t.get('trace_s', 0):.1f} s shared by all)")
 
 
 def table(result: dict[str, Any]) -> Table:

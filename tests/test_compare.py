@@ -106,9 +106,11 @@ def test_gate_fails_on_a_more_aggressive_recipe(tiny: Path, first: Path) -> None
     aggressive = tiny / "aggressive.toml"  # same name as the baseline's int8 recipe, int4 rtn inside
     aggressive.write_text('name = "ort-cpu-int8"\ntarget = "ort-cpu"\n' + PASSES)
     out = tiny / "aggressive"
-    result = compare(tiny, "ort-cpu", str(aggressive), "--out", str(out), "--baseline", str(first / "compare.json"),
-                     *LOOSE_TIMING)
+    # quantized first: the fp32 recipe built after it from the same trace must still match fp32 PyTorch
+    result = compare(tiny, str(aggressive), "ort-cpu", "--out", str(out), "--baseline", str(first / "compare.json"))
     assert result.exit_code == 1, result.output
+    assert json.loads((out / "compare.json").read_text())["recipes"][1]["fidelity"]["kl_mean"] < 1e-5
+    assert "timing not gated: the reference recipe changed (ort-cpu -> ort-cpu-int8)" in result.output
     old = json.loads((first / "compare.json").read_text())["recipes"][1]["fidelity"]["kl_mean"]
     line = next(line for line in result.output.splitlines() if "kl_mean" in line)
     match = re.fullmatch(r"regression: ort-cpu-int8: kl_mean (\S+) -> (\S+) \(\+[\d.]+%, limit \+20%\)", line)
