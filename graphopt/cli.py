@@ -89,12 +89,14 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     progress = Progress(enabled=not as_json)
     records = []
     report = run_build(model, options, progress, on_pass=records.append)
+    trt_steps = finish_trt_build(output, target, aot_check)  # AOT check, engine.plan where possible
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report | ({"trt_steps": trt_steps} if trt_steps else {}), indent=2))
         return
     progress.console.print(pass_table(records, verify))
     print_build_summary(progress.console, report, output)
-    finish_trt_build(output, target, aot_check)
+    for line in trt_steps:
+        click.echo(line)
 
 
 @main.command()

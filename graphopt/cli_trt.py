@@ -25,22 +25,20 @@ def trt_recipe(recipe: Recipe, target: str, attention: str, dtype: str, max_seq:
     return apply_trt_options(recipe, options) if target == "trt" else recipe
 
 
-def finish_trt_build(output: Path, target: str, aot_check: str | None) -> None:
-    """After a trt build: the AOT check when asked, then engine.plan where TensorRT and a GPU exist."""
+def finish_trt_build(output: Path, target: str, aot_check: str | None) -> list[str]:
+    """After a trt build: the AOT check when asked, then engine.plan where TensorRT and a GPU exist.
+    Returns what happened, one line per step, for the CLI to print (or put in --json)."""
     from graphopt.trt_engine import aot_check as run_aot, build_engine, full_tensorrt, parse_archs
 
     if target != "trt":
-        return
-    if aot_check is not None:
-        for result in run_aot(output, parse_archs(aot_check)):
-            click.echo(f"aot {result.arch}: TensorRT-RTX parsed in {result.parse_s:.1f}s, built in "
-                       f"{result.build_s:.1f}s ({result.engine_bytes / 2**20:.1f} MiB)")
+        return []
+    lines = [f"aot {r.arch}: TensorRT-RTX parsed in {r.parse_s:.1f}s, built in {r.build_s:.1f}s "
+             f"({r.engine_bytes / 2**20:.1f} MiB)" for r in (run_aot(output, parse_archs(aot_check)) if aot_check else [])]
     if full_tensorrt() is None:
-        click.echo(f"wrote ONNX + manifest for TensorRT; on a machine with TensorRT and a GPU run "
-                   f"'graphopt engine {output}' to write engine.plan")
-        return
+        return lines + [f"wrote ONNX + manifest for TensorRT; on a machine with TensorRT and a GPU run "
+                        f"'graphopt engine {output}' to write engine.plan"]
     engine = build_engine(output, force=True)
-    click.echo(f"wrote {output / engine['file']} (TensorRT {engine['tensorrt']}, profiles {engine['profiles']})")
+    return lines + [f"wrote {output / engine['file']} (TensorRT {engine['tensorrt']}, profiles {engine['profiles']})"]
 
 
 @click.command("engine")
