@@ -84,12 +84,12 @@ def run_spec_bench(artifact: Path, spec: SpecConfig, task: str, prompt_tokens: i
 def _concurrency(plain: LLM, fast: LLM, prompt: list[int], concurrency: int, new_tokens: int) -> dict[str, Any]:
     prompts = [prompt[i:] + prompt[:i] for i in range(concurrency)]
     policy = fast.speculator.policy
-    enabled, disabled = policy.enabled_steps, policy.disabled_steps
+    before = dict(policy.steps)
     (plain_ids, plain_rate), (spec_ids, spec_rate) = (_concurrent(llm, prompts, new_tokens) for llm in (plain, fast))
     return {"requests": concurrency, "plain_tokens_per_s": round(plain_rate, 2),
             "speculative_tokens_per_s": round(spec_rate, 2), "ratio": round(spec_rate / plain_rate, 3),
-            "tokens_match": plain_ids == spec_ids, "steps_speculating": policy.enabled_steps - enabled,
-            "steps_turned_off": policy.disabled_steps - disabled}
+            "tokens_match": plain_ids == spec_ids,
+            "decode_steps": {outcome: count - before[outcome] for outcome, count in policy.steps.items()}}
 
 
 def _summary(runs: dict[str, list], fast: LLM, spec: SpecConfig) -> dict[str, Any]:
@@ -136,9 +136,8 @@ def print_spec_bench(r: dict[str, Any]) -> None:
     console.print("predicted = Leviathan et al. (1 − α^(k+1)) / ((1 − α)(ck + 1)) with this run's α, k̄ and c")
     if conc := r.get("concurrent"):
         console.print(f"{conc['requests']} concurrent requests: plain {conc['plain_tokens_per_s']:.1f} tok/s, "
-                      f"speculative {conc['speculative_tokens_per_s']:.1f} tok/s (×{conc['ratio']:.2f}; speculation "
-                      f"ran in {conc['steps_speculating']} steps, was turned off in {conc['steps_turned_off']}); "
-                      f"same tokens: {'yes' if conc['tokens_match'] else 'NO'}")
+                      f"speculative {conc['speculative_tokens_per_s']:.1f} tok/s (×{conc['ratio']:.2f}); decode steps "
+                      f"{conc['decode_steps']}; same tokens: {'yes' if conc['tokens_match'] else 'NO'}")
     for kind, table in r["measured_costs_ms"].items():
         console.print(f"measured {kind} ms by {'k' if kind == 'verify' else 'batch'}: "
                       + ", ".join(f"{size}: {ms:.2f}" for size, ms in table.items()))

@@ -28,7 +28,7 @@ import numpy as np
 
 from graphopt.errors import ArtifactError, RuntimeInputError
 from graphopt.runtime.detokenizer import TextStream
-from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.engine import open_engine
 from graphopt.runtime.penalties import TokenLogprob, token_logprobs
 from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKind
@@ -77,7 +77,7 @@ class LLM:
     """An artifact, its tokenizer, a slot cache, a scheduler and a sampler.
 
     Args:
-        artifact: a graphopt ort-cpu artifact directory.
+        artifact: a graphopt artifact directory (ort-cpu, or trt through runtime/engine_trt.py).
         max_slots: requests decoded together (KV slots).
         max_seq: context per slot (default min(2048, the artifact's)).
         max_batch_tokens / max_queue: see :class:`SchedulerConfig`.
@@ -89,7 +89,7 @@ class LLM:
                  max_batch_tokens: int = 256, max_queue: int = 128, threads: int | None = None,
                  tokenizer: Any = None, speculative: SpecConfig | None = None) -> None:
         self.artifact = Path(artifact)
-        self.engine = OrtEngine(self.artifact, max_slots=max_slots, max_seq=max_seq, threads=threads)
+        self.engine = open_engine(self.artifact, max_slots=max_slots, max_seq=max_seq, threads=threads)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
         self.speculator = None if speculative is None else Speculator(speculative, self.engine, self.artifact,
                                                                       threads)

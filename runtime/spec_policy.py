@@ -70,8 +70,8 @@ class SpecPolicy:
         self.adaptive = adaptive
         self.draft_model = draft_model  # a draft model steps once per draft; n-gram lookup once per round
         self.alpha: float | None = None  # acceptance measured over every request so far (running average)
-        self.enabled_steps = 0  # steps where speculation ran / was turned off for the batch (for stats)
-        self.disabled_steps = 0
+        # decode steps by outcome: some rows speculated / off by the batch rule / every request chose k = 0
+        self.steps = {"speculating": 0, "off_for_batch": 0, "off_by_requests": 0}
 
     def round_cost(self, k: int, batch: int = 1) -> float:
         """Predicted seconds for one row's round of k drafts when ``batch`` rows speculate together."""
@@ -112,10 +112,13 @@ class SpecPolicy:
     def plan(self, seqs: Seq[Sequence]) -> list[int]:
         """k per row for one decode step: each request's own choice, or all 0 when batched decoding wins."""
         ks = [self.request_k(seq) for seq in seqs]
-        if self.adaptive and len(ks) > 1 and any(ks) and self.costs.known() and not self._batch_wins(seqs, ks):
-            self.disabled_steps += 1
+        if not any(ks):
+            self.steps["off_by_requests"] += 1
+            return ks
+        if self.adaptive and len(ks) > 1 and self.costs.known() and not self._batch_wins(seqs, ks):
+            self.steps["off_for_batch"] += 1
             return [0] * len(ks)
-        self.enabled_steps += bool(any(ks))
+        self.steps["speculating"] += 1
         return ks
 
     def _batch_wins(self, seqs: Seq[Sequence], ks: list[int]) -> bool:

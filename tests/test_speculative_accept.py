@@ -160,7 +160,7 @@ def test_policy_turns_speculation_off_for_a_large_batch() -> None:
     assert policy.plan(one) == [4]  # nothing measured yet: the first round measures α with the full K
     many = [_seq() for _ in range(8)]
     # even at α = 1, 8 verification calls (8 x 5 tokens in 0.12 s) lose to one batched decode (8 in 0.016 s)
-    assert policy.plan(many) == [0] * 8 and policy.disabled_steps == 1
+    assert policy.plan(many) == [0] * 8 and policy.steps["off_for_batch"] == 1
     assert policy.plan(many[:2]) != [0, 0]  # two rows: speculation still pays
 
 
