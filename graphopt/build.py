@@ -111,7 +111,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
             report = _write(staging, model, source, torch_model, tokenizer, options, records, loaded.traced_ops,
                             timings)
         if options.recipe.target == "trt" and any(r.lossy for r in records):  # OrtEngine runs ort-cpu only
-            report["fidelity"] = {"skipped": "trt artifacts: measure the same Q/DQ numbers on the ort-cpu build"}
+            report["fidelity_skipped"] = "not measured for trt artifacts (OrtEngine runs ort-cpu only)"
         elif any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
             report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
                                                               timings)

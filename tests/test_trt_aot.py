@@ -41,10 +41,14 @@ def test_bfloat16_parses_and_aot_builds() -> None:
 
 
 def test_cli_build_with_aot_check(tmp_path) -> None:
-    source = make_tiny_model("qwen2", tmp_path / "hf")
+    source = make_tiny_model("llama", tmp_path / "hf")
     out = tmp_path / "art"
-    result = CliRunner().invoke(main, ["build", str(source), "-o", str(out), "--target", "trt",
+    calib = tmp_path / "calib.txt"  # the tiny word-level tokenizer knows only w4 … w95
+    calib.write_text(" ".join(f"w{4 + (i * 7) % 92}" for i in range(600)))
+    result = CliRunner().invoke(main, ["build", str(source), "-o", str(out), "--target", "trt", "--fp8", "--verify",
+                                       "--calib-text", str(calib), "--calib-tokens", "512",
                                        "--aot-check", "sm89,sm120"])
     assert result.exit_code == 0, result.output
+    assert "precision: weights fp8" in result.output and "(lossy)" in result.output  # --verify ran every pass
     assert "aot sm89: TensorRT-RTX parsed" in result.output and "aot sm120" in result.output
     assert f"graphopt engine {out}" in result.output  # no TensorRT + GPU here: says how to finish
