@@ -4,7 +4,8 @@ Both sides are :class:`~graphopt.runtime.llm.LLM` over the same artifact (greedy
 
     batch 1       one prompt, ``new_tokens`` tokens; decode tok/s = (n − 1) / (last token − first token);
                   ``repeats`` interleaved rounds (plain, speculative, plain, ...), medians
-    concurrency   ``concurrency`` prompts at once (the paragraph rotated by i tokens); total tok/s over the wall
+    concurrency   ``concurrency`` prompts at once (the paragraph rotated by i tokens); total tok/s over the wall;
+                  ``repeats`` interleaved rounds, medians
 
 Greedy outputs must be identical (checked, reported). Next to the measured batch-1 speedup stands Leviathan
 et al.'s prediction (1 − α^(k+1)) / ((1 − α)(ck + 1)) from this run's measured α (mean per-position acceptance
@@ -77,18 +78,22 @@ def run_spec_bench(artifact: Path, spec: SpecConfig, task: str, prompt_tokens: i
                "max_k": spec.num_speculative_tokens, "adaptive": spec.adaptive, "task": task,
                "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats, "machine": machine_info()}
     if concurrency > 1:
-        result["concurrent"] = _concurrency(plain, fast, prompt, concurrency, new_tokens)
+        result["concurrent"] = _concurrency(plain, fast, prompt, concurrency, new_tokens, repeats)
     return result
 
 
-def _concurrency(plain: LLM, fast: LLM, prompt: list[int], concurrency: int, new_tokens: int) -> dict[str, Any]:
+def _concurrency(plain: LLM, fast: LLM, prompt: list[int], concurrency: int, new_tokens: int,
+                 repeats: int) -> dict[str, Any]:
+    """``repeats`` interleaved rounds of ``concurrency`` requests at once, plain then speculative; medians."""
     prompts = [prompt[i:] + prompt[:i] for i in range(concurrency)]
     policy = fast.speculator.policy
     before = dict(policy.steps)
-    (plain_ids, plain_rate), (spec_ids, spec_rate) = (_concurrent(llm, prompts, new_tokens) for llm in (plain, fast))
+    runs = [[_concurrent(llm, prompts, new_tokens) for llm in (plain, fast)] for _ in range(repeats)]
+    plain_rate = statistics.median(plain_run[1] for plain_run, _ in runs)
+    spec_rate = statistics.median(spec_run[1] for _, spec_run in runs)
     return {"requests": concurrency, "plain_tokens_per_s": round(plain_rate, 2),
             "speculative_tokens_per_s": round(spec_rate, 2), "ratio": round(spec_rate / plain_rate, 3),
-            "tokens_match": plain_ids == spec_ids,
+            "tokens_match": all(plain_run[0] == spec_run[0] for plain_run, spec_run in runs),
             "decode_steps": {outcome: count - before[outcome] for outcome, count in policy.steps.items()}}
 
 
