@@ -185,7 +185,7 @@ class LLM:
         return outputs
 
     def _postprocess(self, step: Step, rows: list[int], logits: np.ndarray) -> list[RequestOutput]:
-        """``logits[i]`` belongs to ``step.seqs[rows[i]]``."""
+        """``logits`` has one row per row of ``step``, or exactly one per entry of ``rows`` (in that order)."""
         if not rows:
             return []
         seqs = [step.seqs[row] for row in rows]
