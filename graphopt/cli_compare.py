@@ -78,12 +78,13 @@ def compare_main(options, limits: dict, baseline_path: Path | None, progress, as
 
     from graphopt.compare import plan, run_compare
     from graphopt.compare_report import table, write_outputs
-    from graphopt.gate import check, load_baseline
+    from graphopt.gate import budgets_only, check, load_baseline
 
     baseline = load_baseline(baseline_path) if baseline_path is not None else None  # bad input fails first
     chosen = plan(options, limits)
     result = run_compare(options, chosen, progress)
-    regressions, notes = check(baseline, result, chosen.limits) if baseline is not None else (None, None)
+    regressions, notes = check(baseline, result, chosen.limits) if baseline is not None else \
+        (budgets_only(result, chosen.limits), None)
     files = write_outputs(result, options.out, regressions, notes)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -96,7 +97,8 @@ def compare_main(options, limits: dict, baseline_path: Path | None, progress, as
         return 0
     for regression in regressions:
         click.echo(f"regression: {regression.line()}", err=True)
-    click.echo(f"gate: {'failed' if regressions else 'passed'} against {baseline_path}", err=True)
+    against = f"against {baseline_path}" if baseline_path is not None else "(KL budgets only, no --baseline)"
+    click.echo(f"gate: {'failed' if regressions else 'passed'} {against}", err=True)
     return 1 if regressions else 0
 
 

@@ -139,6 +139,13 @@ def check(baseline: dict[str, Any], current: dict[str, Any],
     return found, notes
 
 
+def budgets_only(current: dict[str, Any], limits: dict[str, Thresholds]) -> list[Regression] | None:
+    """Without a baseline only ``kl_budget`` can be checked; None when no recipe sets one (no gate)."""
+    if all(limits[e["recipe"]].kl_budget is None for e in current["recipes"]):
+        return None
+    return [r for e in current["recipes"] for r in budget(e, limits[e["recipe"]])]
+
+
 def budget(entry: dict[str, Any], limit: Thresholds) -> list[Regression]:
     kl = entry["fidelity"]["kl_mean"]
     if limit.kl_budget is not None and kl > limit.kl_budget:

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from graphopt.cli import main
 from graphopt.errors import RecipeError
-from graphopt.gate import DEFAULTS, CompareError, Thresholds, check, load_baseline, recipe_gate, thresholds
+from graphopt.gate import (DEFAULTS, CompareError, Thresholds, budgets_only, check, load_baseline, recipe_gate,
+                           thresholds)
 
 
 def entry(name: str, kl: float, decode: float, size: int = 1000) -> dict:
@@ -53,6 +54,8 @@ def test_fidelity_and_size_regressions_name_metric_and_values() -> None:
 def test_a_lowered_threshold_fails_the_same_numbers() -> None:
     tight = {"fp32": DEFAULTS, "int4": Thresholds(kl_budget=0.005)}
     assert lines(run(), run(), tight) == ["int4: kl_mean 0.01 over the budget kl_budget 0.005"]
+    assert [r.line() for r in budgets_only(run(), tight)] == ["int4: kl_mean 0.01 over the budget kl_budget 0.005"]
+    assert budgets_only(run(), LIMITS) is None  # no budget set and no baseline: no gate at all
 
 
 def test_timing_uses_ratios_to_the_reference_recipe() -> None:
