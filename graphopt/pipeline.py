@@ -62,7 +62,7 @@ def builtin_recipes() -> list[str]:
 def load_recipe(name_or_path: str) -> Recipe:
     """A built-in recipe name (``models/<name>.toml``) or a path to a TOML file."""
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
+    if path.suffix == ".toml" or path.is_file():  # a folder named like a recipe (out dir "trt") is not one
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist; pass a TOML file or one of {builtin_recipes()}")
         text, source = path.read_text(encoding="utf-8"), str(path)

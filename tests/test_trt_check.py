@@ -122,3 +122,11 @@ def test_engine_command_without_tensorrt_says_how_to_finish() -> None:
     result = CliRunner().invoke(main, ["engine", str(built("trt"))])
     line = result.stderr.strip().splitlines()[-1]
     assert result.exit_code == 2 and "needs the `tensorrt` package and a CUDA GPU" in line, result.output
+
+
+def test_recipe_name_beside_a_folder_of_that_name(tmp_path, monkeypatch) -> None:
+    from graphopt.pipeline import load_recipe
+
+    (tmp_path / "trt").mkdir()  # e.g. the output of 'graphopt build … --target trt -o trt'
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("trt").target == "trt"
