@@ -64,13 +64,16 @@ class LowerTrtPass(GraphoptPass):
                 "lower-trt: no FlashAttention with cache inputs; run 'fuse-attention' and 'insert-kv-cache' first")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from graphopt.plugins.flash_attention_plugin import wrap_as_plugin
+        from graphopt.plugins.flash_attention_plugin import kernel_supports, wrap_as_plugin
 
         self._static_capacity(model.graph)
         if self.attention == "plugin":
             self.count("plugin_attention", wrap_as_plugin(model))
-        else:
-            self.count("standard_attention", expand_reference(model))
+            for node in model.graph:
+                if is_flash_attention(node) and "plugin_namespace" not in node.attributes:
+                    self.note(f"lower-trt: {node.name!r} lowered to standard ops: the plugin kernel has no "
+                              f"{kernel_supports(node)}")
+        self.count("standard_attention", expand_reference(model, keep=lambda n: "plugin_namespace" in n.attributes))
         model.opset_imports[""] = OPSET
         annotate_dtypes(model.graph)
         target, np_type = DTYPES[self.dtype]

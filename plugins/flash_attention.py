@@ -30,16 +30,17 @@ def is_flash_attention(node: ir.Node) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
 
-def expand_reference(model: ir.Model) -> int:
-    """Replace every FlashAttention node by standard ops, in place; returns how many."""
+def expand_reference(model: ir.Model, keep=lambda node: False) -> int:
+    """Replace every FlashAttention node (except those ``keep`` selects) by standard ops, in place; returns how many."""
     count = 0
     for node in list(model.graph):
-        if is_flash_attention(node):
+        if is_flash_attention(node) and not keep(node):
             _expand(model.graph, node)
             count += 1
     if count:
         model.opset_imports[""] = max(model.opset_imports.get("", 23), 24)
-        model.opset_imports.pop(DOMAIN, None)
+        if not any(is_flash_attention(n) for n in model.graph):
+            model.opset_imports.pop(DOMAIN, None)
     return count
 
 

@@ -25,12 +25,24 @@ _INPUTS = ("query", "key", "value", "past_key", "past_value", "cache_lens")
 _OUTPUTS = ("output", "present_key", "present_value")
 
 
+def kernel_supports(node: ir.Node) -> str | None:
+    """None if the Triton kernel implements this node's attributes, else why not."""
+    window = node.attributes.get("window")
+    softcap = node.attributes.get("softcap")
+    if window is not None and window.value > 0:
+        return f"sliding window {window.value}"
+    if softcap is not None and softcap.value != 0:
+        return f"softcap {softcap.value}"
+    return None
+
+
 def wrap_as_plugin(model: ir.Model) -> int:
-    """Mark every cached FlashAttention as a plugin node and give it a function body; returns how many."""
+    """Mark every cached FlashAttention the kernel supports as a plugin node with a function body; returns how
+    many (the others stay canonical for the caller to lower)."""
     overloads: dict[tuple, str] = {}
     count = 0
     for node in model.graph:
-        if not is_flash_attention(node) or len(node.inputs) != 6:
+        if not is_flash_attention(node) or len(node.inputs) != 6 or kernel_supports(node) is not None:
             continue
         key = tuple((k, node.attributes[k].value) for k in ATTRIBUTES if k in node.attributes)
         if key not in overloads:

@@ -71,6 +71,9 @@ def register(trtp) -> None:
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(query, key, value, past_key, past_value, cache_lens, num_heads: int, kv_num_heads: int,
              scale: float, causal: int, softcap: float, window: int, outputs, tactic):
+        if window > 0 or softcap != 0:  # lower-trt keeps such nodes standard; refuse rather than compute wrong
+            raise ValueError(f"{PLUGIN_ID}: the kernel has no sliding window/softcap (window {window}, softcap "
+                             f"{softcap}); rebuild the artifact with --attention standard")
         dtype = "bfloat16" if "bfloat16" in str(query.dtype).lower() else "float16"
         head_dim = int(past_key.shape_expr[3])
         name, ptx, shared, threads = aot_kernel(num_heads, kv_num_heads, head_dim, scale, dtype)

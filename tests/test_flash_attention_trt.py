@@ -61,6 +61,8 @@ def test_registers_descriptor_formats_and_aot() -> None:
     assert ".target sm_90a" in ptx and f".entry {name}(" in ptx
     assert (launch.grid_x, launch.grid_y, launch.block_x) == (1, 36, 128) and launch.shared_mem > 0
     assert extra == [("i32", 5), ("i32", 256)]  # seq and capacity, after the input pointers
+    with pytest.raises(ValueError, match="--attention standard"):
+        trtp.registry[("aot_impl", plugin.PLUGIN_ID)](*inputs, **(attrs | {"window": 4}), outputs=None, tactic=0)
 
 
 def test_launch_grid_covers_every_query_block() -> None:

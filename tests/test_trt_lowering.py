@@ -79,3 +79,12 @@ def test_plugin_node_and_function() -> None:
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["plugins"][0] | {"nodes": 2} == manifest["plugins"][0]
     assert (manifest["plugins"][0]["namespace"], manifest["plugins"][0]["version"]) == ("graphopt", "1")
+
+
+def test_plugin_mode_keeps_windowed_attention_standard() -> None:
+    artifact = built("trt", "mistral", "plugin", sliding_window=4)
+    model = ir.load(artifact / "model.onnx")
+    assert not any(n.op_type == "FlashAttention" for n in model.graph) and not model.functions
+    report = json.loads((artifact / "build-report.json").read_text())
+    assert any("sliding window 4" in note for note in report["unfused"])
+    assert json.loads((artifact / "manifest.json").read_text())["plugins"] == []
