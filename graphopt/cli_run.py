@@ -45,7 +45,8 @@ def spec_options(command):
     return command
 
 
-def spec_config(draft: Path | None, speculative: str | None, num_spec: int, fixed_k: bool):
+def spec_config(draft: Path | None, speculative: str | None, num_spec: int, fixed_k: bool,
+                threads: int | None = None):
     """The SpecConfig the flags ask for, or None when speculation is off."""
     from graphopt.runtime.speculative import SpecConfig
 
@@ -56,6 +57,10 @@ def spec_config(draft: Path | None, speculative: str | None, num_spec: int, fixe
     if draft is not None and not (draft / "manifest.json").is_file():
         raise RuntimeInputError(f"--draft {draft} is not a graphopt artifact (no manifest.json); build one with "
                                 "'graphopt build MODEL --int4 -o DIR'")
+    if draft is not None:  # this process runs only graphopt engines: let target and draft share one pool
+        from graphopt.runtime.engine import use_global_thread_pool
+
+        use_global_thread_pool(threads)
     return SpecConfig(method="ngram" if speculative else "draft", num_speculative_tokens=num_spec, draft=draft,
                       adaptive=not fixed_k)
 

@@ -46,7 +46,7 @@ def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batc
                                 "'graphopt build MODEL -o DIR'")
     config = ServerConfig(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batch_tokens, threads,
                           model_name, max_body_bytes, shutdown_timeout,
-                          spec_config(draft, speculative, num_spec, fixed_k))
+                          spec_config(draft, speculative, num_spec, fixed_k, threads))
     if use_ray:
         from graphopt.runtime.ray_serve import serve_ray
 

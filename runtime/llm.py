@@ -89,7 +89,9 @@ class LLM:
                  max_batch_tokens: int = 256, max_queue: int = 128, threads: int | None = None,
                  tokenizer: Any = None, speculative: SpecConfig | None = None) -> None:
         self.artifact = Path(artifact)
-        self.engine = open_engine(self.artifact, max_slots=max_slots, max_seq=max_seq, threads=threads)
+        # a draft and its target take turns: spinning idle threads of one would slow the other (engine.py)
+        spin = {"spinning": False} if speculative is not None and speculative.method == "draft" else {}
+        self.engine = open_engine(self.artifact, max_slots=max_slots, max_seq=max_seq, threads=threads, **spin)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
         self.speculator = None if speculative is None else Speculator(speculative, self.engine, self.artifact,
                                                                       threads)

@@ -107,7 +107,7 @@ class Speculator:
         self.draft: DraftModel | None = None
         if config.method == "draft":
             engine = OrtEngine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
-                               threads=threads)
+                               threads=threads, spinning=False)
             check_draft(target, engine, Path(target_dir), Path(config.draft))
             self.draft = DraftModel(engine, self.costs)
         if config.adaptive:

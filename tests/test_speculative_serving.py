@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import openai
 from click.testing import CliRunner
@@ -16,7 +18,9 @@ from graphopt.runtime.speculative import SpecConfig
 from serving_artifact import ServerThread, metric, tiny_artifact
 
 
-def test_cli_generate_with_a_draft_matches_plain() -> None:
+def test_cli_generate_with_a_draft_matches_plain(monkeypatch) -> None:
+    pools = []  # the CLI asks for one shared ORT thread pool; in this test process it must not really switch
+    monkeypatch.setattr("graphopt.runtime.engine.use_global_thread_pool", lambda threads: pools.append(threads) or 2)
     artifact, runner = tiny_artifact(), CliRunner()
     args = ["generate", str(artifact), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "12", "--json"]
     plain = json.loads(runner.invoke(main, args, catch_exceptions=False).output)
@@ -25,10 +29,22 @@ def test_cli_generate_with_a_draft_matches_plain() -> None:
     ngram = json.loads(runner.invoke(main, args + ["--speculative", "ngram"], catch_exceptions=False).output)
     assert drafted["token_ids"] == plain["token_ids"] == ngram["token_ids"]
     assert plain["speculative"] is None and drafted["speculative"]["acceptance_rate"] == 1.0
+    assert pools == [None]  # --draft only; n-gram lookup has no second session
     both = runner.invoke(main, args + ["--draft", str(artifact), "--speculative", "ngram"])
     assert both.exit_code == 2 and "either --draft DRAFT or --speculative ngram" in both.output
     missing = runner.invoke(main, args + ["--draft", "/nonexistent"])
     assert missing.exit_code == 2 and "is not a graphopt artifact" in missing.output
+
+
+def test_cli_draft_in_its_own_process_shares_one_thread_pool() -> None:
+    """For real (a subprocess: ORT's global thread pool is process-wide), greedy tokens equal plain generate's."""
+    artifact = tiny_artifact()
+    args = [sys.executable, "-c", "from graphopt.cli import main; main()", "generate", str(artifact), "--prompt-ids",
+            "5,6,7,8", "--max-new-tokens", "10", "--json"]
+    runs = [subprocess.run(args + extra, capture_output=True, text=True, check=True, timeout=120)
+            for extra in ([], ["--draft", str(artifact), "-k", "2"])]
+    plain, drafted = (json.loads(run.stdout) for run in runs)
+    assert drafted["token_ids"] == plain["token_ids"] and drafted["speculative"]["rounds"] > 0
 
 
 def test_metrics_report_acceptance() -> None:
