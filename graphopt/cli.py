@@ -67,11 +67,13 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "bfloat16", "float32"]),
               show_default=True, help="trt: compute and KV-cache dtype.")
 @click.option("--trt-max-seq", default=0, show_default=True, help="trt: static KV-cache length (0 = model's, ≤4096).")
+@click.option("--trt-max-batch", default=8, show_default=True, help="trt: rows per call in the profiles.")
+@click.option("--trt-max-prefill", default=512, show_default=True, help="trt: tokens per prefill call (profile).")
 @click.option("--aot-check", default=None, metavar="sm89,sm120",
               help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
 def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json,
           int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, attention, dtype, trt_max_seq,
-          aot_check) -> None:
+          trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build import BuildOptions, build as run_build
     from graphopt.precision import PrecisionFlags, precision_recipe
@@ -82,7 +84,8 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     from graphopt.cli_trt import finish_trt_build, trt_recipe
 
     trt_options = (attention, dtype, trt_max_seq, kv_cache, aot_check)
-    chosen = trt_recipe(precision_recipe(flags, recipe, target), target, *trt_options)  # fails before loading
+    chosen = trt_recipe(precision_recipe(flags, recipe, target), target, *trt_options,  # fails before loading
+                        max_batch=trt_max_batch, max_prefill=trt_max_prefill)
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens)

@@ -11,12 +11,12 @@ from graphopt.pipeline import Recipe
 
 
 def trt_recipe(recipe: Recipe, target: str, attention: str, dtype: str, max_seq: int, kv_cache: str | None,
-               aot_check: str | None) -> Recipe:
+               aot_check: str | None, max_batch: int = 8, max_prefill: int = 512) -> Recipe:
     """The build recipe with the trt options applied; one-line errors before any model is loaded."""
     from graphopt.trt_engine import TrtError, parse_archs
     from graphopt.trt_options import TrtOptions, apply_trt_options, check_trt_options
 
-    options = TrtOptions(attention, dtype, max_seq, kv_cache)
+    options = TrtOptions(attention, dtype, max_seq, kv_cache, max_batch, max_prefill)
     check_trt_options(target, options)
     if aot_check is not None:
         if target != "trt":

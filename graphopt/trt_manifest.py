@@ -64,7 +64,10 @@ def trt_fields(model: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
     """The trt-only manifest fields of a just-lowered model (called by graphopt.build)."""
     inputs = manifest["io"]["inputs"]
     kv = manifest["kv_cache"]
+    from graphopt.passes.lower_trt import PROFILES_KEY
+
     plugins = plugin_nodes(model)
+    profiles = default_profiles(**model.meta.get(PROFILES_KEY, {}))
     return {
         "trt": {"dtype": kv["dtype"], "opset": model.opset_imports.get("", 0), "strongly_typed": True,
                 "cache_capacity": kv["shape"][2], "int64_inputs": [s["name"] for s in inputs if s["dtype"] == "int64"],
@@ -72,7 +75,7 @@ def trt_fields(model: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
         "plugins": [{"name": "FlashAttention", "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
                      "nodes": len(plugins), "implementation": "aot (Triton kernel, graphopt.plugins.flash_attention_trt)",
                      "fallback": "model-local function (TensorScatter + Attention)"}] if plugins else [],
-        "optimization_profiles": [profile_json(inputs, r) for r in default_profiles()],
+        "optimization_profiles": [profile_json(inputs, r) for r in profiles],
         "min_runtime": {**manifest["min_runtime"], "tensorrt": MIN_TENSORRT, "tensorrt_rtx": MIN_TENSORRT_RTX},
     }
 

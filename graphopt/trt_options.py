@@ -3,6 +3,8 @@
     --attention standard|plugin   FlashAttention as TensorScatter + Attention, or the plugin node (+ function)
     --dtype float16|bfloat16      compute and cache dtype (float32: TensorRT has no fused fp32 attention)
     --trt-max-seq T               static KV-cache capacity (0 = the model's context, at most 4096)
+    --trt-max-batch N             optimization profiles: rows per call (both profiles)
+    --trt-max-prefill N           optimization profiles: tokens per prefill call
     --aot-check sm89,sm120        after writing, parse and AOT-build with TensorRT-RTX for those archs
 """
 
@@ -12,6 +14,10 @@ import dataclasses
 
 from graphopt.errors import GraphoptError
 from graphopt.pipeline import PassSpec, Recipe
+
+
+FLAGS = {"attention": "--attention", "dtype": "--dtype", "max_seq": "--trt-max-seq", "max_batch": "--trt-max-batch",
+         "max_prefill": "--trt-max-prefill"}
 
 
 class TrtOptionError(GraphoptError):
@@ -24,13 +30,14 @@ class TrtOptions:
     dtype: str = "float16"
     max_seq: int = 0
     kv_cache: str | None = None
+    max_batch: int = 8
+    max_prefill: int = 512
 
 
 def check_trt_options(target: str, options: TrtOptions) -> None:
     """One-line errors for trt options that cannot work; options that only mean something for trt."""
     if target != "trt":
-        changed = [f"--{k.replace('_', '-')}" for k in ("attention", "dtype", "max_seq")
-                   if getattr(options, k) != getattr(TrtOptions(), k)]
+        changed = [flag for k, flag in FLAGS.items() if getattr(options, k) != getattr(TrtOptions(), k)]
         if changed:
             raise TrtOptionError(f"{', '.join(changed)} only apply to --target trt; add --target trt or drop them")
         return
@@ -47,7 +54,8 @@ def apply_trt_options(recipe: Recipe, options: TrtOptions) -> Recipe:
     if not any(spec.name == "lower-trt" for spec in recipe.passes):
         raise TrtOptionError(f"recipe {recipe.name} targets trt but has no 'lower-trt' pass; add one before "
                              "'check-trt'")
-    values = {"attention": options.attention, "dtype": options.dtype, "max_seq": options.max_seq}
+    values = {"attention": options.attention, "dtype": options.dtype, "max_seq": options.max_seq,
+              "max_batch": options.max_batch, "max_prefill": options.max_prefill}
     passes = tuple(PassSpec(s.name, {**s.options, **values}) if s.name == "lower-trt" else s for s in recipe.passes)
     suffix = "" if options.attention == "standard" else f"+{options.attention}"
     return dataclasses.replace(recipe, name=recipe.name + suffix, passes=passes)

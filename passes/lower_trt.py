@@ -17,7 +17,9 @@ update layer needs a static cache length, so T becomes a number (``max_seq``). T
 becomes 24 (TensorScatter). Letters: B batch, S new tokens, T cache capacity
 (max_seq), H/Hkv query/kv heads, D head dim.
 Options: ``dtype`` "float16" (default) | "bfloat16"; ``attention`` "standard" (default) | "plugin";
-``max_seq`` T, the static cache capacity (0 = the model's context length, at most DEFAULT_MAX_SEQ).
+``max_seq`` T, the static cache capacity (0 = the model's context length, at most DEFAULT_MAX_SEQ);
+``max_batch``, ``max_prefill``, ``max_verify``: the optimization profiles' ranges (rows; tokens per
+prefill call; tokens and logit rows per decode/verify call), recorded for the manifest.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ DTYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType
 ATTENTION = ("standard", "plugin")
 OPSET = 24
 DEFAULT_MAX_SEQ = 4096
+PROFILES_KEY = "graphopt.trt_profiles"  # model.meta: profile ranges for graphopt.trt_manifest
 _POSITION_INPUTS = ("position_ids",)
 
 
@@ -44,11 +47,13 @@ class LowerTrtPass(GraphoptPass):
     name = "lower-trt"
     lossy = True  # fp32 → fp16/bf16: --verify records the change instead of holding it to 1e-4
 
-    def __init__(self, dtype: str = "float16", attention: str = "standard", max_seq: int = 0) -> None:
+    def __init__(self, dtype: str = "float16", attention: str = "standard", max_seq: int = 0, max_batch: int = 8,
+                 max_prefill: int = 512, max_verify: int = 8) -> None:
         super().__init__()
         self.dtype = dtype
         self.attention = attention
         self.max_seq = max_seq
+        self.profile_ranges = {"max_batch": max_batch, "max_prefill": max_prefill, "max_verify": max_verify}
 
     def requires(self, model: ir.Model) -> None:
         if self.dtype not in DTYPES:
@@ -56,6 +61,9 @@ class LowerTrtPass(GraphoptPass):
                             f"use one of {list(DTYPES)}")
         if self.max_seq < 0:
             raise PassError(f"lower-trt: max_seq {self.max_seq} is negative; use 0 (the model's context) or a length")
+        bad = {k: v for k, v in self.profile_ranges.items() if v < 1}
+        if bad:
+            raise PassError(f"lower-trt: profile ranges {bad} must be ≥ 1; raise them")
         if self.attention not in ATTENTION:
             raise PassError(f"lower-trt: attention {self.attention!r} is unknown; use one of {list(ATTENTION)}")
         attention = [n for n in model.graph if is_flash_attention(n)]
@@ -67,6 +75,7 @@ class LowerTrtPass(GraphoptPass):
         from graphopt.plugins.flash_attention_plugin import kernel_supports, wrap_as_plugin
 
         self._static_capacity(model.graph)
+        model.meta[PROFILES_KEY] = dict(self.profile_ranges)
         if self.attention == "plugin":
             self.count("plugin_attention", wrap_as_plugin(model))
             for node in model.graph:

@@ -47,8 +47,11 @@ def test_cli_build_with_aot_check(tmp_path) -> None:
     calib.write_text(" ".join(f"w{4 + (i * 7) % 92}" for i in range(600)))
     result = CliRunner().invoke(main, ["build", str(source), "-o", str(out), "--target", "trt", "--fp8", "--verify",
                                        "--calib-text", str(calib), "--calib-tokens", "512",
+                                       "--trt-max-batch", "4", "--trt-max-prefill", "64",
                                        "--aot-check", "sm89,sm120"])
     assert result.exit_code == 0, result.output
     assert "precision: weights fp8" in result.output and "(lossy)" in result.output  # --verify ran every pass
     assert "aot sm89: TensorRT-RTX parsed" in result.output and "aot sm120" in result.output
     assert f"graphopt engine {out}" in result.output  # no TensorRT + GPU here: says how to finish
+    profiles = json.loads((out / "manifest.json").read_text())["optimization_profiles"]
+    assert profiles[0]["shapes"]["input_ids"]["max"] == [4, 64] and profiles[1]["dims"]["batch"] == [1, 4, 4]

@@ -90,6 +90,7 @@ def test_unsupported_node_in_a_built_graph_fails_by_name() -> None:
 @pytest.mark.parametrize("args,fragment", [
     (["--target", "trt", "--dtype", "float32"], "no fused fp32 attention"),
     (["--attention", "plugin"], "only apply to --target trt"),
+    (["--trt-max-batch", "2"], "--trt-max-batch only apply to --target trt"),
     (["--target", "trt", "--aot-check", "sm90"], "no sm90"),
     (["--target", "trt", "--kv-cache", "fp8"], "--kv-cache fp8 is not supported with --target trt"),
 ])
