@@ -132,7 +132,8 @@ def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict
               help="With speculation: also time this many concurrent requests, speculation on vs off.")
 @click.option("--task", type=click.Choice(["continue", "repeat"]), default=None,
               help="With speculation: continue an English paragraph, or ask the chat model to repeat one "
-                   "(default: repeat for --speculative ngram, continue otherwise).")
+                   "(default: repeat for --speculative ngram, continue otherwise; --prompt-tokens sets the "
+                   "length of 'continue' only).")
 @spec_options
 def bench(artifact, peers, prompt_tokens, new_tokens, repeats, as_json, concurrency, task, draft, speculative,
           num_spec, fixed_k):
