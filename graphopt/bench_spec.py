@@ -2,7 +2,9 @@
 
 Both sides are :class:`~graphopt.runtime.llm.LLM` over the same artifact (greedy, end tokens ignored):
 
-    batch 1       one prompt, ``new_tokens`` tokens; decode tok/s = (n − 1) / (last token − first token);
+    batch 1       one prompt, ``new_tokens`` tokens (the ``repeat`` task stops at the model's end token: past
+                  its answer the model makes up new text, which no lookup can predict); decode tok/s
+                  = (n − 1) / (last token − first token);
                   ``repeats`` interleaved rounds (plain, speculative, plain, ...), medians
     concurrency   ``concurrency`` prompts at once (the paragraph rotated by i tokens); total tok/s over the wall;
                   ``repeats`` interleaved rounds, medians
@@ -44,9 +46,9 @@ def bench_prompt(tokenizer: Any, task: str, prompt_tokens: int) -> list[int]:
     return list(tokenizer(text + "\n\n")["input_ids"])
 
 
-def _single(llm: LLM, prompt: list[int], new_tokens: int) -> tuple[Completion, float]:
+def _single(llm: LLM, prompt: list[int], new_tokens: int, to_eos: bool = False) -> tuple[Completion, float]:
     time.sleep(SETTLE_S)
-    (done,) = llm.generate([prompt], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    (done,) = llm.generate([prompt], SamplingParams(max_new_tokens=new_tokens, ignore_eos=not to_eos))
     return done, (len(done.token_ids) - 1) / max(done.latency_s - done.ttft_s, 1e-9)
 
 
@@ -72,11 +74,12 @@ def run_spec_bench(artifact: Path, spec: SpecConfig, task: str, prompt_tokens: i
     runs: dict[str, list] = {"plain": [], "speculative": []}
     for _ in range(repeats):
         for name, llm in (("plain", plain), ("speculative", fast)):
-            runs[name].append(_single(llm, prompt, new_tokens))
+            runs[name].append(_single(llm, prompt, new_tokens, to_eos=task == "repeat"))
     result = _summary(runs, fast, spec)
     result |= {"artifact": str(artifact), "draft": str(spec.draft) if spec.draft else None, "method": spec.method,
                "max_k": spec.num_speculative_tokens, "adaptive": spec.adaptive, "task": task,
-               "prompt_tokens": len(prompt), "new_tokens": new_tokens, "repeats": repeats, "machine": machine_info()}
+               "prompt_tokens": len(prompt), "new_tokens": len(runs["plain"][0][0].token_ids), "repeats": repeats,
+               "machine": machine_info()}
     if concurrency > 1:
         result["concurrent"] = _concurrency(plain, fast, prompt, concurrency, new_tokens, repeats)
     return result
