@@ -128,9 +128,10 @@ def _summary(runs: dict[str, list], fast: LLM, spec: SpecConfig) -> dict[str, An
 def print_spec_bench(r: dict[str, Any]) -> None:
     """A rich table: plain vs speculative decode tok/s, measured and predicted speedup, acceptance."""
     source = f"draft {r['draft']}" if r["draft"] else "n-gram lookup"
-    table = Table(title=f"{r['artifact']}: speculative ({source}, k ≤ {r['max_k']}{'' if r['adaptive'] else ' fixed'}) "
-                        f"vs plain, batch 1, {r['task']} task, {r['prompt_tokens']}-token prompt, {r['new_tokens']} "
-                        f"greedy tokens, median of {r['repeats']}")
+    fixed = "" if r["adaptive"] else " fixed"
+    table = Table(title=f"{r['artifact']}: speculative ({source}, k ≤ {r['max_k']}{fixed}) vs plain, batch 1, "
+                        f"{r['task']} task, {r['prompt_tokens']}-token prompt, {r['new_tokens']} greedy tokens, "
+                        f"median of {r['repeats']}")
     for column in ("plain tok/s", "spec tok/s", "speedup", "predicted", "α", "accepted", "tokens/round", "k̄", "c",
                    "same tokens"):
         table.add_column(column, justify="right")
