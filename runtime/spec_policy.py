@@ -8,7 +8,8 @@ calibration when the LLM starts and updated by every step afterwards.
 
 Per request, :meth:`SpecPolicy.choose_k` picks the draft length k ∈ 0..K that maximises tokens per second at
 batch 1 given the request's running acceptance estimate α: a round emits (1 − α^(k+1)) / (1 − α) tokens and
-costs verify(k) + k·draft(1). α is measured, never assumed: a request starts from the acceptance measured on
+costs (verify(k) + k·draft(1)) · overhead, the measured ratio of real speculative step times to these
+per-call predictions. α is measured, never assumed: a request starts from the acceptance measured on
 earlier requests, and the very first request measures it with a full-K round. k = 0 (off) when plain decoding is
 faster; an off request probes again with k = 1 after ``PROBE_GAP`` tokens. Per step with several rows,
 :meth:`SpecPolicy.plan` turns speculation off for the whole batch when the predicted rate of the speculative
@@ -70,13 +71,29 @@ class SpecPolicy:
         self.adaptive = adaptive
         self.draft_model = draft_model  # a draft model steps once per draft; n-gram lookup once per round
         self.alpha: float | None = None  # acceptance measured over every request so far (running average)
+        self.overhead = 1.0  # measured / predicted seconds of speculative steps (running average): what the
+        # per-call costs miss (per-row catch-up feeds, rebinding slots, sampling), learned from real steps
         # decode steps by outcome: some rows speculated / off by the batch rule / every request chose k = 0
         self.steps = {"speculating": 0, "off_for_batch": 0, "off_by_requests": 0}
 
     def round_cost(self, k: int, batch: int = 1) -> float:
         """Predicted seconds for one row's round of k drafts when ``batch`` rows speculate together."""
         draft = self.costs.estimate("draft", batch) / batch if batch else 0.0
-        return self.costs.estimate("verify", k) + self._draft_steps(k) * draft
+        return (self.costs.estimate("verify", k) + self._draft_steps(k) * draft) * self.overhead
+
+    def step_seconds(self, ks: Seq[int]) -> float:
+        """Predicted seconds of a decode step speculating ``ks[i]`` drafts for row i (before ``overhead``)."""
+        seconds = sum(self.costs.estimate("verify", k) for k in ks if k)
+        for depth in range(1, self._draft_steps(max(ks)) + 1):  # draft steps, batched over rows still drafting
+            seconds += self.costs.estimate("draft", sum(1 for k in ks if k >= depth))
+        plain = sum(1 for k in ks if not k)
+        return seconds + (self.costs.estimate("decode", plain) if plain else 0.0)
+
+    def observe_step(self, ks: Seq[int], seconds: float) -> None:
+        """Learn ``overhead`` from a speculative step that took ``seconds``."""
+        predicted = self.step_seconds(ks) if any(ks) and self.costs.known() else 0.0
+        if predicted > 0:
+            self.overhead = (1 - SMOOTHING) * self.overhead + SMOOTHING * seconds / predicted
 
     def _draft_steps(self, k: int) -> int:
         return k if self.draft_model else 1  # the catch-up feed yields d_1, then one step per further draft
@@ -124,12 +141,9 @@ class SpecPolicy:
     def _batch_wins(self, seqs: Seq[Sequence], ks: list[int]) -> bool:
         """True when the speculative step's predicted tokens/s beats one plain batched decode of every row."""
         spec_rows = [(seq, k) for seq, k in zip(seqs, ks) if k]
-        plain = len(ks) - len(spec_rows)
-        seconds = sum(self.costs.estimate("verify", k) for _, k in spec_rows)
-        for depth in range(1, self._draft_steps(max(ks)) + 1):  # draft steps, batched over rows still drafting
-            seconds += self.costs.estimate("draft", sum(1 for k in ks if k >= depth))
-        seconds += self.costs.estimate("decode", plain) if plain else 0.0
-        tokens = plain + sum(expected_tokens(1.0 if s.spec.alpha is None else s.spec.alpha, k) for s, k in spec_rows)
+        seconds = self.step_seconds(ks) * self.overhead
+        tokens = len(ks) - len(spec_rows) + sum(expected_tokens(1.0 if s.spec.alpha is None else s.spec.alpha, k)
+                                                for s, k in spec_rows)
         return tokens / max(seconds, 1e-9) > len(ks) / max(self.costs.estimate("decode", len(ks)), 1e-9)
 
     def record(self, seq: Sequence, betas: Seq[float], accepted: int) -> None:

@@ -66,11 +66,13 @@ class DraftModel:
     def __init__(self, engine: OrtEngine, costs: CostModel) -> None:
         self.engine = engine
         self.costs = costs
+        self.prefilled = False  # the last proposal also prefilled a prompt (a one-off cost, not a step's)
 
     def propose(self, seqs: Seq[Sequence], ks: Seq[int]) -> tuple[list[list[int]], list[np.ndarray | None]]:
         """Drafts per row and their draft distributions q [k, V] (None for greedy requests)."""
         cache = self.engine.cache
         chunks = [seq.tokens()[int(cache.lens[seq.slot]):] for seq in seqs]  # catch-up: all it has not seen
+        self.prefilled = any(len(chunk) > 2 for chunk in chunks)
         logits = feed(self.engine, [seq.slot for seq in seqs], chunks, self.costs, "draft")
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[np.ndarray]] = [[] for _ in seqs]

@@ -124,6 +124,7 @@ class Speculator:
     # ---- one step ----------------------------------------------------------------------------------------
     def run(self, seqs: Seq[Sequence], ks: Seq[int]) -> SpecResult:
         """Decode ``seqs`` (slots in row order), speculating ``ks[i]`` tokens for row i."""
+        began = time.perf_counter()
         rows = [row for row, k in enumerate(ks) if k > 0]
         drafts, probs = self._propose([seqs[r] for r in rows], [ks[r] for r in rows])
         spec = {row: (d, q) for row, d, q in zip(rows, drafts, probs) if d}
@@ -136,6 +137,8 @@ class Speculator:
             accepted = self._accept(seq, draft_tokens, q, target_logits)
             self._rollback(seq, accepted)
             result.accepted[row], result.target_logits[row] = accepted, target_logits
+        if self.draft is None or not self.draft.prefilled:  # a draft's prompt prefill is not a step's overhead
+            self.policy.observe_step(ks, time.perf_counter() - began)
         return result
 
     def _propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[np.ndarray | None]]:

@@ -164,6 +164,19 @@ def test_policy_turns_speculation_off_for_a_large_batch() -> None:
     assert policy.plan(many[:2]) != [0, 0]  # two rows: speculation still pays
 
 
+def test_measured_step_overhead_turns_a_marginal_batch_off() -> None:
+    policy = SpecPolicy(4, _costs({1: 0.010, 8: 0.016}, 0.011, 0.002))
+    pair = [_seq(), _seq()]
+    ks = policy.plan(pair)
+    assert ks == [4, 4]
+    predicted = policy.step_seconds(ks)
+    assert predicted == pytest.approx(2 * 0.011 * 1.2 + 4 * 0.002 * 1.2)  # 2 verify calls + 4 batched draft steps
+    for _ in range(10):  # real steps take twice what the per-call costs add up to
+        policy.observe_step(ks, 2 * predicted)
+    assert policy.overhead == pytest.approx(2.0, rel=0.05)
+    assert policy.plan(pair) == [0, 0] and policy.steps["off_for_batch"] == 1
+
+
 def test_new_requests_start_from_the_measured_acceptance() -> None:
     policy = SpecPolicy(5, _costs({1: 0.010, 8: 0.016}, 0.011, 0.002))
     first = _seq()
