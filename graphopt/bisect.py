@@ -36,6 +36,7 @@ from graphopt.compare_measure import ReferenceLogits, measure_fidelity
 from graphopt.fidelity import Logits
 from graphopt.pipeline import Recipe, run_pipeline
 from graphopt.progress import Progress
+from graphopt.reference_run import empty_cache_feeds, reference_session
 
 QUANTIZE_BUDGETS = {"quantize-int4": "int4", "quantize-int8": "int8", "quantize-fp8": "fp8"}
 
@@ -55,48 +56,13 @@ def kl_budget(recipe: Recipe, configured: float | None, lossless: float) -> tupl
 
 def stage_logits(model: ir.Model) -> Logits:
     """Logits at every position of one row from the graph as it stands (any stage of the pipeline)."""
-    import onnxruntime as ort
-
-    from graphopt.plugins.flash_attention import expand_reference
-
-    runnable = ir.from_proto(ir.to_proto(model))
-    expand_reference(runnable)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(ir.to_proto(runnable).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = reference_session(model)
     output = next(o.name for o in session.get_outputs() if o.name == "logits")
 
     def run(row: np.ndarray) -> np.ndarray:
-        return session.run([output], _feeds(session, row))[0][0]
+        return session.run([output], empty_cache_feeds(session, row[None]))[0][0]
 
     return run
-
-
-def _feeds(session, row: np.ndarray) -> dict[str, np.ndarray]:
-    import onnx.helper
-
-    seq = row.size
-    positions = np.arange(seq, dtype=np.int64)[None]
-    fixed = {"input_ids": row.astype(np.int64)[None], "position_ids": positions, "logit_positions": positions,
-             "cache_lens": np.zeros(1, np.int32), "input_lens": np.full(1, seq, np.int32)}
-    feeds = {}
-    for spec in session.get_inputs():
-        if spec.name in fixed:
-            feeds[spec.name] = fixed[spec.name]
-        else:  # past_key.i / past_value.i [1, Hkv, capacity, D], in the cache's dtype
-            element = onnx.helper.tensor_dtype_to_np_dtype(_onnx_type(spec.type))
-            feeds[spec.name] = np.zeros((1, spec.shape[1], seq, spec.shape[3]), element)
-    return feeds
-
-
-def _onnx_type(ort_type: str) -> int:
-    import onnx
-
-    name = ort_type.removeprefix("tensor(").removesuffix(")")
-    aliases = {"float": "FLOAT", "double": "DOUBLE", "float16": "FLOAT16", "float8e4m3fn": "FLOAT8E4M3FN"}
-    return getattr(onnx.TensorProto, aliases.get(name, name.upper()))
 
 
 @dataclasses.dataclass

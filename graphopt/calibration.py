@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from graphopt.reference_run import empty_cache_feeds, reference_session
+
 PERCENTILE = 99.99
 
 
@@ -95,7 +97,7 @@ def collect(model: ir.Model, names: Iterable[str], token_rows: list[np.ndarray],
     accumulators: dict[str, _Accumulator] = {}
     tokens = 0
     for row in token_rows:
-        outputs = session.run([f"calib::{name}" for name in wanted], _feeds(session, row))
+        outputs = session.run([f"calib::{name}" for name in wanted], empty_cache_feeds(session, row[None]))
         for name, value in zip(wanted, outputs):
             acc = accumulators.setdefault(name, _Accumulator(value.shape[-1], per_row))
             acc.add(value, rng)
@@ -111,34 +113,12 @@ def _session(model: ir.Model, names: list[str]):
     Each activation is tapped through an Identity named ``calib::NAME`` before the expansion, which
     renames the attention outputs it replaces.
     """
-    import onnxruntime as ort
+    def tap(runnable: ir.Model) -> None:
+        values = {v.name: v for node in runnable.graph for v in node.outputs}
+        for name in names:
+            node = ir.node("Identity", [values[name]], name=f"calib::{name}")
+            node.outputs[0].name, node.outputs[0].dtype = f"calib::{name}", values[name].dtype
+            runnable.graph.append(node)
+            runnable.graph.outputs.append(node.outputs[0])
 
-    from graphopt.plugins.flash_attention import expand_reference
-
-    runnable = ir.from_proto(ir.to_proto(model))
-    values = {v.name: v for node in runnable.graph for v in node.outputs}
-    for name in names:
-        tap = ir.node("Identity", [values[name]], name=f"calib::{name}")
-        tap.outputs[0].name, tap.outputs[0].dtype = f"calib::{name}", values[name].dtype
-        runnable.graph.append(tap)
-        runnable.graph.outputs.append(tap.outputs[0])
-    expand_reference(runnable)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(ir.to_proto(runnable).SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
-
-
-def _feeds(session, row: np.ndarray) -> dict[str, np.ndarray]:
-    """One row of ``len(row)`` new tokens on an empty cache of exactly that capacity; all logits."""
-    seq = row.size
-    positions = np.arange(seq, dtype=np.int64)[None]
-    fixed = {"input_ids": row.astype(np.int64)[None], "position_ids": positions, "logit_positions": positions,
-             "cache_lens": np.zeros(1, np.int32), "input_lens": np.full(1, seq, np.int32)}
-    feeds = {}
-    for spec in session.get_inputs():
-        if spec.name in fixed:
-            feeds[spec.name] = fixed[spec.name]
-        else:  # past_key.i / past_value.i [1, Hkv, capacity, D]
-            feeds[spec.name] = np.zeros((1, spec.shape[1], seq, spec.shape[3]), np.float32)
-    return feeds
+    return reference_session(model, mutate=tap)

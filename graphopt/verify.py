@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from graphopt.errors import PassError
-from graphopt.plugins.flash_attention import expand_reference
+from graphopt.reference_run import empty_cache_feeds, reference_session
 
 BATCH, SEQ, CAPACITY = 2, 6, 8
 TOLERANCE = 1e-4
@@ -61,8 +61,6 @@ def torch_logits(torch_model, input_ids: np.ndarray) -> np.ndarray:
 
 
 def run_stage(model: ir.Model, input_ids: np.ndarray, where: str = "traced graph") -> np.ndarray:
-    import onnxruntime as ort
-
     proto = ir.to_proto(model)
     try:
         onnx.checker.check_model(proto, full_check=False)
@@ -72,34 +70,10 @@ def run_stage(model: ir.Model, input_ids: np.ndarray, where: str = "traced graph
             pass  # ONNX Runtime registers these in the default domain; the checker does not know them
         else:
             raise PassError(f"--verify: {where}: the graph is invalid: {str(exc).splitlines()[0]}") from None
-    runnable = ir.from_proto(proto)
-    expand_reference(runnable)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # ORT fuses int4 DQ+MatMul into MatMulNBits with int8 activations by default; keep the Q/DQ meaning exact
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    session = ort.InferenceSession(ir.to_proto(runnable).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    feeds = {i.name: _feed(i, input_ids) for i in session.get_inputs()}
+    session = reference_session(model)
     names = [o.name for o in session.get_outputs()]
-    return session.run(["logits" if "logits" in names else names[0]], feeds)[0]
-
-
-def _feed(spec, input_ids: np.ndarray) -> np.ndarray:
-    batch, seq = input_ids.shape
-    if spec.name == "input_ids":
-        return input_ids.astype(np.int64)
-    if spec.name in ("position_ids", "logit_positions"):
-        return np.tile(np.arange(seq, dtype=np.int64), (batch, 1))
-    if spec.name == "cache_lens":
-        return np.zeros(batch, np.int32)
-    if spec.name == "input_lens":
-        return np.full(batch, seq, np.int32)
-    if spec.name.startswith("past_"):  # a trt graph has a static cache length and fp16 caches
-        _, heads, capacity, dim = spec.shape
-        dtype = np.float16 if spec.type == "tensor(float16)" else np.float32
-        return np.zeros((batch, heads, capacity if isinstance(capacity, int) else CAPACITY, dim), dtype)
-    raise PassError(f"--verify: no test value for graph input {spec.name!r}")
+    return session.run(["logits" if "logits" in names else names[0]],
+                       empty_cache_feeds(session, input_ids, CAPACITY))[0]
 
 
 def _vocab(model: ir.Model) -> int:
