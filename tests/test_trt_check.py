@@ -29,7 +29,7 @@ def _const(name: str, array: np.ndarray) -> ir.Value:
     return ir.Value(name=name, const_value=ir.tensor(array, name=name))
 
 
-def _fails(model: ir.Model, *fragments: str) -> str:
+def assert_fails(model: ir.Model, *fragments: str) -> str:
     with pytest.raises(PassError) as info:
         CheckTrtPass()(model)
     message = str(info.value)
@@ -45,7 +45,7 @@ def test_fp16_attention_passes() -> None:
 
 def test_fp32_attention_fails_by_name() -> None:
     q, k, v = _x("q", F32), _x("k", F32), _x("v", F32)
-    _fails(_model([ir.node("Attention", [q, k, v], name="attn_fp32")], [q, k, v]), "'attn_fp32'", "fp32 attention")
+    assert_fails(_model([ir.node("Attention", [q, k, v], name="attn_fp32")], [q, k, v]), "'attn_fp32'", "fp32 attention")
 
 
 def test_attention_with_past_fails() -> None:
@@ -53,28 +53,28 @@ def test_attention_with_past_fails() -> None:
     node = ir.node("Attention", [q, k, v, None, pk, pv], num_outputs=3, name="attn_past")
     model = _model([node], [q, k, v, pk, pv])
     model.graph.outputs.extend(node.outputs[1:])
-    _fails(model, "'attn_past'", "past/present")
+    assert_fails(model, "'attn_past'", "past/present")
 
 
 def test_newer_than_opset_24_fails() -> None:
     x, axis = _x(), _const("axis", np.array(0, np.int64))
-    _fails(_model([ir.node("CumProd", [x, axis], name="cumprod_26")], [x]), "'cumprod_26'", "newer than ONNX opset 24")
+    assert_fails(_model([ir.node("CumProd", [x, axis], name="cumprod_26")], [x]), "'cumprod_26'", "newer than ONNX opset 24")
     y = _x("y")
-    _fails(_model([ir.node("Relu", [y], name="relu")], [y], opset=26), "opset 26")
+    assert_fails(_model([ir.node("Relu", [y], name="relu")], [y], opset=26), "opset 26")
 
 
 def test_custom_op_and_bad_quantization_fail() -> None:
     x = _x()
-    _fails(_model([ir.node("Gelu", [x], domain="com.example", name="mine")], [x]), "'mine'", "Plugin not found")
+    assert_fails(_model([ir.node("Gelu", [x], domain="com.example", name="mine")], [x]), "'mine'", "Plugin not found")
     x = None
     w = _const("w", np.ones((8, 8), np.int8))
     zp = _const("zp", np.full((8,), 3, np.int8))
     scale = _const("s", np.ones((8,), np.float16))
     dq = ir.node("DequantizeLinear", [w, scale, zp], attributes={"axis": 1}, name="dq_zp")
-    _fails(_model([dq], []), "'dq_zp'", "constant zero")
+    assert_fails(_model([dq], []), "'dq_zp'", "constant zero")
     w4 = ir.Value(name="w4", const_value=ir.Tensor(np.ones((8, 8), np.int8), dtype=ir.DataType.INT4, name="w4"))
     dq4 = ir.node("DequantizeLinear", [w4, scale], attributes={"axis": 1}, name="dq_int4")
-    _fails(_model([dq4], []), "'dq_int4'", "block_size")
+    assert_fails(_model([dq4], []), "'dq_int4'", "block_size")
 
 
 def test_unsupported_node_in_a_built_graph_fails_by_name() -> None:
@@ -84,7 +84,7 @@ def test_unsupported_node_in_a_built_graph_fails_by_name() -> None:
     axis = ir.node("Constant", [], attributes={"value": ir.tensor(np.array(0, np.int64))})
     bad = ir.node("CumProd", [logits.producer().inputs[0], axis.outputs[0]], name="deliberately_unsupported")
     model.graph.extend([axis, bad])
-    _fails(model, "'deliberately_unsupported'", "CumProd")
+    assert_fails(model, "'deliberately_unsupported'", "CumProd")
 
 
 @pytest.mark.parametrize("args,fragment", [
