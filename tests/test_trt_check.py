@@ -45,7 +45,8 @@ def test_fp16_attention_passes() -> None:
 
 def test_fp32_attention_fails_by_name() -> None:
     q, k, v = _x("q", F32), _x("k", F32), _x("v", F32)
-    assert_fails(_model([ir.node("Attention", [q, k, v], name="attn_fp32")], [q, k, v]), "'attn_fp32'", "fp32 attention")
+    model = _model([ir.node("Attention", [q, k, v], name="attn_fp32")], [q, k, v])
+    assert_fails(model, "'attn_fp32'", "fp32 attention")
 
 
 def test_attention_with_past_fails() -> None:
@@ -58,7 +59,8 @@ def test_attention_with_past_fails() -> None:
 
 def test_newer_than_opset_24_fails() -> None:
     x, axis = _x(), _const("axis", np.array(0, np.int64))
-    assert_fails(_model([ir.node("CumProd", [x, axis], name="cumprod_26")], [x]), "'cumprod_26'", "newer than ONNX opset 24")
+    model = _model([ir.node("CumProd", [x, axis], name="cumprod_26")], [x])
+    assert_fails(model, "'cumprod_26'", "newer than ONNX opset 24")
     y = _x("y")
     assert_fails(_model([ir.node("Relu", [y], name="relu")], [y], opset=26), "opset 26")
 
