@@ -6,9 +6,11 @@ Two phases against one ``graphopt serve`` subprocess on 127.0.0.1, driven by the
    a random prompt length and output length, about ``--cancel-rate`` of them cancelled at a random token.
    Reports requests, generated tokens/s, TTFT and ITL p50/p99, HTTP status counts (5xx must be 0), slots in
    use after the clients stop (must return to 0), and the server's RSS after warm-up vs at the end.
-2. **throughput**: ``--batch`` clients (default 8) arriving ``--stagger-ms`` apart, each a 64-token prompt
-   and 128 greedy tokens, vs ONNX Runtime GenAI's static batch of the same prompts, measured afterwards in
-   this process with the server stopped (both with the same thread count). Prints the ratio.
+2. **throughput** (runtime/bench_batching.py): ``--batch`` clients (default 8) arriving ``--stagger-ms``
+   apart vs ONNX Runtime GenAI's static batches of the same requests, measured afterwards in this process
+   with the server stopped (both with the same thread count), on two workloads: *equal* (one request per
+   client, 64-token prompt, 128 greedy tokens: GenAI's best case) and *mixed* (``--mixed-requests``
+   requests with output lengths drawn from ``--mixed-output-tokens``). Prints both ratios.
 
 Timings on a shared machine are indicative only. Prompts are random token ids (the completions API takes ids).
 """
@@ -29,6 +31,8 @@ import numpy as np
 import openai
 import psutil
 
+from graphopt.runtime.bench_batching import (equal_workload, genai_throughput, graphopt_throughput,
+                                             mixed_workload)
 from graphopt.runtime.engine import physical_cores
 
 
@@ -132,46 +136,6 @@ async def load_phase(url: str, clients: int, duration: float, cancel_rate: float
     return [r for records in results for r in records], elapsed
 
 
-async def staggered_phase(url: str, prompts: list[list[int]], new_tokens: int, stagger_s: float) -> float:
-    """Generated tokens/s for ``prompts`` arriving ``stagger_s`` apart, from the first arrival to the last token."""
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600)
-
-    async def arrive(index: int, prompt: list[int]) -> Record:
-        await asyncio.sleep(index * stagger_s)
-        return await one_request(client, prompt, new_tokens, None, greedy=True)
-
-    start = time.perf_counter()
-    records = await asyncio.gather(*(arrive(i, p) for i, p in enumerate(prompts)))
-    elapsed = time.perf_counter() - start
-    await client.close()
-    return sum(r.tokens for r in records) / elapsed
-
-
-def genai_static_batch(artifact: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> float:
-    """ONNX Runtime GenAI, all prompts as one static batch: generated tokens/s (its model is built once, cached)."""
-    import onnxruntime_genai as og
-
-    from graphopt.bench import artifact_source, genai_model
-    from graphopt.manifest import load_manifest
-    from graphopt.progress import Progress
-
-    model_dir = genai_model(artifact_source(load_manifest(artifact)), Progress(enabled=False))
-    config = og.Config(str(model_dir))
-    config.clear_providers()
-    options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    total = len(prompts[0]) + new_tokens
-    params.set_search_options(max_length=total, min_length=total, do_sample=False, batch_size=len(prompts))
-    start = time.perf_counter()
-    generator = og.Generator(model, params)
-    generator.append_tokens(np.asarray(prompts, dtype=np.int32))
-    while not generator.is_done():
-        generator.generate_next_token()
-    return len(prompts) * new_tokens / (time.perf_counter() - start)
-
-
 async def sampling_rss(server: Server, work) -> tuple[list[Record], float, list[float]]:
     """Run the load phase while sampling the server's RSS at each quarter of the run (a leak keeps growing)."""
     samples: list[float] = []
@@ -227,12 +191,14 @@ def wait_slots_free(server: Server, timeout: float = 60) -> float:
 @click.option("--max-seq", default=512, show_default=True, help="Context per slot (KV memory = slots x max-seq).")
 @click.option("--batch", default=8, show_default=True, help="Clients in the throughput phase.")
 @click.option("--stagger-ms", default=50.0, show_default=True)
+@click.option("--mixed-requests", default=32, show_default=True, help="Requests in the mixed workload.")
+@click.option("--mixed-output-tokens", default=(16, 256), nargs=2, type=int, show_default=True, help="Range.")
 @click.option("--skip-load", is_flag=True)
 @click.option("--skip-throughput", is_flag=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json-out", type=click.Path(path_type=Path), default=None)
 def main(artifact, clients, duration, cancel_rate, prompt_tokens, output_tokens, max_slots, max_seq, batch,
-         stagger_ms, skip_load, skip_throughput, seed, json_out) -> None:
+         stagger_ms, mixed_requests, mixed_output_tokens, skip_load, skip_throughput, seed, json_out) -> None:
     """Load-test ``graphopt serve ARTIFACT`` and compare staggered throughput with ONNX Runtime GenAI."""
     threads = physical_cores()
     vocab = json.loads((artifact / "manifest.json").read_text())["model"]["vocab_size"]
@@ -241,9 +207,10 @@ def main(artifact, clients, duration, cancel_rate, prompt_tokens, output_tokens,
         raise click.BadParameter(f"prompt + output tokens can reach {prompt_tokens[1] + output_tokens[1]}, over "
                                  f"--max-seq {max_seq}; raise --max-seq", param_hint="--max-seq")
     server = Server(artifact, max(max_slots, batch), max_seq, threads)
-    prompts = np.random.default_rng(seed).integers(10, vocab, size=(batch, 64)).tolist()
+    workloads = {"equal": equal_workload(batch, 128, vocab, seed),
+                 "mixed": mixed_workload(mixed_requests, mixed_output_tokens, vocab, seed)}
     try:
-        asyncio.run(staggered_phase(server.url, prompts[:2], 8, 0.0))  # warm-up
+        asyncio.run(graphopt_throughput(server.url, workloads["equal"][:2], 2, 0.0))  # warm-up
         rss_start = server.rss_mib()
         if not skip_load:
             click.echo(f"load: {clients} streaming clients for {duration:.0f} s, {cancel_rate:.0%} cancelled")
@@ -252,17 +219,21 @@ def main(artifact, clients, duration, cancel_rate, prompt_tokens, output_tokens,
             rss = [rss_start, *rss, server.rss_mib()]
             results["load"] = report_load(records, elapsed, wait_slots_free(server), rss)
         if not skip_throughput:
-            results["graphopt_staggered_tok_s"] = round(asyncio.run(
-                staggered_phase(server.url, prompts, 128, stagger_ms / 1e3)), 1)
+            for name, requests in workloads.items():
+                results[name] = {"graphopt_tok_s": round(asyncio.run(
+                    graphopt_throughput(server.url, requests, batch, stagger_ms / 1e3)), 1)}
     finally:
         results["server_exit_code"] = server.stop()
     if not skip_throughput:
-        results["genai_static_tok_s"] = round(genai_static_batch(artifact, prompts, 128, threads), 1)
-        ratio = results["graphopt_staggered_tok_s"] / results["genai_static_tok_s"]
-        results["ratio"] = round(ratio, 2)
-        click.echo(f"throughput ({batch} clients, {stagger_ms:.0f} ms apart, 64+128 tokens): graphopt "
-                   f"{results['graphopt_staggered_tok_s']} tok/s vs GenAI static batch {results['genai_static_tok_s']}"
-                   f" tok/s = {ratio:.2f}x")
+        for name, requests in workloads.items():
+            row = results[name]
+            row["genai_static_tok_s"] = round(genai_throughput(artifact, requests, batch, threads), 1)
+            row["ratio"] = round(row["graphopt_tok_s"] / row["genai_static_tok_s"], 2)
+            lengths = sorted({r.max_tokens for r in requests})
+            shape = f"{len(requests)} requests, 64+{lengths[0]}..{lengths[-1]} tokens"
+            click.echo(f"throughput {name} ({shape}; {batch} clients, first {stagger_ms:.0f} ms apart): graphopt "
+                       f"{row['graphopt_tok_s']} tok/s vs GenAI static batches of {batch} "
+                       f"{row['genai_static_tok_s']} tok/s = {row['ratio']:.2f}x")
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
 
