@@ -136,6 +136,9 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     names = ["model.onnx"] + (["model.onnx.data"] if (staging / "model.onnx.data").exists() else [])
     names += [calibration["file"]] if calibration else []
     manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe)
+    graphs = _extra_graphs(staging, model, options.recipe)
+    names += list(graphs.values())
+    manifest |= {"graphs": graphs} if graphs else {}
     manifest["files"] = file_entries(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     ops = _op_counts(model)
@@ -177,6 +180,19 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
 
         manifest |= trt_fields(model, manifest)
     return manifest
+
+
+def _extra_graphs(staging: Path, model: ir.Model, recipe: Recipe) -> dict[str, str]:
+    """ort-cpu: model_verify.onnx, the multi-token graph (passes/lower_verify.py), sharing model.onnx.data."""
+    from graphopt.passes.lower_verify import GRAPHS_KEY, is_gqa, write_verify_graph
+
+    if recipe.target != "ort-cpu" or not any(is_gqa(n) for n in model.graph):
+        return {}
+    try:
+        return {GRAPHS_KEY: write_verify_graph(staging).name}
+    except GraphoptError as exc:  # the artifact still runs: multi-token steps go one row per call
+        log.warning("no multi-token graph: %s", exc)
+        return {}
 
 
 def _absolute_spec(spec: str) -> str:

@@ -54,7 +54,7 @@ def _expand(graph: ir.Graph, node: ir.Node) -> None:
     if len(node.inputs) <= 3:
         window = int(a.get("window", -1))
         if window > 0:
-            mask = _mask(tape, _zeros_like_batch(tape, query), query, _seq(tape, query), window)
+            mask = cache_mask(tape, _zeros_like_batch(tape, query), query, _seq(tape, query), window)
             out = tape.op("Attention", [query, key, value, mask], attributes=attention)
         else:
             out = tape.op("Attention", [query, key, value], attributes={**attention, "is_causal": 1})
@@ -82,7 +82,7 @@ def _expand_cached(tape: ir.tape.Tape, node: ir.Node, attention: dict, window: i
         update = tape.op("Transpose", [split], attributes={"perm": [0, 2, 1, 3]})
         presents.append(tape.op("TensorScatter", [past, update, indices], attributes={"axis": -2}))
     capacity = tape.op("Shape", [past_key], attributes={"start": 2, "end": 3})
-    mask = _mask(tape, indices, query, capacity, window)
+    mask = cache_mask(tape, indices, query, capacity, window)
     q4 = tape.op("Transpose", [tape.op("Reshape", [query, _ints(tape, [0, 0, heads, -1])])],
                  attributes={"perm": [0, 2, 1, 3]})
     attention = {k: v for k, v in attention.items() if not k.endswith("num_heads")}
@@ -92,7 +92,7 @@ def _expand_cached(tape: ir.tape.Tape, node: ir.Node, attention: dict, window: i
     return [out3, *presents]
 
 
-def _mask(tape: ir.tape.Tape, start_B: ir.Value, query: ir.Value, capacity: ir.Value, window: int) -> ir.Value:
+def cache_mask(tape: ir.tape.Tape, start_B: ir.Value, query: ir.Value, capacity: ir.Value, window: int) -> ir.Value:
     """bool [B,1,S,T]: query j of row b (position start[b]+j) may see key t ≤ start[b]+j (and > …-window)."""
     seq = _seq(tape, query)
     zero, one = _ints(tape, 0), _ints(tape, 1)

@@ -1,18 +1,13 @@
 """ONNX Runtime engine: the only runtime code that touches onnxruntime (DESIGN §4, §8).
 
-One ``InferenceSession`` (CPU EP, all graph optimizations) driven through a single IOBinding:
+One ``InferenceSession`` (CPU EP, all graph optimizations) on ``model.onnx``, driven through one IOBinding
+whose past/present are the slot cache's own buffers, updated in place (runtime/ort_binding.py).
 
-    inputs   input_ids, position_ids [B, S], cache_lens, input_lens [B], logit_positions [B, k]
-             bound by pointer to preallocated staging buffers (filled in place each step)
-    past_* / present_*   bound to the SAME memory: the slot cache's contiguous view of slots
-             [first, first+B) ([B, Hkv, max_seq, D]); ORT writes new K/V there, nothing is copied back
-    logits   bound to a preallocated float buffer [B, k, V], grown when a step needs more
-
-Bindings are redone only when the step's shape (B, S, k) or slot range changes, so a steady
-batched decode step costs one ``run_with_iobinding`` plus a few small numpy copies.
-
-On ort-cpu attention is ``com.microsoft.GroupQueryAttention``, which refuses B > 1 with S > 1
-when any row already has a cache; :meth:`OrtEngine.prefill` runs such rows one call each.
+On ort-cpu attention is ``com.microsoft.GroupQueryAttention``, which refuses B > 1 with S > 1 when any row
+already has a cache. An artifact whose manifest lists ``graphs.multi_token`` (``model_verify.onnx``: the
+same contract with TensorScatter + Attention, passes/lower_verify.py) runs such steps in one call: a second
+session on it, created on first need (it holds a second copy of the weights in memory), binds the same
+slot buffers. Without it, :meth:`OrtEngine.prefill` runs such rows one call each.
 """
 
 from __future__ import annotations
@@ -28,10 +23,10 @@ import onnxruntime as ort
 from graphopt.errors import ArtifactError, RuntimeInputError
 from graphopt.manifest import Manifest, load_manifest
 from graphopt.runtime.kv_cache import SlotCache
+from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession
 
 log = logging.getLogger(__name__)
 
-INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")
 DEFAULT_MAX_SEQ = 2048
 
 
@@ -151,16 +146,29 @@ class OrtEngine:
         self.cache = SlotCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, max_slots, self.max_seq,
                                np.dtype(self.manifest.kv_dtype))
         self._cache_names = cache_names(self.manifest)
-        self._names = {role: self.manifest.input(role).name for role in INPUT_ROLES}
-        self._logits_name = self.manifest.output("logits").name
-        capacity = max_slots * self.max_seq
-        self._staging = {role: np.zeros(capacity, np.dtype(self.manifest.input(role).dtype)) for role in INPUT_ROLES}
-        self._logits = np.empty(max_slots * dims.vocab_size, np.dtype(self.manifest.output("logits").dtype))
-        self._binding = self.session.io_binding()
-        self._bound_shape: tuple[int, int, int] | None = None
-        self._bound_slots: tuple[int, int] | None = None
-        self._views: dict[str, np.ndarray] = {}
-        self._logits_view = self._logits[:0]
+        self._plain = BoundSession(self.session, self.manifest, self.cache, self._cache_names)
+        self._binding = self._plain.binding
+        multi = self.manifest.raw.get("graphs", {}).get("multi_token")
+        self._multi_path = directory / multi if multi else None
+        self._multi: BoundSession | None = None
+        self._session_options = (threads, spinning)
+
+    @property
+    def multi_token(self) -> bool:
+        """True when several rows of several tokens over a cache run in one call (the artifact has the graph)."""
+        return self._multi_path is not None
+
+    def _bound(self, batch: int, seq: int, cache_lens: np.ndarray) -> BoundSession:
+        """model.onnx, or the multi-token graph for B > 1 rows of S > 1 tokens over a cache (GQA refuses those)."""
+        if not (batch > 1 and seq > 1 and cache_lens.any()):
+            return self._plain
+        if self._multi is None:
+            log.info("loading the multi-token graph %s: a second ORT session, holding its own copy of the "
+                     "weights in memory", self._multi_path)
+            session = create_session(self._multi_path, *self._session_options)
+            check_session_io(self.manifest, session)
+            self._multi = BoundSession(session, self.manifest, self.cache, self._cache_names)
+        return self._multi
 
     # ---- the contract call -------------------------------------------------------------------------------
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_lens: np.ndarray,
@@ -172,11 +180,13 @@ class OrtEngine:
         """
         batch, seq = input_ids.shape
         k = logit_positions.shape[1]
-        self._check_step(batch, seq, np.asarray(cache_lens), first_slot)
-        views = self._stage(batch, seq, k)
+        cache_lens = np.asarray(cache_lens)
+        self._check_step(batch, seq, cache_lens, first_slot)
+        bound = self._bound(batch, seq, cache_lens)
+        views = bound.stage(batch, seq, k)
         for role, value in zip(INPUT_ROLES, (input_ids, position_ids, cache_lens, input_lens, logit_positions)):
             np.copyto(views[role], value, casting="same_kind")
-        return self._run(first_slot, batch)
+        return bound.run(first_slot, batch)
 
     def _check_step(self, batch: int, seq: int, cache_lens: np.ndarray, first_slot: int) -> None:
         if cache_lens.shape != (batch,):
@@ -186,48 +196,19 @@ class OrtEngine:
                 f"a row would reach position {int(cache_lens.max()) + seq} (cache {int(cache_lens.max())} + {seq} "
                 f"new), over the engine's max_seq {self.max_seq}; raise max_seq or send fewer tokens"
             )
-        if batch > 1 and seq > 1 and cache_lens.any():
+        if batch > 1 and seq > 1 and cache_lens.any() and not self.multi_token:
             raise RuntimeInputError(
-                f"GroupQueryAttention (ort-cpu) cannot run {batch} rows of {seq} tokens on top of a cache; "
-                "use OrtEngine.prefill, which runs such rows one call each"
+                f"GroupQueryAttention (ort-cpu) cannot run {batch} rows of {seq} tokens on top of a cache and "
+                "the artifact has no multi-token graph; use OrtEngine.prefill, which runs such rows one call each"
             )
-
-    def _stage(self, batch: int, seq: int, k: int) -> dict[str, np.ndarray]:
-        """Views of the staging buffers shaped for this step; (re)bind them only when the shape changes."""
-        if self._bound_shape == (batch, seq, k):
-            return self._views
-        shapes = {"input_ids": (batch, seq), "position_ids": (batch, seq), "cache_lens": (batch,),
-                  "input_lens": (batch,), "logit_positions": (batch, k)}
-        for role, shape in shapes.items():
-            buf = self._staging[role]
-            self._views[role] = buf[: int(np.prod(shape))].reshape(shape)
-            self._binding.bind_input(self._names[role], "cpu", 0, buf.dtype, shape, buf.ctypes.data)
-        need = batch * k * self.vocab_size
-        if need > self._logits.size:
-            self._logits = np.empty(need, self._logits.dtype)
-        shape = (batch, k, self.vocab_size)
-        self._logits_view = self._logits[:need].reshape(shape)
-        self._binding.bind_output(self._logits_name, "cpu", 0, self._logits.dtype, shape, self._logits.ctypes.data)
-        self._bound_shape = (batch, seq, k)
-        return self._views
-
-    def _run(self, first_slot: int, batch: int) -> np.ndarray:
-        if self._bound_slots != (first_slot, batch):
-            views = self.cache.views(first_slot, batch)
-            flat = [view for pair in views for view in pair]  # K, V per layer: the order of _cache_names
-            for (past, present), view in zip(self._cache_names, flat):
-                self._binding.bind_input(past, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
-                self._binding.bind_output(present, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
-            self._bound_slots = (first_slot, batch)
-        self.session.run_with_iobinding(self._binding)
-        return self._logits_view
 
     # ---- helpers that keep the cache lengths -------------------------------------------------------------
     def prefill(self, chunks: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray:
         """Append ``chunks[i]`` to the cache of ``slots[i]``; return each chunk's last-token logits [B, V].
 
-        One batched call when GQA allows it (every row's cache is empty, or one token per row, over a
-        contiguous slot range); otherwise one call per row. The result is a fresh array.
+        One batched call over a contiguous slot range when GQA allows it (every row's cache is empty, or one
+        token per row) or the artifact has a multi-token graph; otherwise one call per row. The result is a
+        fresh array.
         """
         if len(chunks) != len(slots) or not chunks:
             raise RuntimeInputError(f"prefill got {len(chunks)} chunks for {len(slots)} slots; pass one per slot")
@@ -239,7 +220,7 @@ class OrtEngine:
         first = int(slots[0])
         contiguous = list(slots) == list(range(first, first + len(slots)))
         seq = max(len(chunk) for chunk in chunks)
-        if contiguous and (seq == 1 or not self.cache.lens[list(slots)].any()):
+        if contiguous and (seq == 1 or self.multi_token or not self.cache.lens[list(slots)].any()):
             logits = self._prefill_rows(chunks, first).copy()
         else:
             # each call overwrites the output buffer: copy every row out before the next
@@ -251,8 +232,9 @@ class OrtEngine:
     def _prefill_rows(self, chunks: Sequence[Sequence[int]], first_slot: int) -> np.ndarray:
         """One call for contiguous slots, chunks right-padded; logits [B, V] (a view)."""
         batch, seq = len(chunks), max(len(chunk) for chunk in chunks)
-        views = self._stage(batch, seq, 1)
         lens = self.cache.lens[first_slot:first_slot + batch]
+        bound = self._bound(batch, seq, lens)
+        views = bound.stage(batch, seq, 1)
         views["input_ids"].fill(self.pad_token_id)
         views["position_ids"].fill(0)
         for row, chunk in enumerate(chunks):
@@ -261,7 +243,7 @@ class OrtEngine:
             views["input_lens"][row] = len(chunk)
             views["logit_positions"][row, 0] = len(chunk) - 1
         views["cache_lens"][:] = lens
-        return self._run(first_slot, batch)[:, 0]
+        return bound.run(first_slot, batch)[:, 0]
 
     def decode(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """One token for each of slots ``0..B-1`` (B = len(token_ids)); returns logits [B, V] (a view).
@@ -274,13 +256,13 @@ class OrtEngine:
         lens = self.cache.lens[:batch]
         if int(lens.max()) + 1 > self.max_seq:
             raise RuntimeInputError(f"a slot is full ({self.max_seq} tokens = max_seq); finish it or raise max_seq")
-        views = self._stage(batch, 1, 1)
+        views = self._plain.stage(batch, 1, 1)
         views["input_ids"][:, 0] = token_ids
         views["position_ids"][:, 0] = lens
         views["cache_lens"][:] = lens
         views["input_lens"].fill(1)
         views["logit_positions"].fill(0)
-        logits = self._run(0, batch)
+        logits = self._plain.run(0, batch)
         self.cache.advance_prefix(batch)
         return logits[:, 0]
 

@@ -2,9 +2,10 @@
 
 Costs come from timing the engines, not from constants: :class:`CostModel` keeps a running average of
 each kind of call by size — ``decode`` (target, one token per row, by batch), ``verify`` (target, one row of
-k+1 tokens, by k: on ort-cpu GroupQueryAttention cannot batch several multi-token rows over a cache, so
-verification is one call per speculating row), ``draft`` (a draft step, by batch) — seeded by a short
-calibration when the LLM starts and updated by every step afterwards.
+k+1 tokens, by k), ``verify_batch.{k}`` (target, every row of a step in one call of k+1 tokens per row, by
+batch: the artifact's multi-token graph; without it verification is one ``verify`` call per speculating row,
+since GroupQueryAttention on ort-cpu cannot batch several multi-token rows over a cache), ``draft`` (a draft
+step, by batch) — seeded by a short calibration when the LLM starts and updated by every step afterwards.
 
 Per request, :meth:`SpecPolicy.choose_k` picks the draft length k ∈ 0..K that maximises tokens per second at
 batch 1 given the request's running acceptance estimate α: a round emits (1 − α^(k+1)) / (1 − α) tokens and
@@ -14,7 +15,8 @@ earlier requests, and the very first request measures it with a full-K round. k 
 faster; an off request probes again with k = 1 after ``PROBE_GAP`` tokens. Per step with several rows,
 :meth:`SpecPolicy.plan` turns speculation off for the whole batch when the predicted rate of the speculative
 step is below that of one batched decode step, taking α = 1 for rows not measured yet — under load the
-per-row verification calls cost more than the accepted tokens save, and plain batched decoding wins.
+verification (per-row calls, or one batched call that pads every row to k+1 tokens) costs more than the
+accepted tokens save, and plain batched decoding wins.
 """
 
 from __future__ import annotations
@@ -61,15 +63,35 @@ class CostModel:
     def known(self) -> bool:
         return "decode" in self.times and "verify" in self.times
 
+    def estimate_verify(self, batch: int, k: int) -> float:
+        """One call verifying ``batch`` rows of up to k+1 tokens: ``verify`` at batch 1, else ``verify_batch``
+        at the measured draft lengths around k, linear in k between them."""
+        if batch == 1:
+            return self.estimate("verify", k)
+        measured = sorted(int(kind.rsplit(".", 1)[1]) for kind in self.times if kind.startswith("verify_batch."))
+        if not measured:
+            return 0.0
+        lo = max((m for m in measured if m <= k), default=measured[0])
+        hi = min((m for m in measured if m >= k), default=measured[-1])
+        low, high = (self.estimate(f"verify_batch.{m}", batch) for m in (lo, hi))
+        return low if hi == lo else low + (high - low) * (k - lo) / (hi - lo)
+
+
+def verify_cost_key(batch: int, k: int) -> tuple[str, int]:
+    """(kind, size) under which a verification call of ``batch`` rows of k+1 tokens is timed."""
+    return ("verify", k) if batch == 1 else (f"verify_batch.{k}", batch)
+
 
 class SpecPolicy:
     """Draft lengths per request and the per-step on/off decision, from a :class:`CostModel`."""
 
-    def __init__(self, max_k: int, costs: CostModel, adaptive: bool = True, draft_model: bool = True) -> None:
+    def __init__(self, max_k: int, costs: CostModel, adaptive: bool = True, draft_model: bool = True,
+                 batched: bool = False) -> None:
         self.max_k = max_k
         self.costs = costs
         self.adaptive = adaptive
         self.draft_model = draft_model  # a draft model steps once per draft; n-gram lookup once per round
+        self.batched = batched  # every row of a step verified in one call (the artifact's multi-token graph)
         self.alpha: float | None = None  # acceptance measured over every request so far (running average)
         self.overhead = 1.0  # measured / predicted seconds of speculative steps (running average): what the
         # per-call costs miss (per-row catch-up feeds, rebinding slots, sampling), learned from real steps
@@ -83,10 +105,13 @@ class SpecPolicy:
 
     def step_seconds(self, ks: Seq[int]) -> float:
         """Predicted seconds of a decode step speculating ``ks[i]`` drafts for row i (before ``overhead``)."""
-        seconds = sum(self.costs.estimate("verify", k) for k in ks if k)
+        seconds = 0.0
         for depth in range(1, self._draft_steps(max(ks)) + 1):  # draft steps, batched over rows still drafting
             seconds += self.costs.estimate("draft", sum(1 for k in ks if k >= depth))
-        plain = sum(1 for k in ks if not k)
+        if self.batched and len(ks) > 1:  # one call, every row padded to the longest draft
+            return seconds + self.costs.estimate_verify(len(ks), max(ks))
+        plain = sum(1 for k in ks if not k)  # per-row verification, then one batched decode of the rest
+        seconds += sum(self.costs.estimate("verify", k) for k in ks if k)
         return seconds + (self.costs.estimate("decode", plain) if plain else 0.0)
 
     def observe_step(self, ks: Seq[int], seconds: float) -> None:

@@ -3,15 +3,17 @@
 One decode step with speculation (:meth:`Speculator.run`), for the rows the policy gave k > 0::
 
     propose   n-gram lookup in the request's tokens, or the draft model (catch-up feed + k batched steps)
-    verify    target.step([last, d_1..d_k]) on the row's slot, logit_positions 0..k  → p_1..p_{k+1}
+    verify    target.step over every row of the step: [last, d_1..d_k] for speculating rows, [last] for the
+              others (right-padded), logit_positions 0..k  → p_1..p_{k+1}; one call per contiguous slot range
     accept    spec_accept: greedy prefix match, or rejection sampling → accepted drafts + one target token
     rollback  target cache: keep T + n (the prompt/output so far plus the n accepted drafts); draft cache:
               keep what matches; both are just lower ``cache_lens`` (DESIGN §4)
 
-Rows with k = 0 (or no n-gram match) are decoded as usual, batched by contiguous slots, in the same step.
-Verification is one call per speculating row: on ort-cpu GroupQueryAttention refuses several rows of
-k+1 tokens over a cache, so the policy (spec_policy.py) weighs these per-row calls against one batched
-decode, from measured costs, and turns speculation off for a batch when it would be slower.
+On ort-cpu GroupQueryAttention refuses several rows of k+1 tokens over a cache; the artifact's multi-token
+graph (``model_verify.onnx``, standard TensorScatter + Attention) runs them in one call, plain rows included.
+An artifact without it (older builds) falls back to one call per speculating row, with the plain rows decoded
+as usual, batched by contiguous slots. Either way the policy (spec_policy.py) weighs the step against one
+batched decode, from measured costs, and turns speculation off for a batch when it would be slower.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from graphopt.errors import ArtifactError, RuntimeInputError
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import Acceptance, accept_greedy, accept_sampled, dense_probs
-from graphopt.runtime.spec_policy import CostModel, SpecPolicy
+from graphopt.runtime.spec_policy import CostModel, SpecPolicy, verify_cost_key
 from graphopt.runtime.spec_propose import DraftModel, feed, ngram_lookup
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class Speculator:
         self.target = target
         self.costs = CostModel()
         self.policy = SpecPolicy(config.num_speculative_tokens, self.costs, config.adaptive,
-                                 draft_model=config.method == "draft")
+                                 draft_model=config.method == "draft", batched=target.multi_token)
         self.draft: DraftModel | None = None
         if config.method == "draft":
             engine = OrtEngine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
@@ -128,18 +130,28 @@ class Speculator:
         rows = [row for row, k in enumerate(ks) if k > 0]
         drafts, probs = self._propose([seqs[r] for r in rows], [ks[r] for r in rows])
         spec = {row: (d, q) for row, d, q in zip(rows, drafts, probs) if d}
+        chunks = [[seq.last_token, *spec[row][0]] if row in spec else [seq.last_token] for row, seq in enumerate(seqs)]
         plain = [row for row in range(len(seqs)) if row not in spec]
-        logits = feed(self.target, [seqs[r].slot for r in plain], [[seqs[r].last_token] for r in plain], self.costs)
+        if spec and self._batched(seqs, chunks):  # every row in one call per contiguous slot range
+            scored = dict(enumerate(self.verify_rows([seq.slot for seq in seqs], chunks)))
+            logits = np.stack([scored[r][0] for r in plain]) if plain else np.empty((0, self.target.vocab_size))
+        else:  # plain rows batched by GQA, then one call per speculating row
+            logits = feed(self.target, [seqs[r].slot for r in plain], [chunks[r] for r in plain], self.costs)
+            scored = {row: self.verify(seqs[row].slot, chunks[row]) for row in spec}
         result = SpecResult(plain, logits, {}, {})
         for row, (draft_tokens, q) in spec.items():
             seq = seqs[row]
-            target_logits = self.verify(seq.slot, [seq.last_token, *draft_tokens])
-            accepted = self._accept(seq, draft_tokens, q, target_logits)
+            accepted = self._accept(seq, draft_tokens, q, scored[row])
             self._rollback(seq, accepted)
-            result.accepted[row], result.target_logits[row] = accepted, target_logits
+            result.accepted[row], result.target_logits[row] = accepted, scored[row]
         if self.draft is None or not self.draft.prefilled:  # a draft's prompt prefill is not a step's overhead
             self.policy.observe_step(ks, time.perf_counter() - began)
         return result
+
+    def _batched(self, seqs: Seq[Sequence], chunks: list[list[int]]) -> bool:
+        """The artifact has a multi-token graph and every row has room for the step's longest chunk (padding)."""
+        longest, cache = max(map(len, chunks)), self.target.cache
+        return self.target.multi_token and all(int(cache.lens[s.slot]) + longest <= cache.max_seq for s in seqs)
 
     def _propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[np.ndarray | None]]:
         if not seqs:
@@ -164,6 +176,36 @@ class Speculator:
         (costs or self.costs).observe("verify", n - 1, time.perf_counter() - began)
         cache.advance(slot, n)
         return logits
+
+    def verify_rows(self, slots: list[int], chunks: list[list[int]], costs: CostModel | SampleLog | None = None,
+                    ) -> list[np.ndarray]:
+        """Append ``chunks[i]`` to ``slots[i]``, one target call per contiguous slot range (the multi-token
+        graph: rows right-padded to the longest chunk); logits at every appended token, [len, V] per row."""
+        out: list[np.ndarray] = []
+        start = 0
+        while start < len(slots):
+            stop = start + 1
+            while stop < len(slots) and slots[stop] == slots[stop - 1] + 1:
+                stop += 1
+            out += self._verify_range(slots[start], chunks[start:stop], costs or self.costs)
+            start = stop
+        return out
+
+    def _verify_range(self, first: int, chunks: list[list[int]], costs: CostModel | SampleLog) -> list[np.ndarray]:
+        cache, batch, seq = self.target.cache, len(chunks), max(map(len, chunks))
+        lens = cache.lens[first:first + batch].copy()
+        counts = np.array([len(chunk) for chunk in chunks], dtype=np.int32)
+        ids = np.full((batch, seq), self.target.pad_token_id, dtype=np.int64)
+        for row, chunk in enumerate(chunks):
+            ids[row, :len(chunk)] = chunk
+        began = time.perf_counter()
+        logits = self.target.step(ids, lens[:, None] + np.arange(seq), lens, counts,
+                                  np.minimum(np.arange(seq)[None], counts[:, None] - 1), first_slot=first)
+        out = [logits[row, :n].copy() for row, n in enumerate(counts)]
+        costs.observe(*verify_cost_key(batch, seq - 1), time.perf_counter() - began)
+        for row, n in enumerate(counts):
+            cache.advance(first + row, int(n))
+        return out
 
     def _accept(self, seq: Sequence, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> Acceptance:
         if seq.params.greedy:
@@ -201,6 +243,7 @@ class Speculator:
                 for k in range(1, self.config.num_speculative_tokens + 1):
                     self.verify(0, [0] * (k + 1), log_to)
                     self.target.cache.truncate(0, 1)
+                self._calibrate_batched(batch, log_to)
         finally:
             for engine in engines:
                 engine.cache.free_all()
@@ -208,6 +251,18 @@ class Speculator:
             self.costs.observe(kind, size, float(np.median(seconds)))
         log.info("speculative calibration (ms): %s", {kind: {n: round(t * 1e3, 3) for n, t in table.items()}
                                                        for kind, table in self.costs.times.items()})
+
+
+    def _calibrate_batched(self, batch: int, log_to: SampleLog) -> None:
+        """Time the multi-token graph on 2 and ``batch`` rows at a few draft lengths (interpolated between)."""
+        if not self.target.multi_token or batch < 2:
+            return
+        top = self.config.num_speculative_tokens
+        for size in sorted({2, batch}):
+            for k in sorted({1, (top + 1) // 2, top}):
+                self.verify_rows(list(range(size)), [[0] * (k + 1)] * size, log_to)
+                for slot in range(size):
+                    self.target.cache.truncate(slot, 1)
 
 
 class SampleLog:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from graphopt.build import BuildOptions, build
@@ -20,7 +21,8 @@ def test_artifact_layout_manifest_and_dump(tmp_path: Path) -> None:
     options = BuildOptions(load_recipe("ort-cpu"), out, dump_after="fuse-attention")
     report = build(str(source), options, QUIET)
     assert sorted(p.name for p in out.iterdir()) == [
-        "build-report.json", "generation_config.json", "manifest.json", "model.onnx", "model.onnx.data", "tokenizer"]
+        "build-report.json", "generation_config.json", "manifest.json", "model.onnx", "model.onnx.data",
+        "model_verify.onnx", "tokenizer"]
     manifest = load_manifest(out)
     raw = manifest.raw
     assert raw["source"]["architecture"] == "Qwen2ForCausalLM" and raw["target"] == "ort-cpu"
@@ -31,9 +33,22 @@ def test_artifact_layout_manifest_and_dump(tmp_path: Path) -> None:
     assert roles == {"input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions", "past_key", "past_value"}
     assert manifest.input("cache_lens").dtype == "int32" and manifest.output("logits").shape == ("batch", "num_logits", 96)
     assert raw["files"]["model.onnx.data"]["sha256"] == sha256_file(out / "model.onnx.data")
+    # the multi-token graph: listed and hashed, and its weights are model.onnx's (no second copy on disk)
+    assert raw["graphs"] == {"multi_token": "model_verify.onnx"}
+    assert raw["files"]["model_verify.onnx"]["sha256"] == sha256_file(out / "model_verify.onnx")
+    assert _external(out / "model_verify.onnx") == _external(out / "model.onnx") != {}
+    assert set(_external(out / "model_verify.onnx").values()) == {"model.onnx.data"}
+    assert (out / "model_verify.onnx").stat().st_size < (out / "model.onnx").stat().st_size + 16384
     assert json.loads((out / "build-report.json").read_text())["nodes"] == report["nodes"]
     dumped = ir.load(tmp_path / "art.fuse-attention.onnx")
     assert [n.op_type for n in dumped.graph].count("FlashAttention") == 2
+
+
+def _external(path: Path) -> dict[str, str]:
+    """initializer name → the file its data is in, for initializers stored outside the .onnx file."""
+    proto = onnx.load(path, load_external_data=False)
+    return {t.name: dict((e.key, e.value) for e in t.external_data)["location"] for t in proto.graph.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL}
 
 
 def test_force_replaces_atomically(tmp_path: Path) -> None:
