@@ -15,6 +15,7 @@ from graphopt.passes.keep_logits import KeepLogitsPass
 from graphopt.passes.lower_ort_cpu import LowerOrtCpuPass
 from graphopt.passes.lower_quant_ort_cpu import LowerQuantOrtCpuPass
 from graphopt.passes.lower_trt import LowerTrtPass
+from graphopt.passes.lower_verify import LowerVerifyPass
 from graphopt.passes.quantize_fp8 import QuantizeFp8Pass
 from graphopt.passes.quantize_int4 import QuantizeInt4Pass
 from graphopt.passes.quantize_int8 import QuantizeInt8Pass
@@ -30,6 +31,7 @@ REGISTRY |= {  # quantization: calibrate → quantize-* (Q/DQ) → lower-quant-<
                 LowerQuantOrtCpuPass, FuseQkvRopePass)
 }
 REGISTRY |= {cls.name: cls for cls in (LowerTrtPass, CheckTrtPass)}  # --target trt: lower, then hold to the parser
+REGISTRY[LowerVerifyPass.name] = LowerVerifyPass  # ort-cpu: the multi-token graph (the build writes it on its own)
 
 
 def pass_options(cls: type[GraphoptPass]) -> dict[str, tuple[type, object]]:

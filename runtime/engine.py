@@ -207,8 +207,8 @@ class OrtEngine:
         """Append ``chunks[i]`` to the cache of ``slots[i]``; return each chunk's last-token logits [B, V].
 
         One batched call over a contiguous slot range when GQA allows it (every row's cache is empty, or one
-        token per row) or the artifact has a multi-token graph; otherwise one call per row. The result is a
-        fresh array.
+        token per row) or the multi-token graph does (padding to the longest chunk at most doubles the tokens,
+        and every row has room for it); otherwise one call per row. The result is a fresh array.
         """
         if len(chunks) != len(slots) or not chunks:
             raise RuntimeInputError(f"prefill got {len(chunks)} chunks for {len(slots)} slots; pass one per slot")
@@ -220,7 +220,10 @@ class OrtEngine:
         first = int(slots[0])
         contiguous = list(slots) == list(range(first, first + len(slots)))
         seq = max(len(chunk) for chunk in chunks)
-        if contiguous and (seq == 1 or self.multi_token or not self.cache.lens[list(slots)].any()):
+        lens = self.cache.lens[list(slots)]
+        padded_ok = self.multi_token and len(chunks) * seq <= 2 * sum(map(len, chunks)) and \
+            int(lens.max()) + seq <= self.max_seq
+        if contiguous and (seq == 1 or padded_ok or not lens.any()):
             logits = self._prefill_rows(chunks, first).copy()
         else:
             # each call overwrites the output buffer: copy every row out before the next

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -75,10 +77,30 @@ def test_greedy_speculative_equals_plain(target, draft, prompts, reference, k: i
     for spec in ({"draft": draft}, {"draft": target}, {"method": "ngram"}):
         llm = _llm(target, num_speculative_tokens=k, **spec)
         assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == reference, spec  # batch 4, ragged
+        assert any(kind.startswith("verify_batch.") for kind in llm.speculator.costs.times), spec  # one call
         assert llm.generate([prompts[2]], GREEDY)[0].token_ids == reference[2], spec  # batch 1
         assert llm.engine.cache.num_active == 0
     stats = _llm(target, num_speculative_tokens=k, draft=target).generate(prompts, GREEDY)[0].speculative
     assert stats["acceptance_rate"] == 1.0 and stats["mean_accepted_length"] == pytest.approx(k + 1, rel=0.25)
+
+
+def test_artifact_without_multi_token_graph_verifies_per_row(target, draft, prompts, reference,
+                                                            tmp_path) -> None:
+    """An artifact built before model_verify.onnx existed: one target call per speculating row, same output."""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(target, legacy)
+    (legacy / "model_verify.onnx").unlink()
+    manifest = json.loads((legacy / "manifest.json").read_text())
+    del manifest["graphs"], manifest["files"]["model_verify.onnx"]
+    (legacy / "manifest.json").write_text(json.dumps(manifest))
+    for spec in ({"draft": draft}, {"method": "ngram"}):
+        llm = _llm(legacy, num_speculative_tokens=3, **spec)
+        assert not llm.engine.multi_token
+        assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == reference, spec
+        assert "verify" in llm.speculator.costs.times, spec
+        assert not any(kind.startswith("verify_batch.") for kind in llm.speculator.costs.times), spec
+    adaptive = LLM(legacy, max_slots=4, threads=1, speculative=SpecConfig(draft=draft, num_speculative_tokens=3))
+    assert [c.token_ids for c in adaptive.generate(prompts, GREEDY)] == reference
 
 
 def test_adaptive_greedy_and_logprobs(target, draft, prompts, reference) -> None:
