@@ -90,16 +90,7 @@ class LowerVerifyPass(GraphoptPass):
         query, key, value = self._qkv(tape, node, heads, kv_heads, dim)
         if attr(node, "do_rotary", 0):
             query, key = self._rope(tape, node, inputs, (query, heads), (key, kv_heads), dim=dim)
-        total = node.inputs[6]  # GQA's total_sequence_length: max(cache_lens) + S, int32 scalar
-        if (id(total), window) not in masks:  # once per graph (per window size), before its first reader
-            once = ir.tape.Tape()
-            used = once.op("Unsqueeze", [once.op("Cast", [total], attributes={"to": ir.DataType.INT64}),
-                                         _ints(once, [0])])
-            masks[id(total), window] = (used, cache_mask(once, write, inputs["input_ids"], used, window))
-            annotate_dtypes(once.nodes)
-            graph.insert_before(node, once.nodes)
-            self.count("masks")
-        used, mask = masks[id(total), window]
+        used, mask = self._mask(graph, node, inputs["input_ids"], write, masks, window)
         presents, visible = [], []
         for new, past in ((key, node.inputs[3]), (value, node.inputs[4])):
             update = tape.op("Transpose", [tape.op("Reshape", [new, _ints(tape, [0, 0, kv_heads, dim])])],
@@ -108,7 +99,8 @@ class LowerVerifyPass(GraphoptPass):
             visible.append(tape.op("Slice", [presents[-1], _ints(tape, [0]), used, _ints(tape, [2])]))
         q4 = tape.op("Transpose", [tape.op("Reshape", [query, _ints(tape, [0, 0, heads, dim])])],
                      attributes={"perm": [0, 2, 1, 3]})
-        out4 = tape.op("Attention", [q4, *visible, mask], attributes={"scale": float(attr(node, "scale"))})
+        scale = float(attr(node, "scale", 0.0))  # GQA's 0 means 1/sqrt(D), Attention's default
+        out4 = tape.op("Attention", [q4, *visible, mask], attributes={"scale": scale} if scale else {})
         out3 = tape.op("Reshape", [tape.op("Transpose", [out4], attributes={"perm": [0, 2, 1, 3]}),
                                    _ints(tape, [0, 0, heads * dim])])
         annotate_dtypes(tape.nodes)
@@ -120,6 +112,20 @@ class LowerVerifyPass(GraphoptPass):
             old.replace_all_uses_with(new, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         self.count("standard_attention")
+
+    def _mask(self, graph: ir.Graph, node: ir.Node, input_ids: ir.Value, write: ir.Value, masks: dict,
+              window: int) -> tuple[ir.Value, ir.Value]:
+        """(T as int64 [1], mask [B,1,S,T]), built once per graph and window size, before its first reader."""
+        total = node.inputs[6]  # GQA's total_sequence_length: max(cache_lens) + S, int32 scalar
+        if (id(total), window) not in masks:
+            once = ir.tape.Tape()
+            used = once.op("Unsqueeze", [once.op("Cast", [total], attributes={"to": ir.DataType.INT64}),
+                                         _ints(once, [0])])
+            masks[id(total), window] = (used, cache_mask(once, write, input_ids, used, window))
+            annotate_dtypes(once.nodes)
+            graph.insert_before(node, once.nodes)
+            self.count("masks")
+        return masks[id(total), window]
 
     def _qkv(self, tape: ir.tape.Tape, node: ir.Node, heads: int, kv_heads: int, dim: int):
         """q3, k3, v3 [B,S,·]: the GQA inputs, or a Split of the packed projection."""
