@@ -13,6 +13,7 @@ import pytest
 
 from graphopt.build import BuildOptions, build
 from graphopt.errors import PassError
+from graphopt.io_contract import io_specs
 from graphopt.passes.lower_verify import LowerVerifyPass
 from graphopt.pipeline import PassSpec, load_recipe
 from graphopt.progress import QUIET
@@ -59,6 +60,7 @@ def test_multi_token_graph_matches_per_row_gqa(case: str) -> None:
     chunks = [rng.integers(4, VOCAB, size=n).tolist() for n in CHUNK_LENS]
     batched, per_row = _filled(path, prompts), _filled(path, prompts)
     assert batched.multi_token
+    assert io_specs(ir.load(path / "model_verify.onnx")) == io_specs(ir.load(path / "model.onnx"))  # one contract
     lens, seq = batched.cache.lens[:4].copy(), max(CHUNK_LENS)
     ids = np.zeros((4, seq), np.int64)
     for row, chunk in enumerate(chunks):
