@@ -158,17 +158,24 @@ class OrtEngine:
         """True when several rows of several tokens over a cache run in one call (the artifact has the graph)."""
         return self._multi_path is not None
 
-    def _bound(self, batch: int, seq: int, cache_lens: np.ndarray) -> BoundSession:
-        """model.onnx, or the multi-token graph for B > 1 rows of S > 1 tokens over a cache (GQA refuses those)."""
-        if not (batch > 1 and seq > 1 and cache_lens.any()):
-            return self._plain
+    def load_multi_token(self) -> BoundSession:
+        """The session on the multi-token graph, created on first call (a second copy of the weights in memory)."""
         if self._multi is None:
+            if self._multi_path is None:
+                raise ArtifactError("this artifact has no multi-token graph (manifest graphs.multi_token); rebuild "
+                                    "it with this graphopt version to batch several multi-token rows in one call")
             log.info("loading the multi-token graph %s: a second ORT session, holding its own copy of the "
                      "weights in memory", self._multi_path)
             session = create_session(self._multi_path, *self._session_options)
             check_session_io(self.manifest, session)
             self._multi = BoundSession(session, self.manifest, self.cache, self._cache_names)
         return self._multi
+
+    def _bound(self, batch: int, seq: int, cache_lens: np.ndarray) -> BoundSession:
+        """model.onnx, or the multi-token graph for B > 1 rows of S > 1 tokens over a cache (GQA refuses those)."""
+        if batch > 1 and seq > 1 and cache_lens.any():
+            return self.load_multi_token()
+        return self._plain
 
     # ---- the contract call -------------------------------------------------------------------------------
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_lens: np.ndarray,
@@ -207,8 +214,10 @@ class OrtEngine:
         """Append ``chunks[i]`` to the cache of ``slots[i]``; return each chunk's last-token logits [B, V].
 
         One batched call over a contiguous slot range when GQA allows it (every row's cache is empty, or one
-        token per row) or the multi-token graph does (padding to the longest chunk at most doubles the tokens,
-        and every row has room for it); otherwise one call per row. The result is a fresh array.
+        token per row) or the multi-token graph does: when its session is loaded already (speculation loads
+        it; plain serving never pays its copy of the weights for prefill), padding to the longest chunk at
+        most doubles the tokens and every row has room for it. Otherwise one call per row. The result is a
+        fresh array.
         """
         if len(chunks) != len(slots) or not chunks:
             raise RuntimeInputError(f"prefill got {len(chunks)} chunks for {len(slots)} slots; pass one per slot")
@@ -221,7 +230,7 @@ class OrtEngine:
         contiguous = list(slots) == list(range(first, first + len(slots)))
         seq = max(len(chunk) for chunk in chunks)
         lens = self.cache.lens[list(slots)]
-        padded_ok = self.multi_token and len(chunks) * seq <= 2 * sum(map(len, chunks)) and \
+        padded_ok = self._multi is not None and len(chunks) * seq <= 2 * sum(map(len, chunks)) and \
             int(lens.max()) + seq <= self.max_seq
         if contiguous and (seq == 1 or padded_ok or not lens.any()):
             logits = self._prefill_rows(chunks, first).copy()
