@@ -81,8 +81,9 @@ async def graphopt_throughput(url: str, requests: list[Request], concurrency: in
     return sum(received) / elapsed
 
 
-def genai_throughput(artifact: Path, requests: list[Request], batch: int, threads: int) -> float:
-    """Useful tokens/s for ``requests`` run by ONNX Runtime GenAI as static batches of ``batch``, in order."""
+def load_genai(artifact: Path, threads: int):
+    """ONNX Runtime GenAI's model for ``artifact``'s source (built once, cached). Load it once per process:
+    a second ``og.Model`` keeps the first one's thread pool alive and the two fight over the cores."""
     import onnxruntime_genai as og
 
     from graphopt.bench import artifact_source, genai_model
@@ -94,7 +95,14 @@ def genai_throughput(artifact: Path, requests: list[Request], batch: int, thread
     config.clear_providers()
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    model = og.Model(config)
+    return og.Model(config)
+
+
+def genai_throughput(model, requests: list[Request], batch: int) -> float:
+    """Useful tokens/s for ``requests`` run by ONNX Runtime GenAI ``model`` as static batches of ``batch``, in
+    arrival order."""
+    import onnxruntime_genai as og
+
     useful, start = 0, time.perf_counter()
     for first in range(0, len(requests), batch):
         group = requests[first:first + batch]
