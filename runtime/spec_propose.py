@@ -8,7 +8,8 @@ sampling accepts d with probability p(d).
 A draft model keeps its own slot cache, mirrored slot for slot with the target's by the scheduler. Each round
 it first catches up on what it has not seen (the tokens accepted since its last round: one token usually,
 two when every draft was accepted, the whole prompt the first time), then proposes one token per step;
-steps are batched over rows in contiguous slots (GroupQueryAttention batches one-token rows).
+steps are batched over rows in contiguous slots (GroupQueryAttention batches one-token rows; the two-token
+catch-ups are batched too when the draft artifact has a multi-token graph).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import dense_probs, draw
 from graphopt.runtime.spec_policy import CostModel
+
+CATCH_UP = 2  # the most tokens a draft catches up on after a round (its last draft and the target's token)
 
 
 def ngram_lookup(tokens: Seq[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
@@ -42,19 +45,23 @@ def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostM
          kind: str = "decode") -> np.ndarray:
     """Append ``chunks[i]`` to slot ``slots[i]``; each row's last-token logits [n, V] (a fresh array).
 
-    One-token rows in contiguous slots share one call (timed into ``costs`` as ``kind`` by batch size);
-    a multi-token row on top of a cache runs alone (GroupQueryAttention's limit on ort-cpu).
+    Rows in contiguous slots share one call when each brings one token (timed into ``costs`` as ``kind`` by
+    batch size), or up to two (a draft's catch-up after a round that accepted every draft) when the engine
+    has a multi-token graph; a longer row on top of a cache (a prompt) runs alone.
     """
     out = np.empty((len(slots), engine.vocab_size), dtype=np.float32)
+    short = CATCH_UP if engine.multi_token else 1
     start = 0
     while start < len(slots):
         stop = start + 1
-        if len(chunks[start]) == 1:
-            while stop < len(slots) and len(chunks[stop]) == 1 and slots[stop] == slots[stop - 1] + 1:
+        if len(chunks[start]) <= short:
+            while stop < len(slots) and len(chunks[stop]) <= short and slots[stop] == slots[stop - 1] + 1:
                 stop += 1
+        if stop - start > 1 and any(len(chunk) > 1 for chunk in chunks[start:stop]):
+            engine.load_multi_token()  # prefill batches multi-token rows over a cache once it is loaded
         began = time.perf_counter()
         out[start:stop] = engine.prefill(chunks[start:stop], slots[start:stop])
-        if costs is not None and len(chunks[start]) == 1:
+        if costs is not None and all(len(chunk) == 1 for chunk in chunks[start:stop]):
             costs.observe(kind, stop - start, time.perf_counter() - began)
         start = stop
     return out
