@@ -177,8 +177,8 @@ class Speculator:
         cache.advance(slot, n)
         return logits
 
-    def verify_rows(self, slots: list[int], chunks: list[list[int]], costs: CostModel | SampleLog | None = None,
-                    ) -> list[np.ndarray]:
+    def verify_rows(self, slots: list[int], chunks: list[list[int]],
+                    costs: CostModel | SampleLog | None = None) -> list[np.ndarray]:
         """Append ``chunks[i]`` to ``slots[i]``, one target call per contiguous slot range (the multi-token
         graph: rows right-padded to the longest chunk); logits at every appended token, [len, V] per row."""
         out: list[np.ndarray] = []
@@ -251,7 +251,6 @@ class Speculator:
             self.costs.observe(kind, size, float(np.median(seconds)))
         log.info("speculative calibration (ms): %s", {kind: {n: round(t * 1e3, 3) for n, t in table.items()}
                                                        for kind, table in self.costs.times.items()})
-
 
     def _calibrate_batched(self, batch: int, log_to: SampleLog) -> None:
         """Time the multi-token graph on 2 and ``batch`` rows at a few draft lengths (interpolated between)."""

@@ -164,6 +164,26 @@ def test_policy_turns_speculation_off_for_a_large_batch() -> None:
     assert policy.plan(many[:2]) != [0, 0]  # two rows: speculation still pays
 
 
+def test_batched_verification_cost_decides_for_a_large_batch() -> None:
+    """With a multi-token graph a step is one verification call of every row, timed by batch and k."""
+    costs = _costs({1: 0.010, 8: 0.016}, 0.011, 0.002)
+    for batch, scale in ((2, 1.0), (8, 2.0)):  # measured at k = 1 and 4; k = 2, 3 in between, linear in k
+        costs.observe("verify_batch.1", batch, 0.012 * scale)
+        costs.observe("verify_batch.4", batch, 0.018 * scale)
+    assert costs.estimate_verify(8, 2) == pytest.approx(0.024 + (0.036 - 0.024) / 3)
+    assert costs.estimate_verify(1, 3) == costs.estimate("verify", 3)  # one row: the GQA graph's own timing
+    policy = SpecPolicy(4, costs, batched=True)
+    ks = [4, 0, 4, 4, 4, 4, 4, 4]
+    assert policy.step_seconds(ks) == pytest.approx(0.036 + 4 * 0.002 * 1.7)  # one call + 4 draft steps of 7 rows
+    many = [_seq() for _ in range(8)]
+    assert policy.plan(many) == [4] * 8  # at α = 1, 40 tokens in 0.050 s beat 8 in 0.016 s
+    slow = SpecPolicy(4, costs, batched=True)
+    for batch in (2, 8):
+        costs.observe("verify_batch.4", batch, 0.4)  # now one batched verification costs more than it saves
+        costs.observe("verify_batch.4", batch, 0.4)
+    assert slow.plan(many) == [0] * 8 and slow.steps["off_for_batch"] == 1
+
+
 def test_measured_step_overhead_turns_a_marginal_batch_off() -> None:
     policy = SpecPolicy(4, _costs({1: 0.010, 8: 0.016}, 0.011, 0.002))
     pair = [_seq(), _seq()]
