@@ -12,6 +12,8 @@ past→present aliases, the model dims, and sha256 of every file.
       "io": {"inputs": [{"name", "dtype", "shape", "role", "layer"?}], "outputs": [...]},
       "kv_cache": {"layout": "slot-major BHSD", "dtype", "shape", "aliases": {present: past}, "update": "in-place"},
       "plugins": [], "optimization_profiles": [],
+      "graphs": {"multi_token": "model_verify.onnx"},   (ort-cpu, optional: the same I/O contract with standard
+                 TensorScatter + Attention for several multi-token rows over a cache; its weights are model.onnx.data)
       "files": {"model.onnx": {"sha256", "bytes"}, ...},
       "min_runtime": {"onnxruntime": "1.20"}
     }
