@@ -14,7 +14,8 @@ per-call predictions. α is measured, never assumed: a request starts from the a
 earlier requests, and the very first request measures it with a full-K round. k = 0 (off) when plain decoding is
 faster; an off request probes again with k = 1 after ``PROBE_GAP`` tokens. Per step with several rows,
 :meth:`SpecPolicy.plan` turns speculation off for the whole batch when the predicted rate of the speculative
-step is below that of one batched decode step, taking α = 1 for rows not measured yet — under load the
+step is below that of one batched decode step, taking the acceptance of earlier requests (α = 1 before any)
+for rows not measured yet — under load the
 verification (per-row calls, or one batched call that pads every row to k+1 tokens) costs more than the
 accepted tokens save, and plain batched decoding wins.
 """
@@ -167,7 +168,8 @@ class SpecPolicy:
         """True when the speculative step's predicted tokens/s beats one plain batched decode of every row."""
         spec_rows = [(seq, k) for seq, k in zip(seqs, ks) if k]
         seconds = self.step_seconds(ks) * self.overhead
-        tokens = len(ks) - len(spec_rows) + sum(expected_tokens(1.0 if s.spec.alpha is None else s.spec.alpha, k)
+        prior = 1.0 if self.alpha is None else self.alpha  # rows not measured yet: what earlier requests got
+        tokens = len(ks) - len(spec_rows) + sum(expected_tokens(prior if s.spec.alpha is None else s.spec.alpha, k)
                                                 for s, k in spec_rows)
         return tokens / max(seconds, 1e-9) > len(ks) / max(self.costs.estimate("decode", len(ks)), 1e-9)
 

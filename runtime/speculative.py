@@ -36,6 +36,7 @@ from graphopt.runtime.spec_propose import DraftModel, feed, ngram_lookup
 
 log = logging.getLogger(__name__)
 METHODS = ("draft", "ngram")
+CALIBRATION_CONTEXT = 64  # cached tokens per scratch slot when timing calls at start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,9 +233,10 @@ class Speculator:
         batch = min(self.target.cache.max_slots, 8)
         samples = SampleLog()
         try:
-            for engine in engines:
+            context = max(1, min(CALIBRATION_CONTEXT, self.target.max_seq // 2 - self.config.num_speculative_tokens - 4))
+            for engine in engines:  # caches of a typical length: attention cost grows with it
                 slots = [engine.cache.allocate() for _ in range(batch)]
-                engine.prefill([[self.target.pad_token_id]] * batch, slots)
+                engine.prefill([[self.target.pad_token_id] * context] * batch, slots)
             for rep in range(repeats + 1):
                 log_to = samples if rep else SampleLog()  # the first round warms ORT up and is dropped
                 for size in sorted({1, 2, batch} & set(range(1, batch + 1))):
@@ -242,8 +244,8 @@ class Speculator:
                         feed(engine, list(range(size)), [[0]] * size, log_to, kind)
                 for k in range(1, self.config.num_speculative_tokens + 1):
                     self.verify(0, [0] * (k + 1), log_to)
-                    self.target.cache.truncate(0, 1)
-                self._calibrate_batched(batch, log_to)
+                    self.target.cache.truncate(0, context)
+                self._calibrate_batched(batch, context, log_to)
         finally:
             for engine in engines:
                 engine.cache.free_all()
@@ -252,7 +254,7 @@ class Speculator:
         log.info("speculative calibration (ms): %s", {kind: {n: round(t * 1e3, 3) for n, t in table.items()}
                                                        for kind, table in self.costs.times.items()})
 
-    def _calibrate_batched(self, batch: int, log_to: SampleLog) -> None:
+    def _calibrate_batched(self, batch: int, context: int, log_to: SampleLog) -> None:
         """Time the multi-token graph on 2 and ``batch`` rows at a few draft lengths (interpolated between)."""
         if not self.target.multi_token or batch < 2:
             return
@@ -261,7 +263,7 @@ class Speculator:
             for k in sorted({1, (top + 1) // 2, top}):
                 self.verify_rows(list(range(size)), [[0] * (k + 1)] * size, log_to)
                 for slot in range(size):
-                    self.target.cache.truncate(slot, 1)
+                    self.target.cache.truncate(slot, context)
 
 
 class SampleLog:
