@@ -166,7 +166,12 @@ class OrtEngine:
                                     "it with this graphopt version to batch several multi-token rows in one call")
             log.info("loading the multi-token graph %s: a second ORT session, holding its own copy of the "
                      "weights in memory", self._multi_path)
-            session = create_session(self._multi_path, *self._session_options)
+            try:
+                session = create_session(self._multi_path, *self._session_options)
+            except Exception as exc:  # e.g. an onnxruntime without opset-24 Attention/TensorScatter
+                path, self._multi_path = self._multi_path, None  # from now on: one call per multi-token row
+                raise ArtifactError(f"onnxruntime {ort.__version__} cannot load {path.name} ({exc}); upgrade "
+                                    "onnxruntime (tested with 1.32) to batch several multi-token rows") from exc
             check_session_io(self.manifest, session)
             self._multi = BoundSession(session, self.manifest, self.cache, self._cache_names)
         return self._multi

@@ -98,6 +98,15 @@ def _vocab(artifact: Path) -> object:
     return data.get("model", {}).get("vocab"), [t.get("content") for t in data.get("added_tokens", [])]
 
 
+def load_multi_token(engine: OrtEngine) -> None:
+    """Load ``engine``'s multi-token graph now, if it has one; one that will not load leaves per-row calls."""
+    if engine.multi_token:
+        try:
+            engine.load_multi_token()
+        except ArtifactError as exc:
+            log.warning("%s; verifying speculative rows one call each", exc)
+
+
 class Speculator:
     """Drafting, batched verification bookkeeping, acceptance and rollback for one target engine."""
 
@@ -105,6 +114,7 @@ class Speculator:
         self.config = config
         self.target = target
         self.costs = CostModel()
+        load_multi_token(target)
         self.policy = SpecPolicy(config.num_speculative_tokens, self.costs, config.adaptive,
                                  draft_model=config.method == "draft", batched=target.multi_token)
         self.draft: DraftModel | None = None
@@ -112,6 +122,7 @@ class Speculator:
             engine = OrtEngine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
                                threads=threads, spinning=False)
             check_draft(target, engine, Path(target_dir), Path(config.draft))
+            load_multi_token(engine)
             self.draft = DraftModel(engine, self.costs)
         if config.adaptive:
             self.calibrate()

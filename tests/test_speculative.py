@@ -103,6 +103,25 @@ def test_artifact_without_multi_token_graph_verifies_per_row(target, draft, prom
     assert [c.token_ids for c in adaptive.generate(prompts, GREEDY)] == reference
 
 
+def test_multi_token_graph_onnxruntime_refuses_falls_back_per_row(target, prompts, reference, monkeypatch,
+                                                                  caplog) -> None:
+    """An onnxruntime that cannot load model_verify.onnx (no opset-24 Attention): a warning, then per-row calls."""
+    from graphopt.runtime import engine as engine_module
+
+    create = engine_module.create_session
+
+    def refuse_verify(path, *args, **kwargs):
+        if Path(path).name == "model_verify.onnx":
+            raise RuntimeError("Opset 24 is under development and support for this is limited")
+        return create(path, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "create_session", refuse_verify)
+    llm = _llm(target, num_speculative_tokens=3, method="ngram")
+    assert not llm.engine.multi_token and "cannot load model_verify.onnx" in caplog.text
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == reference
+    assert not any(kind.startswith("verify_batch.") for kind in llm.speculator.costs.times)
+
+
 def test_adaptive_greedy_and_logprobs(target, draft, prompts, reference) -> None:
     llm = LLM(target, max_slots=4, threads=1, speculative=SpecConfig(draft=draft, num_speculative_tokens=3))
     assert llm.speculator.costs.known()  # calibrated at start
