@@ -11,6 +11,8 @@ Two workloads, both with 64-token prompts of random ids, greedy, end token ignor
   for the shorter requests after their own ``max_tokens`` are waste. This is the case in-flight batching is for:
   a finished request frees its slot at once and the next one starts in the same step.
 
+graphopt is measured twice: through ``graphopt serve`` with streaming OpenAI clients, and in process on its
+engine loop (``LLM.step``, arrivals seen between steps) like GenAI, which runs in process with no clients.
 Throughput is useful generated tokens (each request's own ``max_tokens``) per second of wall time, from the
 first arrival to the last token.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import time
 from pathlib import Path
@@ -79,6 +82,36 @@ async def graphopt_throughput(url: str, requests: list[Request], concurrency: in
     elapsed = time.perf_counter() - start
     await client.close()
     return sum(received) / elapsed
+
+
+def runtime_throughput(artifact: Path, requests: list[Request], concurrency: int, stagger_s: float, threads: int,
+                       max_seq: int) -> float:
+    """The same closed loop in this process on graphopt's engine loop (``LLM.step``), without HTTP: the
+    like-for-like peer of GenAI's in-process figure (on a 2-core machine the HTTP clients and the server's
+    event loop take CPU from ONNX Runtime)."""
+    from graphopt.runtime.llm import LLM
+    from graphopt.runtime.sampler import SamplingParams
+
+    llm = LLM(artifact, max_slots=concurrency, max_seq=max_seq, threads=threads)
+    llm.generate([requests[0].prompt], SamplingParams(max_new_tokens=4))  # warm-up
+    pending, active, started, tokens = list(requests), 0, 0, 0
+    start = time.perf_counter()
+    while pending or llm.has_work:
+        now = time.perf_counter() - start
+        while pending and active < concurrency and (started >= concurrency or now >= started * stagger_s):
+            request = pending.pop(0)  # arrivals are seen between steps, as the server's engine loop sees them
+            llm.add_request(request.prompt, SamplingParams(max_new_tokens=request.max_tokens, ignore_eos=True))
+            active, started = active + 1, started + 1
+        if not llm.has_work:
+            time.sleep(0.001)
+            continue
+        for out in llm.step():
+            tokens += len(out.token_ids)
+            active -= out.finished
+    elapsed = time.perf_counter() - start
+    del llm
+    gc.collect()  # its thread pool goes before the next engine's starts
+    return tokens / elapsed
 
 
 def load_genai(artifact: Path, threads: int):
