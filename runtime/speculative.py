@@ -214,7 +214,8 @@ class Speculator:
         logits = self.target.step(ids, lens[:, None] + np.arange(seq), lens, counts,
                                   np.minimum(np.arange(seq)[None], counts[:, None] - 1), first_slot=first)
         out = [logits[row, :n].copy() for row, n in enumerate(counts)]
-        costs.observe(*verify_cost_key(batch, seq - 1), time.perf_counter() - began)
+        key = ("decode", batch) if seq == 1 else verify_cost_key(batch, seq - 1)  # a range of plain rows only
+        costs.observe(*key, time.perf_counter() - began)
         for row, n in enumerate(counts):
             cache.advance(first + row, int(n))
         return out
