@@ -79,7 +79,7 @@ class DraftModel:
         """Drafts per row and their draft distributions q [k, V] (None for greedy requests)."""
         cache = self.engine.cache
         chunks = [seq.tokens()[int(cache.lens[seq.slot]):] for seq in seqs]  # catch-up: all it has not seen
-        self.prefilled = any(len(chunk) > 2 for chunk in chunks)
+        self.prefilled = any(len(chunk) > CATCH_UP for chunk in chunks)
         logits = feed(self.engine, [seq.slot for seq in seqs], chunks, self.costs, "draft")
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[np.ndarray]] = [[] for _ in seqs]
