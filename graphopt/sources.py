@@ -96,6 +96,7 @@ def load_config(model_dir: Path) -> transformers.PretrainedConfig:
 def load_causal_lm(source: ModelSource, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """Load the model in fp32 from safetensors, offline, in eval mode."""
     start = time.perf_counter()
+    attn_implementation = _attention_for(source, attn_implementation)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             source.model_dir, dtype=torch.float32, attn_implementation=attn_implementation,
@@ -106,6 +107,15 @@ def load_causal_lm(source: ModelSource, attn_implementation: str = "sdpa") -> to
     model.eval()
     logger.info("loaded %s (%s) in %.1f s", source.model_id, source.architecture, time.perf_counter() - start)
     return model
+
+
+def _attention_for(source: ModelSource, requested: str) -> str:
+    """'sdpa' where the architecture has it, else 'eager' (Gemma 2, gpt-oss: softcap/sinks are not in SDPA)."""
+    model_class = getattr(transformers, source.architecture, None)
+    if requested == "sdpa" and model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        logger.info("%s has no SDPA attention; tracing its eager attention", source.architecture)
+        return "eager"
+    return requested
 
 
 def load_tokenizer(source: ModelSource) -> Any:

@@ -14,24 +14,33 @@ import onnx_ir as ir
 _MAX_CONST_BYTES = 1 << 20
 
 
-def mask_kind(graph: ir.Graph, mask: ir.Value, additive: bool, window: int = -1) -> str | None:
-    """None if ``mask`` is causal (with ``window`` when > 0) for every row; else the reason it is not."""
+def mask_window(graph: ir.Graph, mask: ir.Value, additive: bool, hint: int = -1) -> int | str:
+    """What ``mask`` allows, read by running it: -1 for plain causal, W > 0 for causal with a sliding
+    window of W keys (query q sees keys q-W+1 … q), or the reason it is neither.
+
+    ``hint`` (the model's configured window, when it has one) adds a sequence length just past it so
+    a window is seen even when it is longer than the default probe lengths; layers of one model may
+    differ (Gemma 2/3, gpt-oss alternate sliding and global layers), so each mask is read on its own.
+    """
     try:
         session, feeds_for = _session(graph, mask)
     except _Unreadable as exc:
         return str(exc)
-    sizes = (5, 9) if window <= 0 else (5, min(window + 3, 9000))
-    for seq in sizes:
+    sizes = sorted({5, 17} | ({min(hint + 3, 9000)} if hint > 0 else set()))
+    found = -1
+    for seq in reversed(sizes):  # the longest first: it shows a window when there is one
         (value,) = session.run(None, feeds_for(seq))
-        allowed = (value == 0) if additive else value.astype(bool)
         if additive and not np.all((value == 0) | (value <= -1e4)):
             return "additive mask holds values other than 0 and a large negative number"
-        expected = _causal(seq, window)
+        allowed = (value == 0) if additive else value.astype(bool)
         allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (seq, seq)).reshape(-1, seq, seq)
-        if not all(np.array_equal(a, expected) for a in allowed):
-            kind = "causal" if window <= 0 else f"causal with window {window}"
-            return f"mask is not {kind} at seq {seq}"
-    return None
+        if found == -1 and seq == sizes[-1]:
+            last = int(allowed[0, -1].sum())
+            found = last if 0 < last < seq else -1
+        if not all(np.array_equal(a, _causal(seq, found)) for a in allowed):
+            kind = "causal" if found <= 0 else f"causal with a sliding window of {found}"
+            return f"mask is not {kind} at seq {seq} (a padding, prefix-LM or bidirectional mask?)"
+    return found
 
 
 def _causal(seq: int, window: int) -> np.ndarray:

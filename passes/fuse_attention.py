@@ -35,8 +35,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from graphopt.passes._edit import attr, const_array, only_consumer, perm_is, producer, scalar, static_dim
-from graphopt.passes._mask import mask_kind
+from graphopt.passes._mask import mask_window
 from graphopt.passes.base import GRAPHOPT_DOMAIN, GraphoptPass
+from graphopt.plugins.flash_attention import annotate_dtypes
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class _Match:
     mask: ir.Value | None
     additive: bool
     softcap: float = 0.0
+    window: int = -1  # sliding window in keys (-1: none), read from the mask
     key3: ir.Value | None = None  # the key as [B,S,Hkv·D] when the match already found it
 
 
@@ -68,7 +70,7 @@ class FuseAttentionPass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        window = self.window if self.window > 0 else int(model.metadata_props.get("graphopt.sliding_window", -1) or -1)
+        hint = self.window if self.window > 0 else int(model.metadata_props.get("graphopt.sliding_window", -1) or -1)
         modified = False
         for node in list(graph):
             if node.graph is None:
@@ -80,20 +82,32 @@ class FuseAttentionPass(GraphoptPass):
             else:
                 continue
             if isinstance(found, _Match) and found.mask is not None:
-                reason = mask_kind(graph, found.mask, found.additive, window)
-                found = reason if reason else found
+                window = mask_window(graph, found.mask, found.additive, hint)
+                if isinstance(window, int) and self.window > 0 and window != self.window:
+                    window = f"mask has window {window}, the window option says {self.window}"
+                found = window if isinstance(window, str) else dataclasses.replace(found, window=window)
             if isinstance(found, str):
                 self.count("unfused")
-                self.note(f"{node.op_type} node {node.name!r} not fused: {found}")
+                self.note(f"{node.op_type} node {node.name!r} ({_scope(node)}) not fused: {found}")
                 continue
             form = "attention_op" if node.op_type == "Attention" else "decomposed"
             self.count(f"fused_{form}")
-            _rewrite(graph, found, window)
+            if found.window > 0:
+                self.count("sliding_window")
+            _rewrite(graph, found)
             modified = True
         if modified:
             model.opset_imports.setdefault(GRAPHOPT_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)  # the replaced attention and its mask subgraph
         return ir.passes.PassResult(model, modified)
+
+
+def _scope(node: ir.Node) -> str:
+    """The module the exporter recorded for ``node`` (e.g. model.layers.3.self_attn), for messages."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+    module = names[-2] if len(names) >= 2 else ""
+    return module.removeprefix("model.") or "unknown layer"  # trace.py wraps the model as 'model'
 
 
 def _match_attention_op(node: ir.Node) -> _Match | str:
@@ -191,7 +205,7 @@ def _strip_repeat_kv(value: ir.Value) -> ir.Value:
     return value
 
 
-def _rewrite(graph: ir.Graph, match: _Match, window: int) -> None:
+def _rewrite(graph: ir.Graph, match: _Match) -> None:
     heads, head_dim = static_dim(match.query, 1), static_dim(match.query, 3)
     tape = ir.tape.Tape()
     query = _to_3d(tape, match.query, heads, head_dim)
@@ -204,7 +218,7 @@ def _rewrite(graph: ir.Graph, match: _Match, window: int) -> None:
     output = tape.op(
         "FlashAttention", [query, key, value], domain=GRAPHOPT_DOMAIN,
         attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": match.scale, "causal": 1,
-                    "softcap": match.softcap, "window": window},
+                    "softcap": match.softcap, "window": match.window},
     )
     output.shape = ir.Shape([*match.query.shape[:1], match.query.shape[2], heads * head_dim])
     output.dtype = match.query.dtype
@@ -215,6 +229,7 @@ def _rewrite(graph: ir.Graph, match: _Match, window: int) -> None:
         target = match.output
     else:
         target = reshape.outputs[0]
+    annotate_dtypes(tape.nodes)
     graph.insert_before(match.anchor, tape.nodes)
     target.replace_all_uses_with(output, replace_graph_outputs=True)
 
@@ -232,13 +247,18 @@ def _merge_heads_consumer(out4: ir.Value) -> ir.Node | None:
 
 
 def _to_3d(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Value:
-    """[B,H,S,D] → [B,S,H·D], reusing the projection output when x4 = Transpose(Reshape(x3))."""
-    found = _split_heads_source(x4)
+    """[B,H,S,D] → [B,S,H·D], reusing the projection output when x4 = Transpose(Reshape(x3)).
+
+    A RoPE between the split and the attention moves to the 3D side (RotaryEmbedding takes
+    [B,S,H·D] with ``num_heads``); a per-head norm before the Transpose (QK-norm, [B,S,H,D]) is
+    kept and merged back with a free Reshape instead of a Transpose.
+    """
+    found = _heads_last(tape, x4, heads, head_dim)
     if found is not None:
         return found
     rope = producer(x4, "RotaryEmbedding")
     if rope is not None and (len(rope.inputs) < 4 or rope.inputs[3] is None):
-        inner = _split_heads_source(rope.inputs[0])
+        inner = _heads_last(tape, rope.inputs[0], heads, head_dim)
         if inner is not None:
             attributes = {k: a.value for k, a in rope.attributes.items()}
             attributes["num_heads"] = heads
@@ -246,7 +266,26 @@ def _to_3d(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Va
             out.shape, out.dtype = inner.shape, inner.dtype
             return out
     transposed = tape.op("Transpose", [x4], attributes={"perm": [0, 2, 1, 3]})
-    return tape.op("Reshape", [transposed, _ints(tape, [0, 0, heads * head_dim])])
+    return _merge_last_two(tape, transposed, x4, heads, head_dim)
+
+
+def _heads_last(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Value | None:
+    """x4 = Transpose(y, perm=[0,2,1,3]) with y [B,S,H,D]: y's 3D source, or y merged by a Reshape."""
+    transpose = producer(x4, "Transpose")
+    if not perm_is(transpose, (0, 2, 1, 3)):
+        return None
+    found = _split_heads_source(x4)
+    if found is not None:
+        return found
+    return _merge_last_two(tape, transpose.inputs[0], x4, heads, head_dim)
+
+
+def _merge_last_two(tape: ir.tape.Tape, bshd: ir.Value, x4: ir.Value, heads: int, head_dim: int) -> ir.Value:
+    out = tape.op("Reshape", [bshd, _ints(tape, [0, 0, heads * head_dim])])
+    if x4.shape is not None and len(x4.shape) == 4:
+        out.shape = ir.Shape([x4.shape[0], x4.shape[2], heads * head_dim])
+    out.dtype = x4.dtype
+    return out
 
 
 def _split_heads_source(x4: ir.Value) -> ir.Value | None:
