@@ -33,6 +33,7 @@ class _PlainForward(torch.nn.Module):
 def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
     """Export ``model`` (eval, fp32) to an ``ir.Model`` with inputs input_ids/position_ids, output logits."""
     model.eval()
+    moe = _routed_experts(model)
     seq = 7
     input_ids = torch.zeros((2, seq), dtype=torch.long)
     position_ids = torch.arange(seq).expand(2, seq).contiguous()
@@ -51,7 +52,23 @@ def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
                          "try --attn-implementation eager or report the model") from exc
     traced = program.model
     _record_config(traced, model.config)
+    if moe:
+        traced.metadata_props["graphopt.moe"] = moe
     return traced
+
+
+def _routed_experts(model: torch.nn.Module) -> str | None:
+    """Mixture-of-experts blocks trace as TopK routing + a Gather of the chosen experts' weights.
+
+    transformers' default grouped-GEMM kernel has no ONNX form; its 'batched_mm' form (gather the
+    k chosen experts' matrices per token, then batched MatMuls) exports with standard ops and reads
+    only the chosen experts' weights at decode. It computes the same function.
+    """
+    can_set = getattr(model, "_can_set_experts_implementation", None)
+    if can_set is not None and can_set() and getattr(model.config, "_experts_implementation", None) is not None:
+        model.set_experts_implementation("batched_mm")
+        return "routed-gather"
+    return None
 
 
 def _record_config(model: ir.Model, config) -> None:
@@ -60,3 +77,4 @@ def _record_config(model: ir.Model, config) -> None:
     if window and getattr(config, "use_sliding_window", True):
         model.metadata_props["graphopt.sliding_window"] = str(int(window))
     model.metadata_props["graphopt.model_type"] = str(config.model_type)
+

@@ -34,25 +34,11 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from graphopt.passes._edit import attr, const_array, only_consumer, perm_is, producer, scalar, static_dim
+from graphopt.passes._attention_match import UNFUSED_KEY, AttentionMatch, match_attention_op, match_decomposed, module_of
+from graphopt.passes._edit import only_consumer, perm_is, producer, static_dim
 from graphopt.passes._mask import mask_window
 from graphopt.passes.base import GRAPHOPT_DOMAIN, GraphoptPass
 from graphopt.plugins.flash_attention import annotate_dtypes
-
-
-@dataclasses.dataclass
-class _Match:
-    anchor: ir.Node
-    query: ir.Value
-    key: ir.Value
-    value: ir.Value
-    output: ir.Value
-    scale: float
-    mask: ir.Value | None
-    additive: bool
-    softcap: float = 0.0
-    window: int = -1  # sliding window in keys (-1: none), read from the mask
-    key3: ir.Value | None = None  # the key as [B,S,Hkv·D] when the match already found it
 
 
 class FuseAttentionPass(GraphoptPass):
@@ -76,19 +62,22 @@ class FuseAttentionPass(GraphoptPass):
             if node.graph is None:
                 continue
             if node.op_type == "Attention" and node.domain == "":
-                found = _match_attention_op(node)
+                found = match_attention_op(node)
             elif node.op_type == "Softmax" and node.domain == "":
-                found = _match_decomposed(node)
+                found = match_decomposed(node)
             else:
                 continue
-            if isinstance(found, _Match) and found.mask is not None:
+            if found is None:  # a Softmax that is not attention (a mixture-of-experts router)
+                continue
+            if isinstance(found, AttentionMatch) and found.mask is not None:
                 window = mask_window(graph, found.mask, found.additive, hint)
                 if isinstance(window, int) and self.window > 0 and window != self.window:
                     window = f"mask has window {window}, the window option says {self.window}"
                 found = window if isinstance(window, str) else dataclasses.replace(found, window=window)
             if isinstance(found, str):
                 self.count("unfused")
-                self.note(f"{node.op_type} node {node.name!r} ({_scope(node)}) not fused: {found}")
+                node.metadata_props[UNFUSED_KEY] = found
+                self.note(f"{node.op_type} node {node.name!r} ({module_of(node)}) not fused: {found}")
                 continue
             form = "attention_op" if node.op_type == "Attention" else "decomposed"
             self.count(f"fused_{form}")
@@ -102,110 +91,7 @@ class FuseAttentionPass(GraphoptPass):
         return ir.passes.PassResult(model, modified)
 
 
-def _scope(node: ir.Node) -> str:
-    """The module the exporter recorded for ``node`` (e.g. model.layers.3.self_attn), for messages."""
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-    names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
-    module = names[-2] if len(names) >= 2 else ""
-    return module.removeprefix("model.") or "unknown layer"  # trace.py wraps the model as 'model'
-
-
-def _match_attention_op(node: ir.Node) -> _Match | str:
-    inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
-    query, key, value, mask = inputs[:4]
-    if any(v is not None for v in inputs[4:]):
-        return "has past_key/past_value inputs (already cached)"
-    if len(node.outputs) > 1 and any(o.uses() for o in node.outputs[1:]):
-        return "uses present/qk outputs"
-    if attr(node, "qk_matmul_output_mode", 0) != 0:
-        return "qk_matmul_output_mode is not 0"
-    causal = attr(node, "is_causal", 0) == 1
-    if causal and mask is not None:
-        return "is_causal together with an explicit mask"
-    if not causal and mask is None:
-        return "no mask and is_causal=0: bidirectional attention"
-    head_dim = static_dim(query, -1)
-    scale = attr(node, "scale", None)
-    if scale is None and head_dim:
-        scale = 1.0 / float(np.sqrt(head_dim))
-    is_bool = mask is not None and mask.dtype == ir.DataType.BOOL
-    return _Match(node, query, _strip_repeat_kv(key), _strip_repeat_kv(value), node.outputs[0],
-                  float(scale or 0.0), mask, additive=not is_bool, softcap=float(attr(node, "softcap", 0.0)))
-
-
-def _match_decomposed(softmax: ir.Node) -> _Match | str:
-    if attr(softmax, "axis", -1) not in (-1, 3):
-        return "softmax is not over the last axis"
-    scores, mask, additive = softmax.inputs[0], None, True
-    add = producer(scores, "Add")
-    where = producer(scores, "Where")
-    if add is not None:
-        side = 0 if not isinstance(_scores(add.inputs[0]), str) else 1
-        scores, mask = add.inputs[side], add.inputs[1 - side]
-    elif where is not None and (scalar(where.inputs[2]) or 0.0) < -1e4:
-        scores, mask, additive = where.inputs[1], where.inputs[0], False
-    found = _scores(scores)
-    if isinstance(found, str):
-        return found
-    scale, query, key_t = found
-    transpose = producer(key_t, "Transpose")
-    key3 = _merged_transpose_source(transpose)
-    if not perm_is(transpose, (0, 1, 3, 2)) and key3 is None:
-        return "scores MatMul's second input is not Transpose(key, perm=[0,1,3,2])"
-    pv = only_consumer(softmax.outputs[0])
-    if pv is None or pv.op_type != "MatMul" or pv.inputs[0] is not softmax.outputs[0]:
-        return "softmax output does not feed a single MatMul with the values"
-    if mask is None:
-        return "no mask: bidirectional attention"
-    key = transpose.inputs[0]
-    return _Match(pv, query, _strip_repeat_kv(key), _strip_repeat_kv(pv.inputs[1]), pv.outputs[0],
-                  scale, mask, additive, key3=key3)
-
-
-def _merged_transpose_source(transpose: ir.Node | None) -> ir.Value | None:
-    """Kᵀ as one Transpose(perm=[0,2,3,1]) of Reshape(k3 → [B,S,H,D]) (split and swap folded): k3."""
-    if not perm_is(transpose, (0, 2, 3, 1)):
-        return None
-    reshape = producer(transpose.inputs[0], "Reshape")
-    source = reshape.inputs[0] if reshape is not None else None
-    return source if source is not None and source.shape is not None and len(source.shape) == 3 else None
-
-
-def _scores(value: ir.Value | None) -> tuple[float, ir.Value, ir.Value] | str:
-    """Walk back over scalar Mul/Div to the Q·Kᵀ MatMul; fold scalar scales on Q and Kᵀ too."""
-    scale = 1.0
-    node = value.producer() if value is not None else None
-    while node is not None and node.op_type in ("Mul", "Div") and scalar(node.inputs[1]) is not None:
-        factor = scalar(node.inputs[1])
-        scale *= factor if node.op_type == "Mul" else 1.0 / factor
-        node = node.inputs[0].producer()
-    if node is None or node.op_type != "MatMul":
-        return "softmax input is not a (scaled) MatMul of query and key"
-    query, key_t = node.inputs
-    for side in ("q", "k"):
-        operand = query if side == "q" else key_t
-        mul = producer(operand, "Mul")
-        if mul is not None and scalar(mul.inputs[1]) is not None:
-            scale *= scalar(mul.inputs[1])
-            query, key_t = (mul.inputs[0], key_t) if side == "q" else (query, mul.inputs[0])
-    if query.shape is None or len(query.shape) != 4:
-        return "query is not rank 4 [B,H,S,D]"
-    return scale, query, key_t
-
-
-def _strip_repeat_kv(value: ir.Value) -> ir.Value:
-    """Reshape(Expand(Unsqueeze(x, axes=[2]))) — transformers' repeat_kv — back to x."""
-    reshape = producer(value, "Reshape")
-    expand = producer(reshape.inputs[0], "Expand") if reshape else None
-    unsqueeze = producer(expand.inputs[0], "Unsqueeze") if expand else None
-    if unsqueeze is not None:
-        axes = const_array(unsqueeze.inputs[1])
-        if axes is not None and axes.reshape(-1).tolist() == [2]:
-            return unsqueeze.inputs[0]
-    return value
-
-
-def _rewrite(graph: ir.Graph, match: _Match) -> None:
+def _rewrite(graph: ir.Graph, match: AttentionMatch) -> None:
     heads, head_dim = static_dim(match.query, 1), static_dim(match.query, 3)
     tape = ir.tape.Tape()
     query = _to_3d(tape, match.query, heads, head_dim)
@@ -215,8 +101,11 @@ def _rewrite(graph: ir.Graph, match: _Match) -> None:
         kv_heads = static_dim(match.key, 1)
         key = _to_3d(tape, match.key, kv_heads, head_dim)
     value = _to_3d(tape, match.value, kv_heads, head_dim)
+    inputs = [query, key, value]
+    if match.sinks is not None:  # optional input 6 (after past_key, past_value, cache_lens)
+        inputs += [None, None, None, tape.op("Reshape", [match.sinks, _ints(tape, [heads])])]
     output = tape.op(
-        "FlashAttention", [query, key, value], domain=GRAPHOPT_DOMAIN,
+        "FlashAttention", inputs, domain=GRAPHOPT_DOMAIN,
         attributes={"num_heads": heads, "kv_num_heads": kv_heads, "scale": match.scale, "causal": 1,
                     "softcap": match.softcap, "window": match.window},
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt.errors import PassError
+from graphopt.passes._attention_match import UNFUSED_KEY, looks_like_attention, module_of
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import is_flash_attention
 
@@ -29,16 +30,19 @@ class InsertKVCachePass(GraphoptPass):
     name = "insert-kv-cache"
 
     def requires(self, model: ir.Model) -> None:
+        unfused = [n for n in model.graph if looks_like_attention(n)
+                   and (n.outputs[0].uses() or n.outputs[0].is_graph_output())]
+        if unfused:
+            node = unfused[0]
+            seen = node.metadata_props.get(UNFUSED_KEY, "fuse-attention did not run on it")
+            raise ir.passes.PreconditionError(
+                f"insert-kv-cache: attention in {module_of(node)} ({node.op_type} {node.name!r}"
+                f"{f' and {len(unfused) - 1} more' if len(unfused) > 1 else ''}) is not fused: {seen}; without "
+                "the cache it would give wrong tokens: try --attn-implementation eager, or report the model"
+            )
         if not any(is_flash_attention(n) for n in model.graph):
             raise ir.passes.PreconditionError(
                 "insert-kv-cache: no graphopt::FlashAttention in the graph; run 'fuse-attention' first"
-            )
-        unfused = [n.name for n in model.graph if n.domain == "" and n.op_type in ("Attention", "Softmax")
-                   and (n.outputs[0].uses() or n.outputs[0].is_graph_output())]
-        if unfused:
-            raise ir.passes.PreconditionError(
-                f"insert-kv-cache: attention left unfused at {unfused[:3]} would ignore the cache and give wrong "
-                "tokens; see the fuse-attention notes in the build report (try --attn-implementation eager)"
             )
         if "cache_lens" in {v.name for v in model.graph.inputs}:
             raise ir.passes.PreconditionError("insert-kv-cache: the graph already has cache inputs")
@@ -51,7 +55,7 @@ class InsertKVCachePass(GraphoptPass):
         for node in list(graph):
             if not is_flash_attention(node):
                 continue
-            if len(node.inputs) > 3:
+            if len(node.inputs) > 3 and node.inputs[3] is not None:
                 raise PassError(f"insert-kv-cache: FlashAttention {node.name!r} already has cache inputs")
             self._add_cache(graph, node, layer, cache_lens)
             layer += 1
@@ -64,8 +68,9 @@ class InsertKVCachePass(GraphoptPass):
         dtype = node.inputs[1].dtype or ir.DataType.FLOAT
         shape = [BATCH, kv_heads, MAX_SEQ, head_dim]
         past = [_input(graph, f"past_{kind}.{layer}", dtype, shape) for kind in ("key", "value")]
+        sinks = list(node.inputs[6:7])  # optional per-head sink logits stay input 6
         fused = ir.node(
-            "FlashAttention", [*node.inputs, *past, cache_lens], domain=node.domain, num_outputs=3,
+            "FlashAttention", [*node.inputs[:3], *past, cache_lens, *sinks], domain=node.domain, num_outputs=3,
             attributes={k: a.value for k, a in node.attributes.items()}, name=node.name,
         )
         for output, kind in zip(fused.outputs[1:], ("key", "value")):

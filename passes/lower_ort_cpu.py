@@ -1,7 +1,9 @@
 """lower-ort-cpu: map canonical ops onto ONNX Runtime's fastest CPU kernels.
 
-    FlashAttention(q3,k3,v3,past_k,past_v,cache_lens)
-        ─► com.microsoft.GroupQueryAttention(q3,k3,v3,past_k,past_v,seqlens_k,total_seq)
+    FlashAttention(q3,k3,v3,past_k,past_v,cache_lens[,sinks])
+        ─► com.microsoft.GroupQueryAttention(q3,k3,v3,past_k,past_v,seqlens_k,total_seq[,…,head_sink=sinks])
+           window → local_window_size, softcap → softcap, scale → scale (each checked against the
+           reference by the architecture parity tests)
            seqlens_k = cache_lens + S - 1 ; total_seq = max(cache_lens) + S   (computed once)
            past and present are one buffer: the runtime binds the same memory to both
     Add(a, b) ─► RMSNormalization(·, w)    (sum also used: the residual)
@@ -51,12 +53,16 @@ class LowerOrtCpuPass(GraphoptPass):
         return ir.passes.PassResult(model, modified)
 
     def _attention(self, graph: ir.Graph, node: ir.Node, lengths: tuple[ir.Value, ir.Value]) -> None:
-        if len(node.inputs) != 6:
+        if len(node.inputs) < 6 or node.inputs[3] is None:
             raise PassError(f"lower-ort-cpu: FlashAttention {node.name!r} has no cache inputs; run 'insert-kv-cache' first")
         a = {k: v.value for k, v in node.attributes.items()}
         window = int(a.get("window", -1))
+        sinks = node.inputs[6] if len(node.inputs) > 6 else None
+        extra = [None, None, None, None, sinks] if sinks is not None else []  # cos, sin, position_ids, bias, head_sink
+        if sinks is not None:
+            self.count("head_sink")
         gqa = ir.node(
-            "GroupQueryAttention", [*node.inputs[:5], *lengths], domain=MS_DOMAIN, num_outputs=3,
+            "GroupQueryAttention", [*node.inputs[:5], *lengths, *extra], domain=MS_DOMAIN, num_outputs=3,
             name=node.name,
             attributes={"num_heads": int(a["num_heads"]), "kv_num_heads": int(a["kv_num_heads"]),
                         "scale": float(a["scale"]), "softcap": float(a.get("softcap", 0.0)),
