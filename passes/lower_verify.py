@@ -12,7 +12,8 @@ same I/O contract (DESIGN §4); the build saves it as ``model_verify.onnx`` besi
              [RotaryEmbedding-23(q3 | k3, cos, sin, pos)]                      (do_rotary = 1)
              TensorScatter-24(past_k, K_BHSD, cache_lens, axis=-2) ─► present_k    (same for v; in place)
              Slice(present_k, [0, T) on axis 2) ─► K_used  [B,Hkv,T,D]       T = total_seq = max(cache_lens)+S
-             Attention(Q_BHSD, K_used, V_used, mask[B,1,S,T]) ─► O_BHSD ─► o3 [B,S,H·D]
+             Attention(Q_BHSD, K_used, V_used, mask[B,1,S,T], softcap) ─► O_BHSD ─► o3 [B,S,H·D]
+             (with head_sink: FlashAttention's standard-op sink reference in place of Attention)
              mask (built once per window size): key t visible to query j of row b iff t ≤ cache_lens[b]+j
                   (and t > cache_lens[b]+j-window with a sliding window)
 
@@ -37,7 +38,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.passes._edit import attr, static_dim
 from graphopt.passes.base import GraphoptPass
-from graphopt.plugins.flash_attention import annotate_dtypes, cache_mask
+from graphopt.plugins.flash_attention import annotate_dtypes, attention_with_sinks, cache_mask
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 24  # TensorScatter
@@ -103,7 +104,16 @@ class LowerVerifyPass(GraphoptPass):
         q4 = tape.op("Transpose", [tape.op("Reshape", [query, _ints(tape, [0, 0, heads, dim])])],
                      attributes={"perm": [0, 2, 1, 3]})
         scale = float(attr(node, "scale", 0.0))  # GQA's 0 means 1/sqrt(D), Attention's default
-        out4 = tape.op("Attention", [q4, *visible, mask], attributes={"scale": scale} if scale else {})
+        softcap = float(attr(node, "softcap", 0.0))
+        sinks = node.inputs[11] if len(node.inputs) > 11 else None
+        if sinks is not None:
+            self.count("head_sink")
+            options = {"q_num_heads": heads, "kv_num_heads": kv_heads, "head_dim": dim,
+                       "scale": scale or 1.0 / float(np.sqrt(dim)), "softcap": softcap}
+            out4 = attention_with_sinks(tape, q4, visible, mask, sinks, options)
+        else:
+            options = ({"scale": scale} if scale else {}) | ({"softcap": softcap} if softcap else {})
+            out4 = tape.op("Attention", [q4, *visible, mask], attributes=options)
         out3 = tape.op("Reshape", [tape.op("Transpose", [out4], attributes={"perm": [0, 2, 1, 3]}),
                                    _ints(tape, [0, 0, heads * dim])])
         annotate_dtypes(tape.nodes)
@@ -162,10 +172,8 @@ def unsupported(node: ir.Node) -> str | None:
     extra = sorted(set(node.attributes) - _SUPPORTED)
     if extra:
         return f"has attributes {extra} this lowering does not implement"
-    if float(attr(node, "softcap", 0.0)):
-        return "uses softcap, which this lowering does not implement"
-    if len(node.inputs) > 10 and any(v is not None for v in node.inputs[10:]):
-        return "has an attention_bias or head_sink input"
+    if len(node.inputs) > 10 and node.inputs[10] is not None or any(v is not None for v in node.inputs[12:]):
+        return "has an attention_bias or quantization input"
     if len(node.inputs) < 7 or node.inputs[3] is None or static_dim(node.inputs[3], 3) is None:
         return "has no past cache with a static head dimension"
     if attr(node, "do_rotary", 0) and (len(node.inputs) < 9 or node.inputs[7] is None):

@@ -106,13 +106,13 @@ def _expand_general(tape: ir.tape.Tape, inputs: list, attention: dict, window: i
         if not isinstance(width, int):
             raise GraphoptError("FlashAttention with sinks needs a static query width [B,S,H·D]; run 'cleanup' "
                                 "(shape inference) before expanding it")
-        out4 = _attention_with_sinks(tape, q4, presents, mask, sinks, {**attention, "head_dim": width // heads})
+        out4 = attention_with_sinks(tape, q4, presents, mask, sinks, {**attention, "head_dim": width // heads})
     out3 = tape.op("Reshape", [tape.op("Transpose", [out4], attributes={"perm": [0, 2, 1, 3]}),
                                _ints(tape, [0, 0, -1])])
     return [out3, *presents] if past_key is not None else [out3]
 
 
-def _attention_with_sinks(tape: ir.tape.Tape, q4: ir.Value, kv4: list[ir.Value], mask: ir.Value, sinks: ir.Value,
+def attention_with_sinks(tape: ir.tape.Tape, q4: ir.Value, kv4: list[ir.Value], mask: ir.Value, sinks: ir.Value,
                           attention: dict) -> ir.Value:
     """softmax([q·kᵀ·scale (softcapped, masked), sink_h]) without the sink column, times v — grouped as
     [B,Hkv,G,S,·] so the kv heads are never copied (G = H / Hkv query heads per kv head)."""

@@ -110,6 +110,6 @@ def test_pass_counts_and_leaves_graphs_without_gqa_alone() -> None:
 def test_unsupported_attributes_are_refused_with_a_fix() -> None:
     model = ir.load(artifact("llama") / "model.onnx")
     gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
-    gqa.attributes["softcap"] = ir.AttrFloat32("softcap", 30.0)
-    with pytest.raises(PassError, match="softcap.*one call each"):
+    gqa.attributes["smooth_softmax"] = ir.AttrInt64("smooth_softmax", 1)
+    with pytest.raises(PassError, match="smooth_softmax.*one call each"):
         LowerVerifyPass()(model)
