@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from graphopt import __version__
 from graphopt.errors import ArtifactError, GraphoptError
+from graphopt.features import features_of
 from graphopt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
 from graphopt.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.progress import Progress
@@ -142,12 +143,13 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     manifest["files"] = file_entries(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     ops = _op_counts(model)
+    features = features_of(model, records, traced_ops, manifest["model"])
     return {
         "graphopt_version": __version__, "source": manifest["source"], "recipe": options.recipe.name,
         "target": options.recipe.target, "nodes": {"traced": sum(traced_ops.values()), "final": sum(ops.values())},
         "ops": {"traced": traced_ops, "final": ops}, "passes": [r.to_json() for r in records],
         "pipeline": [{"name": spec.name, **spec.options} for spec in options.recipe.passes],  # for graphopt diff
-        "unfused": [note for r in records for note in r.notes],
+        "unfused": [note for r in records for note in r.notes], "features": features,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "artifact_bytes": sum(e["bytes"] for e in manifest["files"].values()),
         "precision": manifest["precision"], "calibration": calibration,

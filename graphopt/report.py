@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from graphopt.features import describe
 from graphopt.manifest import Manifest
 from graphopt.pipeline import PassRecord
 
@@ -68,6 +69,8 @@ def print_inspect(manifest: Manifest, report: dict[str, Any]) -> None:
     console.print(f"layers {d.num_layers}, heads {d.num_heads}/{d.num_kv_heads} kv, head dim {d.head_dim}, "
                   f"hidden {d.hidden_size}, vocab {d.vocab_size}, max_seq {d.max_seq}, eos {list(d.eos_token_ids)}")
     console.print(f"precision {raw['precision']}")
+    if report.get("features"):
+        console.print(f"architecture features: {describe(report['features'])}")
     io = Table(title="I/O")
     for col in ("name", "dir", "dtype", "shape", "role"):
         io.add_column(col)

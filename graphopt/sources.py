@@ -124,11 +124,23 @@ def load_tokenizer(source: ModelSource) -> Any:
         raise SourceError(f"model folder '{source.model_dir}' has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                           "copy the model's tokenizer files into it")
     try:
+        if _generic_tokenizer(source.model_dir):  # AutoTokenizer would pick the model type's class instead
+            return transformers.PreTrainedTokenizerFast.from_pretrained(source.model_dir, local_files_only=True)
         return transformers.AutoTokenizer.from_pretrained(
             source.model_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
         raise SourceError(f"cannot load the tokenizer in '{source.model_dir}': {_one_line(exc)}; "
                           "check the tokenizer files (tokenizer.json, tokenizer_config.json)") from exc
+
+
+def _generic_tokenizer(model_dir: Path) -> bool:
+    """tokenizer.json saved as the generic tokenizers backend: load exactly that file. (transformers 5's
+    AutoTokenizer maps such a folder to the model type's class, e.g. Qwen2Tokenizer, which rebuilds a
+    byte-level BPE from it and loses a vocabulary of another kind.)"""
+    config = model_dir / "tokenizer_config.json"
+    if not (model_dir / "tokenizer.json").is_file() or not config.is_file():
+        return False
+    return _read_json(config).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def _source_from_folder(spec: str, model_dir: Path, model_id: str) -> ModelSource:

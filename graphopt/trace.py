@@ -16,6 +16,7 @@ import onnx_ir as ir
 import torch
 
 from graphopt.errors import TraceError
+from graphopt.features import MOE_KEY
 
 log = logging.getLogger(__name__)
 OPSET = 23
@@ -53,7 +54,7 @@ def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
     traced = program.model
     _record_config(traced, model.config)
     if moe:
-        traced.metadata_props["graphopt.moe"] = moe
+        traced.metadata_props[MOE_KEY] = moe
     return traced
 
 

@@ -6,6 +6,7 @@ import inspect
 
 from graphopt.passes.base import GraphoptPass
 from graphopt.passes.calibrate import CalibratePass
+from graphopt.passes.canonicalize_linear import CanonicalizeLinearPass
 from graphopt.passes.check_trt import CheckTrtPass
 from graphopt.passes.cleanup import CleanupPass
 from graphopt.passes.fuse_attention import FuseAttentionPass
@@ -23,7 +24,7 @@ from graphopt.passes.quantize_kv_cache import QuantizeKVCachePass
 
 REGISTRY: dict[str, type[GraphoptPass]] = {
     cls.name: cls
-    for cls in (CleanupPass, FuseAttentionPass, InsertKVCachePass, KeepLogitsPass, LowerOrtCpuPass)
+    for cls in (CleanupPass, CanonicalizeLinearPass, FuseAttentionPass, InsertKVCachePass, KeepLogitsPass, LowerOrtCpuPass)
 }
 REGISTRY |= {  # quantization: calibrate → quantize-* (Q/DQ) → lower-quant-<target>
     cls.name: cls

@@ -105,6 +105,9 @@ def _attention(node: ir.Node) -> str | None:
                 "build with --target trt (lower-trt dtype float16 or bfloat16)")
     if len(node.inputs) > 4 or len([o for o in node.outputs if o is not None and o.uses()]) > 1:
         return "Attention with past/present does not parse (one output only); write the cache with TensorScatter"
+    softcap = node.attributes.get("softcap")
+    if softcap is not None and softcap.value != 0.0:
+        return "Attention with softcap does not parse; lower-trt writes softcapped attention as MatMul/Tanh/Softmax"
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     if mask is not None and mask.dtype not in (T.BOOL, q.dtype):
         return f"mask is {mask.dtype.name}; use a bool mask or the query's dtype"

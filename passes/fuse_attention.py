@@ -54,6 +54,14 @@ class FuseAttentionPass(GraphoptPass):
         super().__init__()
         self.window = window
 
+    def _count_features(self, match: AttentionMatch) -> None:
+        for kind in _kinds(match):
+            self.count(kind)
+        if match.window > 0:
+            self.stats["window"] = max(self.stats.get("window", 0), match.window)
+        if match.softcap > 0:
+            self.stats["softcap_value"] = int(round(match.softcap))
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         hint = self.window if self.window > 0 else int(model.metadata_props.get("graphopt.sliding_window", -1) or -1)
@@ -81,14 +89,30 @@ class FuseAttentionPass(GraphoptPass):
                 continue
             form = "attention_op" if node.op_type == "Attention" else "decomposed"
             self.count(f"fused_{form}")
-            if found.window > 0:
-                self.count("sliding_window")
+            self._count_features(found)
             _rewrite(graph, found)
             modified = True
         if modified:
             model.opset_imports.setdefault(GRAPHOPT_DOMAIN, 1)
             RemoveUnusedNodesPass()(model)  # the replaced attention and its mask subgraph
         return ir.passes.PassResult(model, modified)
+
+
+def _kinds(match: AttentionMatch) -> list[str]:
+    """Which features of this layer's attention the counters record (the build report's features)."""
+    kinds = ["sliding_window"] if match.window > 0 else []
+    kinds += ["softcap"] if match.softcap > 0 else []
+    kinds += ["sinks"] if match.sinks is not None else []
+    kinds += ["qk_norm"] if _has_head_norm(match.query) and _has_head_norm(match.key) else []
+    return kinds
+
+
+def _has_head_norm(x4: ir.Value) -> bool:
+    """A norm over D applied per head before the head transpose (QK-norm: Qwen3, OLMo2, Gemma 3)."""
+    rope = producer(x4, "RotaryEmbedding")
+    transpose = producer(rope.inputs[0] if rope is not None else x4, "Transpose")
+    inner = transpose.inputs[0].producer() if transpose is not None else None
+    return inner is not None and inner.op_type in ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 
 
 def _rewrite(graph: ir.Graph, match: AttentionMatch) -> None:

@@ -4,6 +4,8 @@
         ─► attention = "standard":  TensorScatter-24(past_k, K_BHSD, cache_lens) ─► present_k   (same for v)
                                     Attention(Q_BHSD, present_k, present_v, mask[B,1,S,T] bool) ─► o3
                                     mask: key t visible to query j of row b iff t ≤ cache_lens[b]+j
+                                    (softcap or sinks: MatMul/Tanh/Softmax in place of Attention, whose
+                                    TensorRT importer refuses softcap)
         ─► attention = "plugin":    graphopt::FlashAttention(…, plugin_namespace="graphopt", plugin_version="1")
                                     + a model-local function graphopt::FlashAttention whose body is the
                                     standard form above (ORT, and TensorRT without the plugin, inline it)
@@ -67,7 +69,7 @@ class LowerTrtPass(GraphoptPass):
         if self.attention not in ATTENTION:
             raise PassError(f"lower-trt: attention {self.attention!r} is unknown; use one of {list(ATTENTION)}")
         attention = [n for n in model.graph if is_flash_attention(n)]
-        if not attention or any(len(n.inputs) != 6 for n in attention):
+        if not attention or any(len(n.inputs) < 6 or n.inputs[3] is None for n in attention):
             raise ir.passes.PreconditionError(
                 "lower-trt: no FlashAttention with cache inputs; run 'fuse-attention' and 'insert-kv-cache' first")
 
@@ -82,7 +84,8 @@ class LowerTrtPass(GraphoptPass):
                 if is_flash_attention(node) and "plugin_namespace" not in node.attributes:
                     self.note(f"lower-trt: {node.name!r} lowered to standard ops: the plugin kernel has no "
                               f"{kernel_supports(node)}")
-        self.count("standard_attention", expand_reference(model, keep=lambda n: "plugin_namespace" in n.attributes))
+        self.count("standard_attention", expand_reference(model, keep=lambda n: "plugin_namespace" in n.attributes,
+                                                          softcap_in_attention=False))
         model.opset_imports[""] = OPSET
         annotate_dtypes(model.graph)
         target, np_type = DTYPES[self.dtype]

@@ -38,7 +38,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.passes._edit import attr, static_dim
 from graphopt.passes.base import GraphoptPass
-from graphopt.plugins.flash_attention import annotate_dtypes, attention_with_sinks, cache_mask
+from graphopt.plugins.flash_attention import annotate_dtypes, decomposed_attention, cache_mask
 
 MS_DOMAIN = "com.microsoft"
 OPSET = 24  # TensorScatter
@@ -110,7 +110,7 @@ class LowerVerifyPass(GraphoptPass):
             self.count("head_sink")
             options = {"q_num_heads": heads, "kv_num_heads": kv_heads, "head_dim": dim,
                        "scale": scale or 1.0 / float(np.sqrt(dim)), "softcap": softcap}
-            out4 = attention_with_sinks(tape, q4, visible, mask, sinks, options)
+            out4 = decomposed_attention(tape, q4, visible, mask, sinks, options)
         else:
             options = ({"scale": scale} if scale else {}) | ({"softcap": softcap} if softcap else {})
             out4 = tape.op("Attention", [q4, *visible, mask], attributes=options)

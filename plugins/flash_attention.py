@@ -39,12 +39,15 @@ def is_flash_attention(node: ir.Node) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
 
-def expand_reference(model: ir.Model, keep=lambda node: False) -> int:
-    """Replace every FlashAttention node (except those ``keep`` selects) by standard ops, in place; returns how many."""
+def expand_reference(model: ir.Model, keep=lambda node: False, softcap_in_attention: bool = True) -> int:
+    """Replace every FlashAttention node (except those ``keep`` selects) by standard ops, in place; returns how many.
+
+    ``softcap_in_attention`` False writes softcapped attention as MatMul/Tanh/Softmax (TensorRT refuses
+    Attention's softcap attribute)."""
     count = 0
     for node in list(model.graph):
         if is_flash_attention(node) and not keep(node):
-            _expand(model.graph, node)
+            _expand(model.graph, node, softcap_in_attention)
             count += 1
     if count:
         model.opset_imports[""] = max(model.opset_imports.get("", 23), 24)
@@ -53,7 +56,7 @@ def expand_reference(model: ir.Model, keep=lambda node: False) -> int:
     return count
 
 
-def _expand(graph: ir.Graph, node: ir.Node) -> None:
+def _expand(graph: ir.Graph, node: ir.Node, softcap_in_attention: bool = True) -> None:
     a = {k: v.value for k, v in node.attributes.items()}
     heads, kv_heads = int(a["num_heads"]), int(a["kv_num_heads"])
     inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
@@ -62,7 +65,8 @@ def _expand(graph: ir.Graph, node: ir.Node) -> None:
     attention = {"q_num_heads": heads, "kv_num_heads": kv_heads, "scale": float(a["scale"]),
                  "softcap": float(a.get("softcap", 0.0))}
     window = int(a.get("window", -1))
-    if inputs[3] is None and sinks is None:
+    decompose = sinks is not None or (attention["softcap"] > 0 and not softcap_in_attention)
+    if inputs[3] is None and not decompose:
         if window > 0:
             mask = cache_mask(tape, _zeros_like_batch(tape, query), query, _seq(tape, query), window)
             out = tape.op("Attention", [query, key, value, mask], attributes=attention)
@@ -70,7 +74,7 @@ def _expand(graph: ir.Graph, node: ir.Node) -> None:
             out = tape.op("Attention", [query, key, value], attributes={**attention, "is_causal": 1})
         outputs = [out]
     else:
-        outputs = _expand_general(tape, inputs, attention, window)
+        outputs = _expand_general(tape, inputs, attention, window, decompose)
     annotate_dtypes(tape.nodes)
     graph.insert_before(node, tape.nodes)
     for old, new in zip(node.outputs, outputs):
@@ -82,8 +86,8 @@ def _expand(graph: ir.Graph, node: ir.Node) -> None:
     graph.remove(node, safe=True)
 
 
-def _expand_general(tape: ir.tape.Tape, inputs: list, attention: dict, window: int) -> list[ir.Value]:
-    """With a cache (TensorScatter of the new K/V at cache_lens, mask over the capacity) and/or sinks."""
+def _expand_general(tape: ir.tape.Tape, inputs: list, attention: dict, window: int, decompose: bool) -> list[ir.Value]:
+    """With a cache (TensorScatter of the new K/V at cache_lens, mask over the capacity) and/or decomposed."""
     query, key, value, past_key, past_value, cache_lens, sinks = inputs[:7]
     heads, kv_heads = attention["q_num_heads"], attention["kv_num_heads"]
     new4 = [tape.op("Transpose", [tape.op("Reshape", [new, _ints(tape, [0, 0, kv_heads, -1])])],
@@ -98,22 +102,22 @@ def _expand_general(tape: ir.tape.Tape, inputs: list, attention: dict, window: i
     mask = cache_mask(tape, start, query, capacity, window)
     q4 = tape.op("Transpose", [tape.op("Reshape", [query, _ints(tape, [0, 0, heads, -1])])],
                  attributes={"perm": [0, 2, 1, 3]})
-    if sinks is None:
+    if not decompose:
         plain = {k: v for k, v in attention.items() if not k.endswith("num_heads")}
         out4 = tape.op("Attention", [q4, presents[0], presents[1], mask], attributes=plain)
     else:
         width = query.shape[-1] if query.shape is not None else None
         if not isinstance(width, int):
-            raise GraphoptError("FlashAttention with sinks needs a static query width [B,S,H·D]; run 'cleanup' "
+            raise GraphoptError("decomposed FlashAttention (sinks, softcap on trt) needs a static query width [B,S,H·D]; run 'cleanup' "
                                 "(shape inference) before expanding it")
-        out4 = attention_with_sinks(tape, q4, presents, mask, sinks, {**attention, "head_dim": width // heads})
+        out4 = decomposed_attention(tape, q4, presents, mask, sinks, {**attention, "head_dim": width // heads})
     out3 = tape.op("Reshape", [tape.op("Transpose", [out4], attributes={"perm": [0, 2, 1, 3]}),
                                _ints(tape, [0, 0, -1])])
     return [out3, *presents] if past_key is not None else [out3]
 
 
-def attention_with_sinks(tape: ir.tape.Tape, q4: ir.Value, kv4: list[ir.Value], mask: ir.Value, sinks: ir.Value,
-                          attention: dict) -> ir.Value:
+def decomposed_attention(tape: ir.tape.Tape, q4: ir.Value, kv4: list[ir.Value], mask: ir.Value,
+                         sinks: ir.Value | None, attention: dict) -> ir.Value:
     """softmax([q·kᵀ·scale (softcapped, masked), sink_h]) without the sink column, times v — grouped as
     [B,Hkv,G,S,·] so the kv heads are never copied (G = H / Hkv query heads per kv head)."""
     heads, kv_heads = attention["q_num_heads"], attention["kv_num_heads"]
@@ -125,12 +129,16 @@ def attention_with_sinks(tape: ir.tape.Tape, q4: ir.Value, kv4: list[ir.Value], 
     if cap > 0:
         scores = tape.op("Mul", [tape.op("Tanh", [tape.op("Div", [scores, _floats(tape, cap)])]), _floats(tape, cap)])
     masked = tape.op("Where", [tape.op("Unsqueeze", [mask, _ints(tape, [1])]), scores, _floats(tape, -3.0e38)])
-    shape = tape.op("Shape", [masked], attributes={"start": 0, "end": 4})
-    sink5 = tape.op("Expand", [tape.op("Reshape", [sinks, _ints(tape, [1, kv_heads, group, 1, 1])]),
-                               tape.op("Concat", [shape, _ints(tape, [1])], attributes={"axis": 0})])
-    probs = tape.op("Softmax", [tape.op("Concat", [masked, sink5], attributes={"axis": -1})], attributes={"axis": -1})
-    keys = tape.op("Shape", [masked], attributes={"start": 4, "end": 5})
-    probs = tape.op("Slice", [probs, _ints(tape, [0]), keys, _ints(tape, [-1])])
+    if sinks is None:
+        probs = tape.op("Softmax", [masked], attributes={"axis": -1})
+    else:
+        shape = tape.op("Shape", [masked], attributes={"start": 0, "end": 4})
+        sink5 = tape.op("Expand", [tape.op("Reshape", [sinks, _ints(tape, [1, kv_heads, group, 1, 1])]),
+                                   tape.op("Concat", [shape, _ints(tape, [1])], attributes={"axis": 0})])
+        probs = tape.op("Softmax", [tape.op("Concat", [masked, sink5], attributes={"axis": -1})],
+                        attributes={"axis": -1})
+        keys = tape.op("Shape", [masked], attributes={"start": 4, "end": 5})
+        probs = tape.op("Slice", [probs, _ints(tape, [0]), keys, _ints(tape, [-1])])
     out5 = tape.op("MatMul", [probs, tape.op("Unsqueeze", [kv4[1], _ints(tape, [2])])])
     return tape.op("Reshape", [out5, _ints(tape, [0, heads, -1, head_dim])])
 

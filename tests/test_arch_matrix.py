@@ -6,7 +6,10 @@ For each architecture (2 layers, hidden 64, vocab 256, sliding windows of 8 keys
 - 32 greedy tokens equal to Hugging Face's (a near-tie, top-2 margin < 1e-3, may end the comparison);
 - a batch of 4 ragged prompts decodes the tokens each prompt decodes alone;
 - the multi-token graph (model_verify.onnx) runs ragged chunks over existing caches as per-row calls do;
-- an --int8 build runs (slow half: it calibrates and measures fidelity).
+- an --int8 build runs (slow half: it calibrates and measures fidelity);
+- --target trt lowers it (check-trt passes), its fp16 graph follows HF on ONNX Runtime, and Qwen3, Gemma 2/3,
+  GPT-NeoX, Mixtral and gpt-oss AOT-build with TensorRT-RTX.
+Each architecture is traced once; its recipes build from copies of the trace.
 The README's support table is generated from this matrix (scripts/support_table.py).
 """
 
@@ -19,28 +22,42 @@ import pytest
 import torch
 import transformers
 
-from graphopt.build import BuildOptions, build
+from graphopt import quant_build
+from graphopt.build import BuildOptions, build_traced, load, trace_loaded
 from graphopt.pipeline import load_recipe
 from graphopt.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
+from graphopt.trt_engine import aot_check
 from tiny_models import MATRIX, MATRIX_VOCAB, make_tiny_model
+import trt_helpers
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 32
 NEAR_TIE = 1e-3
 PROMPT = 20  # crosses the 8-key windows
 RAGGED = (13, 4, 9, 16)
+FP16_TOLERANCE = 2e-2  # of the largest |logit|: weights, activations and the cache in fp16
+AOT_BUILT = {"qwen3", "gemma3_text", "gpt_neox", "mixtral", "gemma2", "gpt_oss"}  # TensorRT-RTX engine, SM89
 
 
 @pytest.fixture(scope="module", params=list(MATRIX))
 def built(request, tmp_path_factory):
+    """(arch, ort-cpu build report, artifact, HF eager model, the loaded trace for more recipes)."""
     root = tmp_path_factory.mktemp(request.param)
     source = make_tiny_model(request.param, root / "hf", table=MATRIX)
-    report = build(str(source), BuildOptions(load_recipe("ort-cpu"), root / "artifact", verify=True), QUIET)
+    loaded = load(str(source), "sdpa", QUIET)
+    trace_loaded(loaded, QUIET)  # once: every recipe of this architecture builds from a copy
+    report = _build(loaded, BuildOptions(load_recipe("ort-cpu"), root / "artifact", verify=True))
     hf = transformers.AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
-    return request.param, report, root / "artifact", hf
+    return request.param, report, root / "artifact", hf, loaded
+
+
+def _build(loaded, options: BuildOptions) -> dict:
+    corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
+    context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, QUIET)
+    return build_traced(loaded, options, QUIET, context, copy=True)
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -66,7 +83,7 @@ def _greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 
 def test_every_attention_fused_and_verified(built) -> None:
-    arch, report, _, _ = built
+    arch, report, _, _, _ = built
     assert report["unfused"] == [], report["unfused"]
     fused = next(r for r in report["passes"] if r["name"] == "fuse-attention")["stats"]
     assert fused.get("fused_attention_op", 0) + fused.get("fused_decomposed", 0) == 2
@@ -75,7 +92,7 @@ def test_every_attention_fused_and_verified(built) -> None:
 
 
 def test_prefill_logits_match_hf(built) -> None:
-    _, _, artifact, hf = built
+    _, _, artifact, hf, _ = built
     engine = OrtEngine(artifact, max_slots=1, max_seq=64, threads=1)
     engine.cache.allocate()
     prompt = _prompt(0, PROMPT)
@@ -88,16 +105,19 @@ def test_prefill_logits_match_hf(built) -> None:
 
 
 def test_greedy_tokens_match_hf(built) -> None:
-    _, _, artifact, hf = built
-    prompt = _prompt(1, PROMPT)
-    expected, trusted = _hf_greedy(hf, prompt, NEW_TOKENS)
+    _, _, artifact, hf, _ = built
+    for seed in range(1, 9):  # the first prompt whose greedy run has no near-tie in its first 8 tokens
+        prompt = _prompt(seed, PROMPT)
+        expected, trusted = _hf_greedy(hf, prompt, NEW_TOKENS)
+        if trusted >= 8:
+            break
+    assert trusted >= 8, "every prompt tried meets a near-tie within 8 tokens"
     (got,) = _greedy(LLM(artifact, max_slots=1, max_seq=64), [prompt], NEW_TOKENS)
-    assert trusted >= 8, f"near-tie after {trusted} tokens: pick another seed"
-    assert got[:trusted] == expected[:trusted]
+    assert got[:trusted] == expected[:trusted], f"equal for the first {trusted} tokens (then a near-tie)"
 
 
 def test_ragged_batch_decodes_like_single_rows(built) -> None:
-    _, _, artifact, _ = built
+    _, _, artifact, _, _ = built
     prompts = [_prompt(10 + i, n) for i, n in enumerate(RAGGED)]
     together = _greedy(LLM(artifact, max_slots=4, max_seq=64), prompts, 16)
     alone = [_greedy(LLM(artifact, max_slots=1, max_seq=64), [p], 16)[0] for p in prompts]
@@ -105,7 +125,7 @@ def test_ragged_batch_decodes_like_single_rows(built) -> None:
 
 
 def test_multi_token_graph_matches_per_row_calls(built) -> None:
-    _, _, artifact, _ = built
+    _, _, artifact, _, _ = built
     prompts = [_prompt(20 + i, n) for i, n in enumerate(RAGGED)]
     chunks = [_prompt(30 + i, n) for i, n in enumerate((3, 1, 4, 2))]
     engines = []
@@ -122,12 +142,34 @@ def test_multi_token_graph_matches_per_row_calls(built) -> None:
 
 @pytest.mark.slow
 def test_int8_build_runs(built, tmp_path: Path) -> None:
-    arch, _, artifact, _ = built
-    source = artifact.parent / "hf"
-    options = BuildOptions(load_recipe("ort-cpu-int8"), tmp_path / "int8", calib_tokens=256, eval_tokens=256)
-    report = build(str(source), options, QUIET)
+    arch, _, _, _, loaded = built
+    words = tmp_path / "words.txt"  # the tiny word-level tokenizer knows only w4 … w255
+    words.write_text(" ".join(f"w{4 + (i * 37) % (MATRIX_VOCAB - 4)}" for i in range(600)))
+    options = BuildOptions(load_recipe("ort-cpu-int8"), tmp_path / "int8", calib_tokens=256, eval_tokens=256,
+                           calib_text=words, eval_text=words)
+    report = _build(loaded, options)
     assert report["precision"]["weights"].startswith("int8")
+    assert report["ops"]["final"].get("com.microsoft::MatMulNBits", 0) > 0, arch
     assert np.isfinite(report["fidelity"]["kl_mean"]), arch
-    prompt = _prompt(2, 12)
-    (tokens,) = _greedy(LLM(tmp_path / "int8", max_slots=1, max_seq=64), [prompt], 8)
+    (tokens,) = _greedy(LLM(tmp_path / "int8", max_slots=1, max_seq=64), [_prompt(2, 12)], 8)
     assert len(tokens) == 8 and all(0 <= t < MATRIX_VOCAB for t in tokens)
+
+
+def test_trt_lowering_matches_hf_in_fp16(built, tmp_path: Path) -> None:
+    """--target trt: lower-trt + check-trt pass; the graph (FlashAttention through its standard-op reference,
+    fp16) run on ORT follows HF's fp32 logits within fp16 error; the issue's four AOT-build on TensorRT-RTX."""
+    arch, _, _, hf, loaded = built
+    report = _build(loaded, BuildOptions(load_recipe("trt"), tmp_path / "trt"))
+    assert report["ops"]["final"].get("TensorScatter") == 4  # K and V of both layers written in place
+    prompt = _prompt(3, PROMPT)
+    session = trt_helpers.session(tmp_path / "trt")
+    capacity = next(i.shape[2] for i in session.get_inputs() if i.name == "past_key.0")  # static on trt
+    (logits,) = trt_helpers.run_steps(session, [prompt], [], capacity=capacity)
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([prompt]), use_cache=False).logits[0].numpy()
+    scale = float(np.abs(expected).max())
+    assert np.abs(logits[0] - expected).max() <= FP16_TOLERANCE * max(scale, 1.0), arch
+    if arch in AOT_BUILT:
+        pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (make test installs it)")
+        (result,) = aot_check(tmp_path / "trt", ["sm89"])
+        assert result.engine_bytes > 100_000
