@@ -35,6 +35,7 @@ def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
     """Export ``model`` (eval, fp32) to an ``ir.Model`` with inputs input_ids/position_ids, output logits."""
     model.eval()
     moe = _routed_experts(model)
+    frozen = _freeze_dynamic_rope(model)
     seq = 7
     input_ids = torch.zeros((2, seq), dtype=torch.long)
     position_ids = torch.arange(seq).expand(2, seq).contiguous()
@@ -51,11 +52,34 @@ def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TraceError(f"torch.onnx.export failed for {type(model).__name__}: {first}; "
                          "try --attn-implementation eager or report the model") from exc
+    finally:
+        _thaw(frozen)
     traced = program.model
+    if frozen:
+        traced.metadata_props["graphopt.rope"] = "dynamic NTK frozen at the model's context length"
     _record_config(traced, model.config)
     if moe:
         traced.metadata_props[MOE_KEY] = moe
     return traced
+
+
+def _freeze_dynamic_rope(model: torch.nn.Module) -> list[tuple[torch.nn.Module, object]]:
+    """Dynamic NTK RoPE recomputes its frequencies when a sequence outgrows the cached length (Python
+    control flow on a tensor, which torch.export refuses). Up to max_position_embeddings — the longest
+    sequence the artifact runs — the frequencies are the initial ones, so the export treats the rotary
+    module as static: exact for every length the artifact accepts. Returns what to restore."""
+    frozen = []
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)
+        if isinstance(kind, str) and "dynamic" in kind and hasattr(module, "inv_freq"):
+            frozen.append((module, kind))
+            module.rope_type = "default"
+    return frozen
+
+
+def _thaw(frozen: list[tuple[torch.nn.Module, object]]) -> None:
+    for module, kind in frozen:
+        module.rope_type = kind
 
 
 def _routed_experts(model: torch.nn.Module) -> str | None:

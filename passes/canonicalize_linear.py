@@ -46,6 +46,7 @@ class CanonicalizeLinearPass(GraphoptPass):
             source, target = flatten.inputs[0], restore.outputs[0]
             self.count("reshapes_removed", 2)
         out = ir.node("MatMul", [source, weight], name=f"{gemm.name}_matmul").outputs[0]
+        out.shape, out.dtype = target.shape, target.dtype
         nodes = [out.producer()]
         if bias is not None:
             out = ir.node("Add", [out, bias], name=f"{gemm.name}_bias").outputs[0]

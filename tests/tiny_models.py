@@ -66,6 +66,31 @@ MATRIX = {
 }
 
 
+def _llama_rope(**parameters):
+    return lambda: transformers.LlamaConfig(**_BASE, rope_parameters={"rope_theta": 10000.0, **parameters})
+
+
+# Variants of the matrix's families for the forms the matrix itself does not show: RoPE scalings, MQA,
+# interleaved rotary (GPT-J), partial rotary with a parallel block (Phi), fused QKV (Phi-3), QK-norm after
+# the projection (OLMo2). Built and checked like the matrix, without the int8/trt builds.
+VARIANTS = {
+    "llama-rope-linear": _llama_rope(rope_type="linear", factor=2.0),
+    "llama-rope-dynamic": _llama_rope(rope_type="dynamic", factor=2.0),
+    "llama-rope-llama3": _llama_rope(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=64),
+    "llama-rope-yarn": _llama_rope(rope_type="yarn", factor=4.0, original_max_position_embeddings=64),
+    "llama-rope-longrope": _llama_rope(rope_type="longrope", short_factor=[1.0] * 8, long_factor=[2.0] * 8,
+                                       original_max_position_embeddings=64),
+    "llama-mqa": lambda: transformers.LlamaConfig(**{**_BASE, "num_key_value_heads": 1}),
+    "gptj": lambda: transformers.GPTJConfig(
+        vocab_size=MATRIX_VOCAB, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256, bos_token_id=1,
+        eos_token_id=2),
+    "phi": lambda: transformers.PhiConfig(**{**_BASE, "num_key_value_heads": 4}, partial_rotary_factor=0.5),
+    "phi3": lambda: transformers.Phi3Config(**_BASE),
+    "olmo2": lambda: transformers.Olmo2Config(**_BASE),
+}
+
+
 def tiny_tokenizer(directory: Path, vocab: int = VOCAB) -> None:
     """A word-level tokenizer over ``vocab`` tokens: '<pad>', '<s>', '</s>', '<unk>', 'w4' … 'w{vocab-1}'."""
     from tokenizers import Tokenizer, models, pre_tokenizers

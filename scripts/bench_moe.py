@@ -1,0 +1,94 @@
+"""Decode cost of a mixture-of-experts artifact against a dense model of the same active size.
+
+    .venv/bin/python scripts/bench_moe.py [--repeats 7] [--steps 32]
+
+Two random-weight models with the same attention and the same active MLP width: Mixtral-shaped (8
+experts of width I, top-2, routed as traced: TopK + a Gather of the chosen experts' weights + batched
+MatMuls) and Llama-shaped (one MLP of width 2·I). Both are built for ort-cpu; decode steps at batch 1
+and batch 8 are timed in interleaved rounds (MoE, dense, MoE, dense …), and the script prints each
+round's ms per step, the median, min–max and the MoE/dense ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from graphopt.build import BuildOptions, build
+from graphopt.pipeline import load_recipe
+from graphopt.progress import QUIET
+from graphopt.runtime.engine import OrtEngine
+
+SHAPE = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+             max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+EXPERT_WIDTH = 1024
+
+
+def _save(config, directory: Path) -> Path:
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    from tokenizers import Tokenizer, models
+
+    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(directory)
+    return directory
+
+
+def _artifacts(root: Path) -> dict[str, Path]:
+    configs = {
+        "moe": transformers.MixtralConfig(**SHAPE, intermediate_size=EXPERT_WIDTH, num_local_experts=8,
+                                          num_experts_per_tok=2, sliding_window=None),
+        "dense": transformers.LlamaConfig(**SHAPE, intermediate_size=2 * EXPERT_WIDTH),
+    }
+    out = {}
+    for name, config in configs.items():
+        source = _save(config, root / f"{name}-hf")
+        build(str(source), BuildOptions(load_recipe("ort-cpu"), root / name), QUIET)
+        out[name] = root / name
+    return out
+
+
+def _step_ms(engine: OrtEngine, batch: int, steps: int) -> float:
+    """Mean ms per decode step of ``batch`` rows after a 64-token prompt each."""
+    while engine.cache.num_active:
+        engine.cache.free(engine.cache.num_active - 1)
+    rng = np.random.default_rng(0)
+    slots = [engine.cache.allocate() for _ in range(batch)]
+    engine.prefill([rng.integers(3, 2048, size=64).tolist() for _ in slots], slots)
+    tokens = rng.integers(3, 2048, size=batch)
+    engine.decode(tokens)  # warm
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.decode(tokens)
+    return (time.perf_counter() - start) * 1000 / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-moe-") as tmp:
+        engines = {name: OrtEngine(path, max_slots=8, max_seq=256) for name, path in _artifacts(Path(tmp)).items()}
+        for batch in (1, 8):
+            times: dict[str, list[float]] = {name: [] for name in engines}
+            for _ in range(args.repeats):
+                for name, engine in engines.items():
+                    times[name].append(_step_ms(engine, batch, args.steps))
+            ratios = [m / d for m, d in zip(times["moe"], times["dense"])]
+            for name, values in times.items():
+                print(f"batch {batch} {name:5}: median {statistics.median(values):.2f} ms/step "
+                      f"(min {min(values):.2f}, max {max(values):.2f}) rounds {[round(v, 2) for v in values]}")
+            print(f"batch {batch} MoE / dense: median {statistics.median(ratios):.2f}x "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {args.repeats} interleaved rounds")
+
+
+if __name__ == "__main__":
+    main()
