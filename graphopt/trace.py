@@ -10,6 +10,7 @@ references to the torch tensors until the artifact is saved (external data, memo
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import onnx_ir as ir
@@ -49,7 +50,8 @@ def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
                 dynamic_shapes={"input_ids": dims, "position_ids": dims}, optimize=True, verbose=False,
             )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+        first = text.splitlines()[0] if text else type(exc).__name__
         raise TraceError(f"torch.onnx.export failed for {type(model).__name__}: {first}; "
                          "try --attn-implementation eager or report the model") from exc
     finally:

@@ -64,7 +64,8 @@ def test_failed_build_leaves_no_directory(tmp_path: Path) -> None:
     source = make_tiny_model("llama", tmp_path / "hf")
     recipe = tmp_path / "bad.toml"
     recipe.write_text('[[pass]]\nname = "insert-kv-cache"\n')  # no fuse-attention first: must fail
-    assert_fails(["build", str(source), "-o", str(tmp_path / "out"), "--recipe", str(recipe)], "fuse-attention")
+    assert_fails(["build", str(source), "-o", str(tmp_path / "out"), "--recipe", str(recipe)], "fuse-attention",
+                 "layers.0.self_attn", "is not fused", "try --attn-implementation eager")
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -119,3 +120,10 @@ def test_generate_json_and_inspect(artifact: Path) -> None:
     assert shown.exit_code == 0 and "GroupQueryAttention" in shown.stdout and "past_key" in shown.stdout
     listed = CliRunner().invoke(main, ["passes"])
     assert "fuse-attention" in listed.stdout and "rmsnorm" in listed.stdout
+
+
+def test_alibi_model_is_refused_before_loading(tmp_path: Path) -> None:
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)
+    transformers.BloomForCausalLM(config).save_pretrained(tmp_path / "bloom")
+    assert_fails(["build", str(tmp_path / "bloom"), "-o", str(tmp_path / "out")], "ALiBi", "'bloom'")
+    assert not (tmp_path / "out").exists()

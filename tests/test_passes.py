@@ -134,3 +134,13 @@ def test_registry_names_are_kebab_case() -> None:
     assert all(name == name.lower() and " " not in name and "_" not in name for name in REGISTRY)
     with pytest.raises(RecipeError, match="unknown recipe"):
         load_recipe("nope")
+
+
+def test_unfused_attention_stops_the_cache_pass_with_what_was_seen() -> None:
+    from graphopt.passes.insert_kv_cache import InsertKVCachePass
+
+    model = _attention_model("full-bool")  # bidirectional: no pass understands it as causal attention
+    fuse = FuseAttentionPass()
+    assert fuse(model).modified is False and fuse.stats == {"unfused": 1}
+    with pytest.raises(PassError, match=r"is not fused: .*mask.*; without the cache"):
+        run_pipeline(model, parse_recipe({"pass": [{"name": "insert-kv-cache"}]}))
