@@ -1,29 +1,36 @@
 """fuse-attention: every attention becomes one ``graphopt::FlashAttention`` with native GQA.
 
-Two forms are matched (DESIGN §3):
+Attention is recognised by what it computes (passes/_attention_match.py), in two forms:
 
 (a) the opset-23 ``Attention`` op, with K/V expanded to all query heads by ``repeat_kv``::
 
-     q3 ─Reshape─Transpose─RoPE ───────────────────────────┐
-     k3 ─Reshape─Transpose─RoPE─Unsqueeze─Expand─Reshape ──┤ Attention ─Transpose─Reshape─► o3
-     v3 ─Reshape─Transpose─────Unsqueeze─Expand─Reshape ───┤
-     mask subgraph (position_ids → bool [B,1,S,S]) ────────┘
+     q3 ─Reshape─[QK-norm]─Transpose─RoPE ─────────────────────────┐
+     k3 ─Reshape─[QK-norm]─Transpose─RoPE─Unsqueeze─Expand─Reshape ┤ Attention ─Transpose─Reshape─► o3
+     v3 ─Reshape─Transpose─────────────────Unsqueeze─Expand─Reshape ┤
+     mask subgraph (position_ids → bool [B,1,S,S]) ────────────────┘
 
-(b) the decomposed form (other opsets, eager attention, GPT-2)::
+(b) the decomposed form (eager attention: GPT-2, Gemma 2's softcap, gpt-oss's sinks)::
 
-     MatMul(q4·c, Transpose(k4)·c) ─Mul/Div scale─(Add mask | Where mask)─Softmax─MatMul(·, v4)
+     MatMul(q4·c, Kᵀ·c) ─scale─[cap·tanh(·/cap)]─mask─[Concat sinks, −max]─Softmax─[Slice]─MatMul(·, v4)
 
    after, both::
 
-     q3 ─RoPE(3D)─┐
-     k3 ─RoPE(3D)─┤ graphopt::FlashAttention(num_heads=H, kv_num_heads=Hkv, scale, causal=1) ─► o3
-     v3 ──────────┘                    (the mask subgraph is left dead for dead-code removal)
+     q3 ─[QK-norm]─RoPE(3D)─┐
+     k3 ─[QK-norm]─RoPE(3D)─┤ graphopt::FlashAttention(num_heads=H, kv_num_heads=Hkv, scale, causal=1,
+     v3 ────────────────────┤                           softcap, window) ─► o3
+     [sinks [H]] ───────────┘ (input 6)   the mask subgraph is left dead for dead-code removal
 
+A per-head norm between the head split and the transpose ([B,S,H,D], QK-norm) stays where it is and
+is merged back to [B,S,H·D] by a free Reshape. RoPE in any layout (RotaryEmbedding with partial
+``rotary_embedding_dim`` or interleaved, or decomposed Mul/Split/Concat) stays outside the op.
 Legend: B batch, S seq, H query heads, Hkv kv heads, D head dim; x3 = [B,S,H·D], x4 = [B,H,S,D].
 
-A mask is accepted only after running its subgraph and finding it causal (or sliding-window,
-with the window from the ``window`` option or the model's ``graphopt.sliding_window`` metadata).
-Anything not fused is reported by node name with the reason in ``notes``.
+Each mask is read by running its subgraph (passes/_mask.py): causal, or causal with a sliding
+window whose size is read per layer (Gemma 2/3 and gpt-oss alternate windowed and global layers).
+The ``window`` option, when > 0, requires that window on every layer. Anything not fused is
+reported with the module it belongs to and the reason, in ``notes`` and on the node (for the
+insert-kv-cache guard). Statistics: fused_attention_op / fused_decomposed, unfused, and the layers
+with sliding_window (and the largest ``window``), softcap, sinks, qk_norm.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ class FuseAttentionPass(GraphoptPass):
     """Fuse attention into graphopt::FlashAttention.
 
     Options:
-        window: sliding-window size; -1 reads the model metadata (none when absent).
+        window: a sliding window every layer must have; -1 (default) reads each layer's window from
+            its mask (the model metadata's window, when present, sets the probe length).
     """
 
     name = "fuse-attention"
@@ -108,11 +116,17 @@ def _kinds(match: AttentionMatch) -> list[str]:
 
 
 def _has_head_norm(x4: ir.Value) -> bool:
-    """A norm over D applied per head before the head transpose (QK-norm: Qwen3, OLMo2, Gemma 3)."""
+    """A norm on q or k before RoPE: per head over D (Qwen3, Gemma 3) or over the whole projection
+    before the head split (OLMo2) — QK-norm either way."""
     rope = producer(x4, "RotaryEmbedding")
     transpose = producer(rope.inputs[0] if rope is not None else x4, "Transpose")
     inner = transpose.inputs[0].producer() if transpose is not None else None
-    return inner is not None and inner.op_type in ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+    if inner is not None and inner.op_type == "Reshape":
+        inner = inner.inputs[0].producer()
+    return inner is not None and inner.op_type in _NORMS
+
+
+_NORMS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
 
 
 def _rewrite(graph: ir.Graph, match: AttentionMatch) -> None:

@@ -31,7 +31,7 @@ from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 from graphopt.trt_engine import aot_check
-from tiny_models import MATRIX, MATRIX_VOCAB, VARIANTS, make_tiny_model
+from tiny_models import MATRIX, MATRIX_VOCAB, VARIANTS, WINDOW, make_tiny_model
 import trt_helpers
 
 TOLERANCE = 1e-4
@@ -95,6 +95,23 @@ def test_every_attention_fused_and_verified(built) -> None:
     assert fused.get("fused_attention_op", 0) + fused.get("fused_decomposed", 0) == 2
     assert all(r["max_abs_diff"] is None or r["max_abs_diff"] <= TOLERANCE for r in report["passes"]), arch
     assert report["ops"]["final"].get("com.microsoft::GroupQueryAttention") == 2
+
+
+FEATURES = {  # what the build report (and graphopt inspect) must name, per architecture
+    "mistral": {"sliding_window"}, "mixtral": {"moe"}, "qwen3": {"qk_norm"}, "qwen3_moe": {"qk_norm", "moe"},
+    "gemma2": {"sliding_window", "attention_softcap"}, "gemma3_text": {"sliding_window", "qk_norm"},
+    "starcoder2": {"sliding_window"}, "gpt_oss": {"sliding_window", "sinks", "moe"}, "olmo2": {"qk_norm"},
+}
+
+
+def test_build_report_names_the_features_found(built) -> None:
+    arch, report, _, _, _ = built
+    found = set(report["features"]) - {"attention"}
+    assert found == FEATURES.get(arch, set()), (arch, report["features"])
+    if "sliding_window" in found:
+        assert report["features"]["sliding_window"]["window"] == WINDOW
+    if arch in ("gemma2", "gemma3_text", "gpt_oss"):  # alternating: one windowed layer of two
+        assert report["features"]["sliding_window"]["layers"] == 1
 
 
 def test_prefill_logits_match_hf(built) -> None:
