@@ -97,7 +97,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
     from graphopt import quant_build
 
     source, torch_model, tokenizer = loaded.source, loaded.torch_model, loaded.tokenizer
-    model = loaded.model.clone() if copy else loaded.model
+    model = _clone(loaded.model) if copy else loaded.model
     timings, started = dict(loaded.timings), time.perf_counter() - sum(loaded.timings.values())
     with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
         records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
@@ -229,6 +229,19 @@ def _swap_into_place(staging: Path, output: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staging, output)
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    """A copy of the trace that passes may change freely. onnx-ir's clone shares weight tensors (fine:
+    passes replace them, never write into them) and each value's type object, so a pass setting a dtype
+    (lower-trt's fp16) would retype the original too: every value gets its own TensorType here."""
+    copy = model.clone()
+    values = [*copy.graph.inputs, *copy.graph.initializers.values()]
+    values += [out for node in ir.traversal.RecursiveGraphIterator(copy.graph) for out in node.outputs]
+    for value in values:
+        if isinstance(value.type, ir.TensorType):
+            value.type = ir.TensorType(value.type.dtype)
+    return copy
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

@@ -60,3 +60,20 @@ def test_force_replaces_atomically(tmp_path: Path) -> None:
     build(str(source), BuildOptions(load_recipe("ort-cpu"), out, force=True), QUIET)
     assert (out / "manifest.json").read_text() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "hf"]  # no staging or old copies left
+
+
+def test_a_trt_build_leaves_the_shared_trace_in_fp32(tmp_path: Path) -> None:
+    """compare and the matrix build several recipes from one trace: lower-trt's fp16 must not leak back."""
+    from graphopt import quant_build
+    from graphopt.build import build_traced, load, trace_loaded
+
+    source = make_tiny_model("llama", tmp_path / "hf")
+    loaded = load(str(source), "sdpa", QUIET)
+    trace_loaded(loaded, QUIET)
+    for recipe in ("trt", "ort-cpu"):
+        options = BuildOptions(load_recipe(recipe), tmp_path / recipe)
+        context = quant_build.pass_context(options, None, loaded.torch_model.config, loaded.tokenizer, QUIET)
+        build_traced(loaded, options, QUIET, context, copy=True)
+    assert ir.DataType.FLOAT16 not in {v.dtype for v in loaded.model.graph.initializers.values()}
+    manifest = json.loads((tmp_path / "ort-cpu" / "manifest.json").read_text())
+    assert manifest["kv_cache"]["dtype"] == "float32"
