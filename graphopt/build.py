@@ -22,6 +22,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import __version__
+from graphopt.artifact_files import runtime_file_names
 from graphopt.errors import GraphoptError
 from graphopt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
 from graphopt.pipeline import PassRecord, Recipe, run_pipeline
@@ -137,7 +138,7 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     names += [calibration["file"]] if calibration else []
     manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe)
     graphs = _extra_graphs(staging, model, options.recipe)
-    names += list(graphs.values())
+    names += list(graphs.values()) + runtime_file_names(staging)  # tokenizer/, generation_config.json
     manifest |= {"graphs": graphs} if graphs else {}
     manifest["files"] = file_entries(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

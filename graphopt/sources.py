@@ -288,7 +288,7 @@ def _save_gguf_tokenizer(gguf_path: Path, out_dir: Path, max_length: int | None)
     """Save the GGUF's tokenizer (with its chat template) into the folder; warn if it has none."""
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+            gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError, NotImplementedError) as exc:
         logger.warning("GGUF %s has no tokenizer transformers can read (%s); the folder will have none",
                        gguf_path.name, _one_line(exc))
