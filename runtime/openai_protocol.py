@@ -13,10 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from graphopt.errors import RequestError, RuntimeInputError
+from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.sampler import SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-MAX_STOP_STRINGS = 16
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -30,7 +30,8 @@ def _num(v: Any) -> bool:
 
 def _stop(v: Any) -> bool:
     items = [v] if isinstance(v, str) else v
-    return isinstance(items, list) and len(items) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in items)
+    return isinstance(items, list) and len(items) <= MAX_STOP_STRINGS and all(
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
 
 
 def _ids(v: Any) -> bool:
@@ -48,7 +49,8 @@ COMMON: dict[str, Rule] = {
     "stream_options": ("an object like {\"include_usage\": true}",
                        lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
                        and isinstance(v.get("include_usage", False), bool)),
-    "stop": (f"a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", _stop),
+    "stop": (f"a non-empty string of at most {MAX_STOP_CHARS} characters or a list of up to {MAX_STOP_STRINGS} "
+             "of them", _stop),
     "seed": ("an integer", _int),
     "presence_penalty": ("a number in [-2, 2]", lambda v: _num(v) and -2 <= v <= 2),
     "frequency_penalty": ("a number in [-2, 2]", lambda v: _num(v) and -2 <= v <= 2),

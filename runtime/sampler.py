@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphopt.errors import RuntimeInputError
+from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.penalties import apply_penalties
 
 
@@ -79,9 +80,11 @@ class SamplingParams:
                 f"sampling parameter stop_token_ids={self.stop_token_ids!r} is invalid; use a list of token ids"
             ) from None
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop) \
+                or len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
             raise RuntimeInputError(
-                f"sampling parameter stop={self.stop!r} is invalid; use a string or a list of non-empty strings"
+                f"sampling parameter stop={self.stop!r:.80} is invalid; use a string or a list of up to "
+                f"{MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters each"
             )
         object.__setattr__(self, "stop", tuple(stop))
 
