@@ -14,7 +14,7 @@ from typing import Any
 
 from graphopt.errors import RequestError, RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
-from graphopt.runtime.sampler import SamplingParams
+from graphopt.runtime.sampler import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -61,7 +61,8 @@ COMMON: dict[str, Rule] = {
     "service_tier": ("a string", lambda v: isinstance(v, str)),
     "top_k": ("an integer >= -1 (-1 or 0 = off)", lambda v: _int(v) and v >= -1),
     "min_p": ("a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
-    "repetition_penalty": ("a number > 0", lambda v: _num(v) and v > 0),
+    "repetition_penalty": (f"a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}]",
+                           lambda v: _num(v) and MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY),
     "ignore_eos": ("a boolean", lambda v: isinstance(v, bool)),
     "stop_token_ids": ("a list of token ids", lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v)),
 }
