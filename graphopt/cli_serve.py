@@ -43,17 +43,11 @@ def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batc
     """Serve ARTIFACT with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     from graphopt.runtime.server import ServerConfig
 
-    for name, value in (("--max-slots", max_slots), ("--max-queue", max_queue), ("--replicas", replicas),
-                        ("--max-batch-tokens", max_batch_tokens), ("--max-body-bytes", max_body_bytes),
-                        ("--max-connections", max_connections)):
-        if value < 1:
-            raise RuntimeInputError(f"{name} {value} is invalid; use 1 or more")
-    for name, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout),
-                          ("--shutdown-timeout", shutdown_timeout)):
-        if not 0 < seconds < 86400:
-            raise RuntimeInputError(f"{name} {seconds:g} is invalid; use a number of seconds above 0 (and below a day)")
-    if not 0 <= port <= 65535:
-        raise RuntimeInputError(f"--port {port} is invalid; use 0..65535 (0 = any free port)")
+    _check_flags(port, {"--max-slots": max_slots, "--max-queue": max_queue, "--replicas": replicas,
+                        "--max-batch-tokens": max_batch_tokens, "--max-body-bytes": max_body_bytes,
+                        "--max-connections": max_connections},
+                 {"--header-timeout": header_timeout, "--body-timeout": body_timeout,
+                  "--shutdown-timeout": shutdown_timeout})
     if not (artifact / "manifest.json").is_file():
         raise RuntimeInputError(f"{artifact} is not a graphopt artifact (no manifest.json); build one with "
                                 "'graphopt build MODEL -o DIR'")
@@ -70,5 +64,20 @@ def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batc
         raise RuntimeInputError("--replicas needs --ray; without it the server runs one engine")
     from graphopt.runtime.server import serve as run_server
 
+    if api_key is None and host.strip("[]") not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the "
+                   "server; pass --api-key KEY", err=True)
     click.echo(f"serving {artifact} on http://{host}:{port}/v1 (Ctrl-C or SIGTERM to stop)", err=True)
     run_server(config)
+
+
+def _check_flags(port: int, counts: dict[str, int], seconds: dict[str, float]) -> None:
+    """One line naming the first flag out of range: counts >= 1, seconds in (0, a day), a port in 0..65535."""
+    for name, value in counts.items():
+        if value < 1:
+            raise RuntimeInputError(f"{name} {value} is invalid; use 1 or more")
+    for name, value in seconds.items():
+        if not 0 < value < 86400:
+            raise RuntimeInputError(f"{name} {value:g} is invalid; use a number of seconds above 0 (and below a day)")
+    if not 0 <= port <= 65535:
+        raise RuntimeInputError(f"--port {port} is invalid; use 0..65535 (0 = any free port)")
