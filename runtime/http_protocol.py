@@ -1,10 +1,12 @@
-"""uvicorn's HTTP/1.1 protocol with a deadline on request headers.
+"""uvicorn's HTTP/1.1 protocol with a deadline on request headers and a cap on open connections.
 
 uvicorn times out idle keep-alive connections but waits forever for the headers of a request that was
 started and never finished (slowloris): enough such connections exhaust the file limit and every new client
 is reset. Here a connection gets ``header_timeout`` seconds, from when it opens or its previous response
-ended, to deliver complete request headers; otherwise it is answered 408 and closed. The body has its own
-deadline (``http_io.read_json``), and uvicorn's ``limit_concurrency`` answers 503 past ``max_connections``.
+ended, to deliver complete request headers; otherwise it is answered 408 and closed. A connection that
+opens while ``max_connections`` others are open is answered 503 at once (JSON, ``Connection: close``), its
+input is discarded, and it is closed after ``LINGER_S`` (or when the client closes first), so open files stay
+bounded and the client reads the 503 instead of a reset. The body has its own deadline (``http_io``).
 """
 
 from __future__ import annotations
@@ -15,23 +17,51 @@ import logging
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
-_TIMEOUT_BODY = (b'{"error": {"message": "request headers not received in time; send the whole request", '
-                 b'"type": "invalid_request_error", "param": null, "code": null}}')
-TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                    b"content-length: %d\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY))
+LINGER_S = 1.0
+
+
+def _response(status: bytes, message: bytes, kind: bytes) -> bytes:
+    body = b'{"error": {"message": "%s", "type": "%s", "param": null, "code": null}}' % (message, kind)
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+            % (status, len(body), body))
+
+
+TIMEOUT_RESPONSE = _response(b"408 Request Timeout", b"request headers not received in time; send the whole request",
+                             b"invalid_request_error")
+UNAVAILABLE_RESPONSE = _response(b"503 Service Unavailable", b"the server has too many open connections; retry "
+                                 b"shortly (--max-connections)", b"server_error")
 
 
 class HeaderTimeoutProtocol(H11Protocol):
-    """H11Protocol that answers 408 and closes a connection whose request headers are late."""
+    """H11Protocol that answers 408 to late request headers and 503 to connections past ``max_connections``."""
 
-    def __init__(self, *args, header_timeout: float, **kwargs) -> None:
+    def __init__(self, *args, header_timeout: float, max_connections: int, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
+        self.max_connections = max_connections
         self._header_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()
+        if len(self.connections) > self.max_connections:
+            self._refuse()
+        else:
+            self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._refused:  # a refused connection's request is read and dropped
+            super().data_received(data)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self.connections.discard(self)  # not counted against the cap (it closes within LINGER_S)
+        log.info("refused a connection from %s: %d open, --max-connections %d", self.client, len(self.connections),
+                 self.max_connections)
+        self.transport.write(UNAVAILABLE_RESPONSE)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()

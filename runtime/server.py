@@ -266,7 +266,8 @@ def uvicorn_server(server: OpenAIServer, port: int | None = None, log_level: str
                 captured.remove(sig)  # shutdown the process should exit 0, not die of the signal
 
     config = server.config
-    protocol = functools.partial(HeaderTimeoutProtocol, header_timeout=config.header_timeout)
+    protocol = functools.partial(HeaderTimeoutProtocol, header_timeout=config.header_timeout,
+                                 max_connections=config.max_connections)
     return DrainingServer(uvicorn.Config(server.app, host=config.host, port=config.port if port is None else port,
                                          log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
                                          http=protocol, limit_concurrency=config.max_connections + 1))

@@ -165,7 +165,10 @@ def test_connections_past_the_cap_get_503_not_a_reset() -> None:
     with ServerThread(config) as running:
         idle = [socket.create_connection(("127.0.0.1", running.port), timeout=30) for _ in range(2)]
         try:
-            assert _request(running.port, b"", path="/health", method="GET")[0] == 503
+            status, payload = _request(running.port, b"", path="/health", method="GET")
+            assert status == 503 and "too many open connections" in payload["error"]["message"]
+            for _ in range(3):  # silent connections past the cap are answered and closed by the server itself
+                assert _raw(running.port, b"").startswith(b"HTTP/1.1 503 ")
         finally:
             for sock in idle:
                 sock.close()
