@@ -14,7 +14,8 @@ past→present aliases, the model dims, and sha256 of every file.
       "plugins": [], "optimization_profiles": [],
       "graphs": {"multi_token": "model_verify.onnx"},   (ort-cpu, optional: the same I/O contract with standard
                  TensorScatter + Attention for several multi-token rows over a cache; its weights are model.onnx.data)
-      "files": {"model.onnx": {"sha256", "bytes"}, ...},
+      "files": {"model.onnx": {"sha256", "bytes"}, ...},  (every file the runtime reads: graphs, weights,
+                 tokenizer/*, generation_config.json; paths stay inside the artifact: artifact_files.py)
       "min_runtime": {"onnxruntime": "1.20"}
     }
 """
@@ -125,6 +126,9 @@ def load_manifest(artifact: str | Path, verify_hashes: bool = True) -> Manifest:
     manifest = parse_manifest(raw)
     for key, name in manifest.graphs.items():
         artifact_path(directory, name, f"graphs.{key}")
+        if verify_hashes and name not in raw["files"]:
+            raise ArtifactError(f"{path}: graphs.{key} {name!r} is not listed in 'files', so its hash cannot be "
+                                "checked; rebuild the artifact with 'graphopt build'")
     return manifest
 
 

@@ -10,7 +10,7 @@ prompts than the queue holds (it could never fit), 429 with ``Retry-After`` when
 the engine fails. A client that disconnects cancels its request and frees its slot at the next step; one that
 leaves while sending its body is logged as one line and answered 499 (not an error).
 Limits (server flags): request headers within ``header_timeout`` s (else 408 and closed), the body within
-``body_timeout`` s (408), at most ``max_connections`` connections served at once (503 past it). Prompts are
+``body_timeout`` s (408), at most ``max_connections`` connections open at once (503 past it). Prompts are
 tokenized (and chat templates rendered) on a worker thread, never on the event loop. Without an API key,
 requests from a foreign Host or Origin, or with a non-JSON Content-Type, are refused (runtime/http_guard.py).
 On SIGTERM the server stops accepting, lets in-flight requests finish for ``shutdown_timeout`` seconds, then
@@ -73,7 +73,7 @@ class ServerConfig:
     speculative: SpecConfig | None = None  # draft artifact or n-gram lookup
     header_timeout: float = 10.0  # seconds for a connection to deliver complete request headers
     body_timeout: float = 30.0  # seconds for the request body once the headers are in
-    max_connections: int = 256  # connections served at once; requests on more get 503
+    max_connections: int = 256  # connections open at once; one more is answered 503 and closed
 
 
 class OpenAIServer:
@@ -189,10 +189,10 @@ class OpenAIServer:
         if parsed.model is not None and parsed.model != self.model_name:
             raise RequestError(f"the model '{parsed.model}' does not exist; this server serves '{self.model_name}'",
                                param="model", status=404, code="model_not_found")
-        if len(parsed.prompts) > self.config.max_queue:  # would be refused with 429 forever, however idle
+        limit = self.llm.scheduler.config.max_queue
+        if len(parsed.prompts) > limit:  # would be refused with 429 forever, however idle the server
             raise RequestError(f"this request has {len(parsed.prompts)} prompts, more than the server's queue holds "
-                               f"({self.config.max_queue}); send at most {self.config.max_queue} per request",
-                               param="prompt")
+                               f"({limit}); send at most {limit} per request", param="prompt")
         ids, queue = self.async_llm.submit(parsed.prompts, parsed.params)
         responses = Responses(chat, self.model_name, self.llm.tokenizer, parsed.logprobs)
         outputs = self.async_llm.outputs(ids, queue)

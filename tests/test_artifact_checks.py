@@ -132,3 +132,10 @@ def test_generate_on_something_that_is_not_a_runnable_artifact(tmp_path: Path, w
         target = _copy(tmp_path)
         shutil.rmtree(target / "tokenizer")
     _fails(["generate", str(target), "w4"], str(target))
+
+
+def test_a_graph_not_listed_in_files_is_refused(tmp_path: Path) -> None:
+    art = _copy(tmp_path)
+    graph = load_manifest(art).graphs["multi_token"]
+    _edit_manifest(art, lambda m: m["files"].pop(graph))
+    _fails(["inspect", str(art)], "graphs.multi_token", "not listed in 'files'")
