@@ -35,12 +35,13 @@ import psutil
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
 from graphopt.errors import ArtifactError, BenchError, RuntimeInputError, SourceError
 from graphopt.manifest import load_manifest
 from graphopt.progress import Progress
 from graphopt.runtime.engine import OrtEngine, physical_cores
+from graphopt.runtime.tokenizer import load_tokenizer
 from graphopt.sources import default_cache_dir, load_causal_lm, resolve_source
 
 PEERS = ("hf", "genai")
@@ -179,7 +180,7 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
     progress = progress or Progress()
     threads = threads or physical_cores()
     manifest, machine = load_manifest(artifact), machine_info()
-    tokenizer = AutoTokenizer.from_pretrained(Path(artifact) / "tokenizer", local_files_only=True)
+    tokenizer = load_tokenizer(artifact)
     prompt = benchmark_prompt(tokenizer, prompt_tokens)
     factories: dict[str, Callable[[], Runner]] = {"graphopt": lambda: graphopt_runner(Path(artifact), threads)}
     if peers:

@@ -2,7 +2,8 @@
 
 Everything is produced in a temporary directory beside the destination and renamed into place
 at the end; on any failure (or Ctrl-C) the temporary directory is removed, so a half-written
-artifact never exists under the destination name.
+artifact never exists under the destination name. ``--force`` replaces only a graphopt artifact, and what a
+killed build left behind is swept by the next build into the same parent (graphopt/staging.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import resource
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +22,13 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt import __version__
-from graphopt.errors import ArtifactError, GraphoptError
+from graphopt.artifact_files import runtime_file_names
+from graphopt.errors import GraphoptError
 from graphopt.features import features_of
 from graphopt.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
 from graphopt.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.progress import Progress
+from graphopt.staging import check_destination, make_staging, swap_into_place, sweep_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def build(spec: str, options: BuildOptions, progress: Progress,
     """Build ``spec`` into ``options.output``; returns the build report."""
     from graphopt import quant_build
 
-    _check_destination(options.output, options.force)
+    check_destination(options.output, options.force)
     corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
     loaded = load(spec, options.attn_implementation, progress)
     context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
@@ -104,9 +105,9 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
                                dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
                                verify=options.verify, on_pass=on_pass, torch_model=torch_model, context=context)
     _check_target(model, options.recipe)
-    options.output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{options.output.name}.", dir=options.output.parent))
-    staging.chmod(0o755)
+    check_destination(options.output, options.force)  # again: it may have appeared while the passes ran
+    sweep_leftovers(options.output.parent)
+    staging = make_staging(options.output)
     try:
         with progress.step("writing artifact"), _timed(timings, "save_s"):
             report = _write(staging, model, source, torch_model, tokenizer, options, records, loaded.traced_ops,
@@ -119,7 +120,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         (staging / "build-report.json").write_text(json.dumps(report, indent=2))
-        _swap_into_place(staging, options.output)
+        swap_into_place(staging, options.output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -138,7 +139,7 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     names += [calibration["file"]] if calibration else []
     manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe)
     graphs = _extra_graphs(staging, model, options.recipe)
-    names += list(graphs.values())
+    names += list(graphs.values()) + runtime_file_names(staging)  # tokenizer/, generation_config.json
     manifest |= {"graphs": graphs} if graphs else {}
     manifest["files"] = file_entries(staging, names)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -203,13 +204,6 @@ def _absolute_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def _check_destination(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise ArtifactError(f"output {output} already exists; pass --force to replace it or choose another -o")
-    if output.exists() and not (output / MANIFEST).is_file() and any(output.iterdir()):
-        raise ArtifactError(f"output {output} exists and is not a graphopt artifact; refusing to replace it")
-
-
 def _check_target(model: ir.Model, recipe: Recipe) -> None:
     if recipe.target == "trt" and "check-trt" not in {p.name for p in recipe.passes}:
         raise GraphoptError(f"recipe {recipe.name} targets trt without 'check-trt'; add it at the end of the recipe")
@@ -219,16 +213,6 @@ def _check_target(model: ir.Model, recipe: Recipe) -> None:
     if left:
         raise GraphoptError(f"recipe {recipe.name} targets ort-cpu but leaves graphopt ops {left} unlowered; "
                             "add 'lower-ort-cpu' at the end of the recipe")
-
-
-def _swap_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-        os.replace(staging, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, output)
 
 
 def _clone(model: ir.Model) -> ir.Model:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from graphopt import __version__
 from graphopt.errors import GraphoptError
 
 
@@ -29,7 +30,8 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="graphopt", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
@@ -54,6 +56,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--attn-implementation", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a quantized build misses its fidelity budget "
+              "(the artifact is written either way).")
 @click.option("--int4", is_flag=True, help="int4 weights, AWQ-style (recipe <target>-int4).")
 @click.option("--int4-block", type=int, default=None, help="int4 block size: 32 (default), 64 or 128.")
 @click.option("--int8", is_flag=True, help="int8 weights and activations (recipe <target>-int8).")
@@ -71,7 +75,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--trt-max-prefill", default=512, show_default=True, help="trt: tokens per prefill call (profile).")
 @click.option("--aot-check", default=None, metavar="sm89,sm120",
               help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
-def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json,
+def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json, strict,
           int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, attention, dtype, trt_max_seq,
           trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
@@ -93,13 +97,20 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     records = []
     report = run_build(model, options, progress, on_pass=records.append)
     trt_steps = finish_trt_build(output, target, aot_check)  # AOT check, engine.plan where possible
+    budget = report.get("fidelity", {}).get("budget")
+    if budget is not None:  # quantized: machine-readable verdict next to the figures
+        report["within_budget"] = budget["within"]
     if as_json:
         click.echo(json.dumps(report | ({"trt_steps": trt_steps} if trt_steps else {}), indent=2))
-        return
-    progress.console.print(pass_table(records, verify))
-    print_build_summary(progress.console, report, output)
-    for line in trt_steps:
-        click.echo(line)
+    else:
+        progress.console.print(pass_table(records, verify))
+        print_build_summary(progress.console, report, output)
+        for line in trt_steps:
+            click.echo(line)
+    if strict and budget is not None and not budget["within"]:
+        click.echo(f"error: {output} is over its fidelity budget ({'; '.join(budget['misses'])}); the artifact was "
+                   "written, drop --strict to accept it or use a wider precision", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -31,7 +31,7 @@ def check_pair(candidate, reference) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(artifact: Path, reference: Path, text: Path | None, tokens: int, as_json: bool) -> None:
     """KL divergence, top-1 agreement and perplexities of ARTIFACT against --reference."""
-    from transformers import AutoTokenizer
+    from graphopt.runtime.tokenizer import load_tokenizer
 
     from graphopt.calib_text import default_corpus, read_text_file, token_stream
     from graphopt.fidelity import EVAL_SEQ, artifact_logits, evaluate
@@ -41,7 +41,7 @@ def eval_command(artifact: Path, reference: Path, text: Path | None, tokens: int
     candidate_manifest, reference_manifest = load_manifest(artifact), load_manifest(reference)
     check_pair(candidate_manifest, reference_manifest)
     corpus = read_text_file(text, "--text") if text is not None else default_corpus("evaluation")
-    tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer", local_files_only=True)
+    tokenizer = load_tokenizer(artifact)
     ids = token_stream(tokenizer, corpus, tokens, "--tokens")
     progress = Progress(enabled=not as_json)
     with progress.step("loading both artifacts"):

@@ -81,7 +81,7 @@ def spec_config(draft: Path | None, speculative: str | None, num_spec: int, fixe
 def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, top_p, top_k, seed, max_seq, as_json,
              draft, speculative, num_spec, fixed_k):
     """Generate text from ARTIFACT for PROMPT."""
-    from transformers import AutoTokenizer
+    from graphopt.runtime.tokenizer import load_tokenizer
 
     from graphopt.runtime.sampler import SamplingParams
 
@@ -89,7 +89,7 @@ def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, to
         raise RuntimeInputError("give either a PROMPT or --prompt-ids (exactly one)")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     spec = spec_config(draft, speculative, num_spec, fixed_k)
-    tokenizer = AutoTokenizer.from_pretrained(artifact / "tokenizer", local_files_only=True)
+    tokenizer = load_tokenizer(artifact)
     ids = parse_prompt_ids(prompt_ids) if prompt_ids is not None else encode_prompt(tokenizer, prompt, chat)
     result, stats = _run_generate(artifact, ids, params, max_seq, spec, tokenizer)
     text = tokenizer.decode(result["token_ids"], skip_special_tokens=True)

@@ -14,7 +14,8 @@ past→present aliases, the model dims, and sha256 of every file.
       "plugins": [], "optimization_profiles": [],
       "graphs": {"multi_token": "model_verify.onnx"},   (ort-cpu, optional: the same I/O contract with standard
                  TensorScatter + Attention for several multi-token rows over a cache; its weights are model.onnx.data)
-      "files": {"model.onnx": {"sha256", "bytes"}, ...},
+      "files": {"model.onnx": {"sha256", "bytes"}, ...},  (every file the runtime reads: graphs, weights,
+                 tokenizer/*, generation_config.json; paths stay inside the artifact: artifact_files.py)
       "min_runtime": {"onnxruntime": "1.20"}
     }
 """
@@ -22,16 +23,18 @@ past→present aliases, the model dims, and sha256 of every file.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+from graphopt.artifact_files import MANIFEST, artifact_path, file_entries, sha256_file, verify_files
 from graphopt.errors import ArtifactError
+from graphopt.manifest_fields import check_fields
 
 FORMAT = "graphopt-artifact"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "Manifest", "ModelDims", "TensorSpec", "file_entries",
+           "load_manifest", "parse_manifest", "sha256_file", "verify_files"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,28 +87,17 @@ class Manifest:
     def aliases(self) -> dict[str, str]:
         return dict(self.raw["kv_cache"]["aliases"])
 
+    @property
+    def graphs(self) -> dict[str, str]:
+        """Extra graphs by use (``multi_token``), paths relative to the artifact."""
+        return dict(self.raw.get("graphs") or {})
+
 
 def _by_role(specs: tuple[TensorSpec, ...], role: str, layer: int | None) -> TensorSpec:
     for spec in specs:
         if spec.role == role and spec.layer == layer:
             return spec
     raise ArtifactError(f"manifest has no tensor with role {role!r} (layer {layer}); rebuild the artifact")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_entries(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    """sha256 and size of each named file in ``directory`` (for the manifest's ``files``)."""
-    return {
-        name: {"sha256": sha256_file(directory / name), "bytes": (directory / name).stat().st_size}
-        for name in names
-    }
 
 
 def load_manifest(artifact: str | Path, verify_hashes: bool = True) -> Manifest:
@@ -118,38 +110,31 @@ def load_manifest(artifact: str | Path, verify_hashes: bool = True) -> Manifest:
         raise ArtifactError(f"{path} is missing; '{directory}' is not a graphopt artifact (rebuild with 'graphopt build')")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc}); rebuild the artifact with 'graphopt build'") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({str(exc)[:80]}); rebuild the artifact with "
+                            "'graphopt build'") from None
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path} holds {type(raw).__name__}, not a JSON object; rebuild the artifact with "
+                            "'graphopt build'")
     if raw.get("format") != FORMAT or raw.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT!r} v{FORMAT_VERSION}; "
             "rebuild the artifact with this graphopt version"
         )
     if verify_hashes:
-        verify_files(directory, raw.get("files", {}))
-    return parse_manifest(raw)
-
-
-def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
-    if not files:
-        raise ArtifactError(f"{directory / MANIFEST} lists no files; rebuild the artifact with 'graphopt build'")
-    for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise ArtifactError(f"artifact file {path} is missing; rebuild the artifact with 'graphopt build'")
-        if path.stat().st_size != entry["bytes"]:
-            raise ArtifactError(
-                f"artifact file {path} has {path.stat().st_size} bytes, manifest says {entry['bytes']} "
-                "(truncated or replaced); rebuild the artifact with 'graphopt build'"
-            )
-        if sha256_file(path) != entry["sha256"]:
-            raise ArtifactError(
-                f"artifact file {path} does not match its sha256 in manifest.json (modified or corrupted); "
-                "rebuild the artifact with 'graphopt build'"
-            )
+        verify_files(directory, raw.get("files"))
+    manifest = parse_manifest(raw)
+    for key, name in manifest.graphs.items():
+        artifact_path(directory, name, f"graphs.{key}")
+        if verify_hashes and name not in raw["files"]:
+            raise ArtifactError(f"{path}: graphs.{key} {name!r} is not listed in 'files', so its hash cannot be "
+                                "checked; rebuild the artifact with 'graphopt build'")
+    return manifest
 
 
 def parse_manifest(raw: dict[str, Any]) -> Manifest:
+    """The typed manifest; ArtifactError naming the first field of the wrong type or range."""
+    check_fields(raw)
     try:
         model = raw["model"]
         dims = ModelDims(**{**model, "eos_token_ids": tuple(model["eos_token_ids"])})

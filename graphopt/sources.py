@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from graphopt.errors import SourceError
+from graphopt.source_files import check_gguf_header, check_safetensors, has_gguf_magic
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def resolve_source(spec: str, cache_dir: Path | None = None) -> ModelSource:
         raise SourceError(f"unknown model '{spec}': no such file or folder and not a built-in name; {_ACCEPTED}")
     if path.is_dir():
         return _source_from_folder(spec, path.resolve(), model_id=path.resolve().name)
-    if path.suffix.lower() == ".gguf" or _has_gguf_magic(path):
+    if path.suffix.lower() == ".gguf" or has_gguf_magic(path):
         model_dir = _cached_gguf_folder(path.resolve(), cache_dir or default_cache_dir())
         return _source_from_folder(spec, model_dir, model_id=path.stem)
     raise SourceError(f"'{spec}' is a file but not a .gguf file; {_ACCEPTED}")
@@ -179,6 +181,8 @@ def _check_weights(model_dir: Path) -> None:
                               "them once where you trust the file, e.g. AutoModelForCausalLM.from_pretrained(dir)"
                               ".save_pretrained(new_dir) writes model.safetensors, then pass new_dir")
         raise SourceError(f"model folder '{model_dir}' has no *.safetensors weights; add the model's safetensors files")
+    for path in sorted(model_dir.glob("*.safetensors")):
+        check_safetensors(path)
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():
         shards = set(_read_json(index_path).get("weight_map", {}).values())
@@ -246,19 +250,9 @@ def _builtin_gguf(name: str) -> Path:
     return path
 
 
-def _has_gguf_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def _cached_gguf_folder(gguf_path: Path, cache_dir: Path) -> Path:
     """The cached HF folder for a GGUF file, converting it first (atomically) if absent."""
-    if not _has_gguf_magic(gguf_path):
-        raise SourceError(f"'{gguf_path}' is not a readable GGUF file (no 'GGUF' magic at its start); "
-                          "pass a .gguf model file, e.g. one written by llama.cpp's convert_hf_to_gguf.py")
+    check_gguf_header(gguf_path)
     digest = hashlib.sha256(f"graphopt-gguf-{GGUF_CACHE_VERSION}\0".encode())
     _update_with_ends(digest, gguf_path)
     entry = cache_dir / "gguf" / digest.hexdigest()[:24]
@@ -288,7 +282,8 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError, struct.error,
+            IndexError) as exc:  # struct.error / IndexError: a truncated file
         raise SourceError(f"transformers cannot load GGUF '{gguf_path}': {_one_line(exc)}; "
                           "use a GGUF of an architecture transformers supports, or an HF folder") from exc
     _save_dequantized(model, out_dir)
@@ -314,7 +309,7 @@ def _save_gguf_tokenizer(gguf_path: Path, out_dir: Path, max_length: int | None)
     """Save the GGUF's tokenizer (with its chat template) into the folder; warn if it has none."""
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+            gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError, NotImplementedError) as exc:
         logger.warning("GGUF %s has no tokenizer transformers can read (%s); the folder will have none",
                        gguf_path.name, _one_line(exc))

@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from graphopt.artifact_files import artifact_path
 from graphopt.errors import ArtifactError, RuntimeInputError
 from graphopt.manifest import Manifest, load_manifest
+from graphopt.runtime.graph_check import check_session_io
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession
 
@@ -109,15 +111,6 @@ def cache_names(manifest: Manifest) -> list[tuple[str, str]]:
     return pairs
 
 
-def check_session_io(manifest: Manifest, session: ort.InferenceSession) -> None:
-    expected = {spec.name for spec in manifest.inputs}
-    actual = {node.name for node in session.get_inputs()}
-    if expected != actual:
-        raise ArtifactError(
-            f"model.onnx inputs {sorted(actual)} do not match manifest.json {sorted(expected)}; rebuild the artifact"
-        )
-
-
 class OrtEngine:
     """Runs an ort-cpu artifact with a slot KV cache bound in place.
 
@@ -148,8 +141,8 @@ class OrtEngine:
         self._cache_names = cache_names(self.manifest)
         self._plain = BoundSession(self.session, self.manifest, self.cache, self._cache_names)
         self._binding = self._plain.binding
-        multi = self.manifest.raw.get("graphs", {}).get("multi_token")
-        self._multi_path = directory / multi if multi else None
+        multi = self.manifest.graphs.get("multi_token")
+        self._multi_path = artifact_path(directory, multi, "graphs.multi_token") if multi else None
         self._multi: BoundSession | None = None
         self._session_options = (threads, spinning)
 
@@ -172,7 +165,7 @@ class OrtEngine:
                 path, self._multi_path = self._multi_path, None  # from now on: one call per multi-token row
                 raise ArtifactError(f"onnxruntime {ort.__version__} cannot load {path.name} ({exc}); upgrade "
                                     "onnxruntime (tested with 1.32) to batch several multi-token rows") from exc
-            check_session_io(self.manifest, session)
+            check_session_io(self.manifest, session, self._multi_path.name)
             self._multi = BoundSession(session, self.manifest, self.cache, self._cache_names)
         return self._multi
 

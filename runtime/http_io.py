@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
 from graphopt.errors import GraphoptError, RequestError
@@ -23,8 +23,28 @@ log = logging.getLogger(__name__)
 DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body, so the client sees the 400
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body; 400 over ``limit`` bytes, 400 for non-UTF-8 or malformed JSON (param "body")."""
+class ClientGone(Exception):
+    """The client closed the connection before its request body arrived (logged as one line, answered 499)."""
+
+
+async def read_json(request: Request, limit: int, timeout: float = 30.0) -> Any:
+    """The request's JSON body. 400 (param "body") over ``limit`` bytes, for non-UTF-8, malformed or unreadable
+    JSON (numbers of more than 4300 digits, nesting too deep for the parser, lone surrogates); 408 when the body
+    takes more than ``timeout`` s; :class:`ClientGone` when the client leaves while sending it."""
+    try:
+        raw, size = await asyncio.wait_for(_read_body(request, limit), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"request body not received within {timeout:g} s; send it at once (the server's "
+                           "--body-timeout)", param="body", status=408) from None
+    except ClientDisconnect:
+        raise ClientGone() from None
+    if size > limit:
+        raise RequestError(f"request body is {size} bytes, over the server's {limit}-byte limit; send a shorter "
+                           "prompt or raise --max-body-bytes", param="body", status=400)
+    return parse_json(raw)
+
+
+async def _read_body(request: Request, limit: int) -> tuple[bytes, int]:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -32,19 +52,29 @@ async def read_json(request: Request, limit: int) -> Any:
             chunks.append(chunk)
         elif size > DRAIN_LIMIT:
             break
-    if size > limit:
-        raise RequestError(f"request body is {size} bytes, over the server's {limit}-byte limit; send a shorter "
-                           "prompt or raise --max-body-bytes", param="body", status=400)
-    raw = b"".join(chunks)
+    return b"".join(chunks), size
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON from UTF-8 bytes; RequestError (param "body") for anything Python's json cannot turn into plain text."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RequestError(f"request body is not valid UTF-8 (bad byte at offset {exc.start}); send UTF-8 JSON",
                            param="body") from None
     try:
-        return json.loads(text)
+        body = json.loads(text)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")  # lone surrogates ("\\ud800") have no UTF-8
     except json.JSONDecodeError as exc:
         raise RequestError(f"request body is not valid JSON: {exc}", param="body") from None
+    except RecursionError:
+        raise RequestError("request body is nested too deeply; send a flatter JSON object", param="body") from None
+    except UnicodeEncodeError:
+        raise RequestError("request body has a lone UTF-16 surrogate (e.g. \"\\ud800\"), which is not text; "
+                           "send valid Unicode strings", param="body") from None
+    except ValueError as exc:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise RequestError(f"request body has a value Python cannot read: {str(exc)[:120]}", param="body") from None
+    return body
 
 
 async def wait_disconnect(receive: Receive) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import ArtifactError, RuntimeInputError
+from graphopt.errors import RuntimeInputError
 from graphopt.runtime.detokenizer import TextStream
 from graphopt.runtime.engine import open_engine
 from graphopt.runtime.penalties import TokenLogprob, token_logprobs
@@ -34,6 +34,7 @@ from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKind
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.speculative import SpecConfig, Speculator, SpecResult
+from graphopt.runtime.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
 
@@ -265,13 +266,3 @@ def collect_completion(seq: Sequence, outputs: list[RequestOutput]) -> Completio
                       [lp for o in outputs for lp in o.logprobs],
                       (seq.first_token_time or end) - seq.arrival_time, end - seq.arrival_time,
                       seq.spec.as_dict() if seq.spec.rounds else None)
-
-
-def load_tokenizer(artifact: Path) -> Any:
-    """The artifact's tokenizer (``tokenizer/``), offline."""
-    from transformers import AutoTokenizer
-
-    directory = artifact / "tokenizer"
-    if not directory.is_dir():
-        raise ArtifactError(f"artifact {artifact} has no tokenizer/ folder; rebuild it with 'graphopt build'")
-    return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -3,20 +3,26 @@
 Every field is checked against a table (kind and range); a bad one raises :class:`RequestError` naming it
 (HTTP 400, OpenAI's ``param``). Unknown fields are refused, as OpenAI does. Extensions as in vLLM:
 ``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``.
+
+Sampling fields a request leaves out default to the artifact's ``generation_config.json`` (as in vLLM): with
+``do_sample`` false or absent, greedy (temperature 0); with ``do_sample`` true, its temperature, top_p, top_k,
+min_p and repetition_penalty, each where given (else OpenAI's defaults: temperature 1, top_p 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from graphopt.errors import RequestError, RuntimeInputError
-from graphopt.runtime.sampler import SamplingParams
+from graphopt.errors import ArtifactError, RequestError, RuntimeInputError
+from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from graphopt.runtime.sampler import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-MAX_STOP_STRINGS = 16
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -30,7 +36,8 @@ def _num(v: Any) -> bool:
 
 def _stop(v: Any) -> bool:
     items = [v] if isinstance(v, str) else v
-    return isinstance(items, list) and len(items) <= MAX_STOP_STRINGS and all(isinstance(s, str) and s for s in items)
+    return isinstance(items, list) and len(items) <= MAX_STOP_STRINGS and all(
+        isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in items)
 
 
 def _ids(v: Any) -> bool:
@@ -48,7 +55,8 @@ COMMON: dict[str, Rule] = {
     "stream_options": ("an object like {\"include_usage\": true}",
                        lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
                        and isinstance(v.get("include_usage", False), bool)),
-    "stop": (f"a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", _stop),
+    "stop": (f"a non-empty string of at most {MAX_STOP_CHARS} characters or a list of up to {MAX_STOP_STRINGS} "
+             "of them", _stop),
     "seed": ("an integer", _int),
     "presence_penalty": ("a number in [-2, 2]", lambda v: _num(v) and -2 <= v <= 2),
     "frequency_penalty": ("a number in [-2, 2]", lambda v: _num(v) and -2 <= v <= 2),
@@ -59,7 +67,8 @@ COMMON: dict[str, Rule] = {
     "service_tier": ("a string", lambda v: isinstance(v, str)),
     "top_k": ("an integer >= -1 (-1 or 0 = off)", lambda v: _int(v) and v >= -1),
     "min_p": ("a number in [0, 1]", lambda v: _num(v) and 0 <= v <= 1),
-    "repetition_penalty": ("a number > 0", lambda v: _num(v) and v > 0),
+    "repetition_penalty": (f"a number in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}]",
+                           lambda v: _num(v) and MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY),
     "ignore_eos": ("a boolean", lambda v: isinstance(v, bool)),
     "stop_token_ids": ("a list of token ids", lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v)),
 }
@@ -148,7 +157,33 @@ def _message(message: Any, index: int) -> dict[str, str]:
     return {"role": message["role"], "content": content}
 
 
-def sampling_params(body: dict[str, Any], max_tokens: int, logprobs: int | None) -> SamplingParams:
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def request_defaults(artifact: Path) -> dict[str, Any]:
+    """Sampling defaults from ``artifact/generation_config.json`` (see the module docstring); ArtifactError for a
+    value the API itself would refuse."""
+    path = artifact / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({str(exc)[:80]}); rebuild the artifact") from None
+    if not isinstance(config, dict) or not config.get("do_sample"):
+        return {"temperature": 0.0}
+    defaults = {name: config[name] for name in SAMPLING_DEFAULTS if config.get(name) is not None}
+    for name, value in defaults.items():
+        description, ok = COMMON[name]
+        if not ok(value):
+            raise ArtifactError(f"{path}: {name} must be {description}, got {value!r:.80}; fix the file or rebuild "
+                                "the artifact")
+    return defaults
+
+
+def sampling_params(body: dict[str, Any], max_tokens: int, logprobs: int | None,
+                    defaults: dict[str, Any] | None = None) -> SamplingParams:
+    body = {**(defaults or {}), **body}
     stop = body.get("stop", ())
     top_k = body.get("top_k", 0)
     try:
@@ -180,24 +215,25 @@ def fit_max_tokens(prompts: list[list[int]], requested: int | None, default: int
     return requested
 
 
-def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int) -> ParsedRequest:
+def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int,
+                     defaults: dict[str, Any] | None = None) -> ParsedRequest:
     body = validate(body, COMPLETIONS, "prompt")
     prompts = completion_prompts(body, tokenizer)
     if any(not p or max(p) >= vocab_size for p in prompts):
         raise RequestError(f"prompt token ids must be in 0..{vocab_size - 1} (and prompts non-empty)", param="prompt")
     max_tokens = fit_max_tokens(prompts, body.get("max_tokens"), COMPLETIONS_DEFAULT_MAX_TOKENS, max_seq, "prompt")
     logprobs = body.get("logprobs")
-    return ParsedRequest(body.get("model"), prompts, sampling_params(body, max_tokens, logprobs),
+    return ParsedRequest(body.get("model"), prompts, sampling_params(body, max_tokens, logprobs, defaults),
                          body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
                          logprobs)
 
 
-def parse_chat(body: Any, tokenizer: Any, max_seq: int) -> ParsedRequest:
+def parse_chat(body: Any, tokenizer: Any, max_seq: int, defaults: dict[str, Any] | None = None) -> ParsedRequest:
     body = validate(body, CHAT, "messages")
     prompt = chat_prompt(body, tokenizer)
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = fit_max_tokens([prompt], requested, None, max_seq, "messages")
     logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
-    return ParsedRequest(body.get("model"), [prompt], sampling_params(body, max_tokens, logprobs),
+    return ParsedRequest(body.get("model"), [prompt], sampling_params(body, max_tokens, logprobs, defaults),
                          body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
                          logprobs)

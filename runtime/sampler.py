@@ -1,7 +1,11 @@
 """Sampling, vectorised over the batch with numpy (DESIGN §8).
 
 Order per row, as in Hugging Face: penalties → temperature → top-k → top-p → min-p → draw.
-``temperature == 0`` is greedy (argmax of the penalised logits; top-k/top-p/min-p ignored). Each request
+``temperature == 0`` is greedy (argmax of the penalised logits; top-k/top-p/min-p ignored). Values float32 cannot
+compute are kept out at construction: a temperature below ``MIN_TEMPERATURE`` (1e-5) is greedy (set to 0: 1/T
+would overflow float32 and the distribution is a point mass anyway), and ``repetition_penalty`` must lie in
+[``MIN_REPETITION_PENALTY``, ``MAX_REPETITION_PENALTY``] = [0.01, 100] (beyond, penalised logits overflow or
+vanish in float32; HF and vLLM users stay within [1, 2]). Each request
 owns a ``np.random.Generator`` and draws exactly one uniform per sampled token, so a seeded request gives
 the same tokens whatever else shares its batch. Penalties and log-probabilities: ``penalties.py``.
 
@@ -18,7 +22,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from graphopt.errors import RuntimeInputError
+from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.penalties import apply_penalties
+
+MIN_TEMPERATURE = 1e-5  # below it (and above 0): greedy
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +64,9 @@ class SamplingParams:
             ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1] (1 = off)"),
             ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
             ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "in [0, 1] (0 = off)"),
-            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
-             "> 0 (1 = off)"),
+            ("repetition_penalty", _is_number(self.repetition_penalty)
+             and MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+             f"in [{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY:g}] (1 = off)"),
             ("presence_penalty", _is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
              "in [-2, 2] (0 = off)"),
             ("frequency_penalty", _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
@@ -69,7 +78,10 @@ class SamplingParams:
         ]
         for field, ok, valid in checks:
             if not ok:
-                raise RuntimeInputError(f"sampling parameter {field}={getattr(self, field)!r} is invalid; use {valid}")
+                raise RuntimeInputError(f"sampling parameter {field}={getattr(self, field)!r:.80} is invalid; "
+                                        f"use {valid}")
+        if self.temperature < MIN_TEMPERATURE:  # 1/T overflows float32: a point mass, i.e. greedy
+            object.__setattr__(self, "temperature", 0.0)
 
     def _normalise_stops(self) -> None:
         try:
@@ -79,9 +91,11 @@ class SamplingParams:
                 f"sampling parameter stop_token_ids={self.stop_token_ids!r} is invalid; use a list of token ids"
             ) from None
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
+        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop) \
+                or len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
             raise RuntimeInputError(
-                f"sampling parameter stop={self.stop!r} is invalid; use a string or a list of non-empty strings"
+                f"sampling parameter stop={self.stop!r:.80} is invalid; use a string or a list of up to "
+                f"{MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters each"
             )
         object.__setattr__(self, "stop", tuple(stop))
 

@@ -5,16 +5,25 @@
 
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
 (named in ``param``), 401 for a missing or wrong API key (only /v1/* needs one), 404 for an unknown model,
-400 (param "body") for a body over ``max_body_bytes``, 429 with ``Retry-After`` when the request queue is full, 500 if
-the engine fails. A client that disconnects cancels its request and frees its slot at the next step.
+400 (param "body") for a body over ``max_body_bytes`` or JSON Python cannot read, 400 for a request with more
+prompts than the queue holds (it could never fit), 429 with ``Retry-After`` when the request queue is full, 500 if
+the engine fails. A client that disconnects cancels its request and frees its slot at the next step; one that
+leaves while sending its body is logged as one line and answered 499 (not an error).
+Limits (server flags): request headers within ``header_timeout`` s (else 408 and closed), the body within
+``body_timeout`` s (408), at most ``max_connections`` connections open at once (503 past it). Prompts are
+tokenized (and chat templates rendered) on a worker thread, never on the event loop. Without an API key,
+requests from a foreign Host or Origin, or with a non-JSON Content-Type, are refused (runtime/http_guard.py).
 On SIGTERM the server stops accepting, lets in-flight requests finish for ``shutdown_timeout`` seconds, then
 cancels the rest (their responses end cleanly with finish_reason "cancelled"); the engine thread stops last.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -32,11 +41,13 @@ from starlette.routing import Route
 
 from graphopt.errors import GraphoptError, OverloadedError, RequestError, RuntimeInputError
 from graphopt.runtime.async_llm import AsyncLLM
-from graphopt.runtime.http_io import SSEResponse, read_json, until_disconnect
+from graphopt.runtime.http_guard import LocalOnly
+from graphopt.runtime.http_io import ClientGone, SSEResponse, read_json, until_disconnect
+from graphopt.runtime.http_protocol import HeaderTimeoutProtocol
 from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
 from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
 from graphopt.runtime.openai_format import Responses, error_body
-from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion
+from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion, request_defaults
 from graphopt.runtime.speculative import SpecConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,9 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
     speculative: SpecConfig | None = None  # draft artifact or n-gram lookup
+    header_timeout: float = 10.0  # seconds for a connection to deliver complete request headers
+    body_timeout: float = 30.0  # seconds for the request body once the headers are in
+    max_connections: int = 256  # connections open at once; one more is answered 503 and closed
 
 
 class OpenAIServer:
@@ -76,6 +90,8 @@ class OpenAIServer:
                                       cache.max_slots)
         self.async_llm = AsyncLLM(self.llm, observer=self.metrics)
         self.started = int(time.time())
+        self.defaults = request_defaults(Path(config.artifact))  # generation_config.json's sampling defaults
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="graphopt-tokenize")
         routes = [
             Route("/v1/completions", self._endpoint("completions", self.completions, True), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint("chat", self.chat, True), methods=["POST"]),
@@ -83,8 +99,8 @@ class OpenAIServer:
             Route("/health", self._endpoint("health", self.health, False), methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
         ]
-        self.app = Starlette(routes=routes, lifespan=self._lifespan,
-                             exception_handlers={HTTPException: self._http_exception})
+        app = Starlette(routes=routes, lifespan=self._lifespan, exception_handlers={HTTPException: self._http_exception})
+        self.app = app if config.api_key is not None else LocalOnly(app, config.host)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -92,6 +108,7 @@ class OpenAIServer:
         log.info("serving %s as %r with %d slots", self.config.artifact, self.model_name, self.config.max_slots)
         yield
         await self.async_llm.shutdown()
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
 
     # ---- error handling, auth and accounting -------------------------------------------------------------
     def _endpoint(self, name: str, handler: Callable[[Request], Awaitable[Any]], auth: bool):
@@ -100,6 +117,9 @@ class OpenAIServer:
                 if auth:
                     self._authorize(request)
                 response = await handler(request)
+            except ClientGone:
+                log.info("client left while sending its request body to %s", request.url.path)
+                response = Response(status_code=499)  # nginx's "client closed request": nobody reads it
             except RequestError as exc:
                 response = _error(exc.status, str(exc), "invalid_request_error", exc.param, exc.code)
             except OverloadedError as exc:
@@ -150,19 +170,29 @@ class OpenAIServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def completions(self, request: Request) -> Any:
-        body = await read_json(request, self.config.max_body_bytes)
-        parsed = parse_completion(body, self.llm.tokenizer, self.llm.max_seq, self.llm.engine.vocab_size)
+        body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)
+        parsed = await self._off_loop(parse_completion, body, self.llm.tokenizer, self.llm.max_seq,
+                                      self.llm.engine.vocab_size, self.defaults)
         return await self._generate(request, parsed, chat=False)
 
     async def chat(self, request: Request) -> Any:
-        body = await read_json(request, self.config.max_body_bytes)
-        return await self._generate(request, parse_chat(body, self.llm.tokenizer, self.llm.max_seq), chat=True)
+        body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)
+        parsed = await self._off_loop(parse_chat, body, self.llm.tokenizer, self.llm.max_seq, self.defaults)
+        return await self._generate(request, parsed, chat=True)
+
+    async def _off_loop(self, function: Callable[..., ParsedRequest], *args: Any) -> ParsedRequest:
+        """Tokenize on the worker thread: a 1 MB prompt must not stall every other connection."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, function, *args)
 
     # ---- generation --------------------------------------------------------------------------------------
     async def _generate(self, request: Request, parsed: ParsedRequest, chat: bool) -> Any:
         if parsed.model is not None and parsed.model != self.model_name:
             raise RequestError(f"the model '{parsed.model}' does not exist; this server serves '{self.model_name}'",
                                param="model", status=404, code="model_not_found")
+        limit = self.llm.scheduler.config.max_queue
+        if len(parsed.prompts) > limit:  # would be refused with 429 forever, however idle the server
+            raise RequestError(f"this request has {len(parsed.prompts)} prompts, more than the server's queue holds "
+                               f"({limit}); send at most {limit} per request", param="prompt")
         ids, queue = self.async_llm.submit(parsed.prompts, parsed.params)
         responses = Responses(chat, self.model_name, self.llm.tokenizer, parsed.logprobs)
         outputs = self.async_llm.outputs(ids, queue)
@@ -236,8 +266,11 @@ def uvicorn_server(server: OpenAIServer, port: int | None = None, log_level: str
                 captured.remove(sig)  # shutdown the process should exit 0, not die of the signal
 
     config = server.config
+    protocol = functools.partial(HeaderTimeoutProtocol, header_timeout=config.header_timeout,
+                                 max_connections=config.max_connections)
     return DrainingServer(uvicorn.Config(server.app, host=config.host, port=config.port if port is None else port,
-                                         log_level=log_level, access_log=False, timeout_graceful_shutdown=5))
+                                         log_level=log_level, access_log=False, timeout_graceful_shutdown=5,
+                                         http=protocol, limit_concurrency=config.max_connections + 1))
 
 
 def serve(config: ServerConfig, llm: LLM | None = None) -> None:

@@ -7,7 +7,12 @@ import pytest
 
 from graphopt.errors import RuntimeInputError
 from graphopt.runtime.penalties import apply_penalties, token_logprobs
-from graphopt.runtime.sampler import Sampler, SamplingParams, filtered_probs, sample, sample_rows
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from graphopt.runtime.sampler import (MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, MIN_TEMPERATURE, Sampler,
+                                      SamplingParams, filtered_probs, sample, sample_rows)
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 
@@ -86,10 +91,12 @@ def test_seed_reproducible_and_independent_of_batch() -> None:
         ({"temperature": None}, "temperature=None is invalid"),
         ({"stop_token_ids": ["eos"]}, "stop_token_ids=.* use a list of token ids"),
         ({"min_p": 1.5}, r"min_p=1.5 is invalid; use in \[0, 1\]"),
-        ({"repetition_penalty": 0}, "repetition_penalty=0 is invalid; use > 0"),
+        ({"repetition_penalty": 0}, r"repetition_penalty=0 is invalid; use in \[0.01, 100\]"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty=1e-300 is invalid"),
+        ({"repetition_penalty": 1e300}, "repetition_penalty=1e\\+300 is invalid"),
         ({"presence_penalty": 2.5}, r"presence_penalty=2.5 is invalid; use in \[-2, 2\]"),
         ({"frequency_penalty": -3}, "frequency_penalty=-3 is invalid"),
-        ({"stop": ["ok", ""]}, "stop=.* list of non-empty strings"),
+        ({"stop": ["ok", ""]}, "stop=.* non-empty strings"),
         ({"stop": 5}, "stop=5 is invalid"),
         ({"logprobs": 21}, "logprobs=21 is invalid; use None or an integer in 0..20"),
     ],
@@ -157,3 +164,41 @@ def test_logprobs_are_the_raw_log_softmax() -> None:
     best = np.argsort(-reference[1])[:4]
     assert [i for i, _ in result[1].top] == best.tolist()
     assert [lp for _, lp in result[1].top] == pytest.approx(reference[1, best].tolist())
+
+
+def test_a_temperature_float32_cannot_invert_is_greedy() -> None:
+    logits = np.random.default_rng(3).standard_normal((4, 50)).astype(np.float32)
+    for temperature in (3e-39, 1e-300, MIN_TEMPERATURE / 2):
+        params = SamplingParams(temperature=temperature, seed=1)
+        assert params.greedy and sample(logits, params).tolist() == np.argmax(logits, axis=1).tolist()
+    assert not SamplingParams(temperature=MIN_TEMPERATURE).greedy
+
+
+_TEMPERATURES = st.one_of(st.sampled_from([MIN_TEMPERATURE, 1e-4, 1e-38, 5e-324, 2.0, 1e30, 1e300]),
+                          st.floats(min_value=0, max_value=1e6, allow_nan=False, allow_subnormal=True))
+_PARAMS = st.builds(
+    SamplingParams, temperature=_TEMPERATURES, top_k=st.integers(0, 80),
+    top_p=st.one_of(st.just(1e-300), st.floats(min_value=1e-300, max_value=1.0, exclude_min=False)),
+    min_p=st.floats(0, 1), repetition_penalty=st.floats(MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
+    presence_penalty=st.floats(-2, 2), frequency_penalty=st.floats(-2, 2), seed=st.integers(0, 2**63 - 1))
+_LOGITS = hnp.arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 64)),
+                     elements=st.floats(-3e4, 3e4, width=32))
+
+
+@settings(max_examples=400, deadline=None)
+@given(_LOGITS, _PARAMS, st.data())
+def test_extreme_but_valid_params_give_a_real_distribution(logits: np.ndarray, params: SamplingParams,
+                                                           data) -> None:
+    rows, vocab = logits.shape
+    history = [(data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8)),
+                data.draw(st.lists(st.integers(0, vocab - 1), max_size=8))) for _ in range(rows)]
+    penalised = apply_penalties(logits, list(range(rows)), [params] * rows, history)
+    assert np.all(np.isfinite(penalised))
+    if not params.greedy:
+        filters = [np.full(rows, value) for value in (params.top_k, params.top_p, params.min_p)]
+        for top_k, top_p, min_p in ((None, None, None), tuple(filters)):
+            _, probs = filtered_probs(penalised, np.full(rows, params.temperature), top_k, top_p, min_p)
+            assert np.all(np.isfinite(probs)) and np.all(probs >= 0)
+            assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    tokens = Sampler([params]).sample(logits, [0] * rows, history)
+    assert tokens.dtype == np.int64 and np.all((tokens >= 0) & (tokens < vocab))
