@@ -119,7 +119,10 @@ def _has_head_norm(x4: ir.Value) -> bool:
     """A norm on q or k before RoPE: per head over D (Qwen3, Gemma 3) or over the whole projection
     before the head split (OLMo2) — QK-norm either way."""
     rope = producer(x4, "RotaryEmbedding")
-    transpose = producer(rope.inputs[0] if rope is not None else x4, "Transpose")
+    x4 = rope.inputs[0] if rope is not None else x4
+    if x4.producer() is not None and x4.producer().op_type in _NORMS:  # the norm after the transpose (Gemma 3)
+        return True
+    transpose = producer(x4, "Transpose")
     inner = transpose.inputs[0].producer() if transpose is not None else None
     if inner is not None and inner.op_type == "Reshape":
         inner = inner.inputs[0].producer()
@@ -185,7 +188,8 @@ def _to_3d(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Va
         return found
     rope = producer(x4, "RotaryEmbedding")
     if rope is not None and (len(rope.inputs) < 4 or rope.inputs[3] is None):
-        inner = _heads_last(tape, rope.inputs[0], heads, head_dim)
+        inner = _heads_last(tape, rope.inputs[0], heads, head_dim) or _norm_heads_last(tape, rope.inputs[0], heads,
+                                                                                       head_dim)
         if inner is not None:
             attributes = {k: a.value for k, a in rope.attributes.items()}
             attributes["num_heads"] = heads
@@ -194,6 +198,22 @@ def _to_3d(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Va
             return out
     transposed = tape.op("Transpose", [x4], attributes={"perm": [0, 2, 1, 3]})
     return _merge_last_two(tape, transposed, x4, heads, head_dim)
+
+
+def _norm_heads_last(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Value | None:
+    """x4 = Norm_D(Transpose(y, [0,2,1,3])) (Gemma 3's QK-norm after the transpose): the same norm over D
+    on y [B,S,H,D] (it commutes with the transpose), merged to [B,S,H·D] by a free Reshape."""
+    norm = x4.producer()
+    if norm is None or norm.op_type not in _NORMS or norm.domain not in ("", "ai.onnx") or \
+            norm.attributes.get("axis") is None or norm.attributes["axis"].value != -1:
+        return None
+    transpose = producer(norm.inputs[0], "Transpose")
+    if not perm_is(transpose, (0, 2, 1, 3)) or len(norm.outputs[0].uses()) != 1:
+        return None
+    attributes = {k: a.value for k, a in norm.attributes.items()}
+    moved = tape.op(norm.op_type, [transpose.inputs[0], *norm.inputs[1:]], attributes=attributes)
+    moved.shape, moved.dtype = transpose.inputs[0].shape, x4.dtype
+    return _merge_last_two(tape, moved, x4, heads, head_dim)
 
 
 def _heads_last(tape: ir.tape.Tape, x4: ir.Value, heads: int, head_dim: int) -> ir.Value | None:

@@ -96,7 +96,7 @@ def row(arch: str, root: Path) -> list[str]:
     trace_loaded(loaded, QUIET)
     hf = transformers.AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
     report = _build(loaded, "ort-cpu", root / "fp32", verify=True)
-    kl = lambda recipe, out: f"✓ {_build(loaded, recipe, out, **quant)['fidelity']['kl_mean']:.4f}"  # noqa: E731
+    kl = lambda recipe, out: f"✓ {_build(loaded, recipe, out, **quant)['fidelity']['kl_mean']:.1e}"  # noqa: E731
     return [arch, describe(report["features"]), _cell(lambda: _parity(root / "fp32", hf)),
             _cell(lambda: _trt(loaded, root / "trt")), _cell(lambda: kl("ort-cpu-int8", root / "int8")),
             _cell(lambda: kl("ort-cpu-int4", root / "int4")),
