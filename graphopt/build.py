@@ -45,6 +45,7 @@ class BuildOptions:
     calib_tokens: int = 4096
     eval_tokens: int = 2048  # fidelity vs fp32, measured for every lossy (quantized) build
     eval_text: Path | None = None  # default: the evaluation half of the installed packages' prose
+    experts: str = "routed"  # how mixture-of-experts blocks are traced: graphopt/experts.py FORMS
 
 
 @dataclasses.dataclass
@@ -67,7 +68,7 @@ def build(spec: str, options: BuildOptions, progress: Progress,
     corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
     loaded = load(spec, options.attn_implementation, progress)
     context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
-    trace_loaded(loaded, progress)
+    trace_loaded(loaded, progress, options.experts)
     return build_traced(loaded, options, progress, context, on_pass)
 
 
@@ -84,11 +85,11 @@ def load(spec: str, attn_implementation: str, progress: Progress) -> Loaded:
     return Loaded(source, torch_model, tokenizer, timings)
 
 
-def trace_loaded(loaded: Loaded, progress: Progress) -> None:
+def trace_loaded(loaded: Loaded, progress: Progress, experts: str = "routed") -> None:
     from graphopt.trace import trace
 
     with progress.step("tracing with torch.onnx.export(dynamo=True, opset 23)"), _timed(loaded.timings, "trace_s"):
-        loaded.model = trace(loaded.torch_model)
+        loaded.model = trace(loaded.torch_model, experts=experts)
     loaded.traced_ops = _op_counts(loaded.model)
 
 

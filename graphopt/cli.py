@@ -66,6 +66,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 calibration text (default: prose from installed packages' docs).")
 @click.option("--calib-tokens", default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--experts", default="routed", type=click.Choice(["routed", "dense"]), show_default=True,
+              help="Mixture-of-experts blocks: gather the chosen experts' weights, or run every expert.")
 @click.option("--attention", default="standard", type=click.Choice(["standard", "plugin"]), show_default=True,
               help="trt: FlashAttention as TensorScatter + Attention, or the graphopt plugin node.")
 @click.option("--dtype", default="float16", type=click.Choice(["float16", "bfloat16", "float32"]),
@@ -76,7 +78,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--aot-check", default=None, metavar="sm89,sm120",
               help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
 def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json, strict,
-          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, attention, dtype, trt_max_seq,
+          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, experts, attention, dtype, trt_max_seq,
           trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build import BuildOptions, build as run_build
@@ -92,7 +94,8 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
                         max_batch=trt_max_batch, max_prefill=trt_max_prefill)
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
-    options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens)
+    options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
+                           experts=experts)
     progress = Progress(enabled=not as_json)
     records = []
     report = run_build(model, options, progress, on_pass=records.append)

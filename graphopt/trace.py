@@ -17,6 +17,7 @@ import onnx_ir as ir
 import torch
 
 from graphopt.errors import TraceError
+from graphopt.experts import use_form
 from graphopt.features import MOE_KEY
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ class _PlainForward(torch.nn.Module):
         return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
-def trace(model: torch.nn.Module, opset: int = OPSET) -> ir.Model:
-    """Export ``model`` (eval, fp32) to an ``ir.Model`` with inputs input_ids/position_ids, output logits."""
+def trace(model: torch.nn.Module, opset: int = OPSET, experts: str = "routed") -> ir.Model:
+    """Export ``model`` (eval, fp32) to an ``ir.Model`` with inputs input_ids/position_ids, output logits;
+    mixture-of-experts blocks in the ``experts`` form of graphopt/experts.py."""
     model.eval()
-    moe = _routed_experts(model)
+    moe = use_form(model, experts)
     frozen = _freeze_dynamic_rope(model)
     seq = 7
     input_ids = torch.zeros((2, seq), dtype=torch.long)
@@ -82,20 +84,6 @@ def _freeze_dynamic_rope(model: torch.nn.Module) -> list[tuple[torch.nn.Module, 
 def _thaw(frozen: list[tuple[torch.nn.Module, object]]) -> None:
     for module, kind in frozen:
         module.rope_type = kind
-
-
-def _routed_experts(model: torch.nn.Module) -> str | None:
-    """Mixture-of-experts blocks trace as TopK routing + a Gather of the chosen experts' weights.
-
-    transformers' default grouped-GEMM kernel has no ONNX form; its 'batched_mm' form (gather the
-    k chosen experts' matrices per token, then batched MatMuls) exports with standard ops and reads
-    only the chosen experts' weights at decode. It computes the same function.
-    """
-    can_set = getattr(model, "_can_set_experts_implementation", None)
-    if can_set is not None and can_set() and getattr(model.config, "_experts_implementation", None) is not None:
-        model.set_experts_implementation("batched_mm")
-        return "routed-gather"
-    return None
 
 
 def _record_config(model: ir.Model, config) -> None:

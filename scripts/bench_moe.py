@@ -3,10 +3,10 @@
     .venv/bin/python scripts/bench_moe.py [--repeats 7] [--steps 32]
 
 Two random-weight models with the same attention and the same active MLP width: Mixtral-shaped (8
-experts of width I, top-2, routed as traced: TopK + a Gather of the chosen experts' weights + batched
-MatMuls) and Llama-shaped (one MLP of width 2·I). Both are built for ort-cpu; decode steps at batch 1
-and batch 8 are timed in interleaved rounds (MoE, dense, MoE, dense …), and the script prints each
-round's ms per step, the median, min–max and the MoE/dense ratio.
+experts of width I, top-2) and Llama-shaped (one MLP of width 2·I). The MoE model is built twice, with
+``--experts routed`` and ``--experts dense`` (graphopt/experts.py); all three are built for ort-cpu;
+decode steps at batch 1 and batch 8 are timed in interleaved rounds (routed, dense-experts, dense model,
+…), and the script prints each one's ms per step (median, min–max) and its ratio to the dense model.
 """
 
 from __future__ import annotations
@@ -42,15 +42,14 @@ def _save(config, directory: Path) -> Path:
 
 
 def _artifacts(root: Path) -> dict[str, Path]:
-    configs = {
-        "moe": transformers.MixtralConfig(**SHAPE, intermediate_size=EXPERT_WIDTH, num_local_experts=8,
-                                          num_experts_per_tok=2, sliding_window=None),
-        "dense": transformers.LlamaConfig(**SHAPE, intermediate_size=2 * EXPERT_WIDTH),
-    }
+    moe = transformers.MixtralConfig(**SHAPE, intermediate_size=EXPERT_WIDTH, num_local_experts=8,
+                                     num_experts_per_tok=2, sliding_window=None)
+    dense = transformers.LlamaConfig(**SHAPE, intermediate_size=2 * EXPERT_WIDTH)
+    sources = {"moe": _save(moe, root / "moe-hf"), "dense": _save(dense, root / "dense-hf")}
     out = {}
-    for name, config in configs.items():
-        source = _save(config, root / f"{name}-hf")
-        build(str(source), BuildOptions(load_recipe("ort-cpu"), root / name), QUIET)
+    for name, source, experts in (("moe-routed", "moe", "routed"), ("moe-dense", "moe", "dense"),
+                                  ("dense-model", "dense", "routed")):
+        build(str(sources[source]), BuildOptions(load_recipe("ort-cpu"), root / name, experts=experts), QUIET)
         out[name] = root / name
     return out
 
@@ -82,12 +81,12 @@ def main() -> None:
             for _ in range(args.repeats):
                 for name, engine in engines.items():
                     times[name].append(_step_ms(engine, batch, args.steps))
-            ratios = [m / d for m, d in zip(times["moe"], times["dense"])]
             for name, values in times.items():
-                print(f"batch {batch} {name:5}: median {statistics.median(values):.2f} ms/step "
-                      f"(min {min(values):.2f}, max {max(values):.2f}) rounds {[round(v, 2) for v in values]}")
-            print(f"batch {batch} MoE / dense: median {statistics.median(ratios):.2f}x "
-                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}) over {args.repeats} interleaved rounds")
+                ratios = [v / d for v, d in zip(values, times["dense-model"])]
+                print(f"batch {batch} {name:11}: median {statistics.median(values):.2f} ms/step "
+                      f"(min {min(values):.2f}, max {max(values):.2f}); vs dense model "
+                      f"{statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}) "
+                      f"over {args.repeats} interleaved rounds")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from graphopt import quant_build
-from graphopt.build import BuildOptions, build_traced, load, trace_loaded
+from graphopt.build import BuildOptions, build, build_traced, load, trace_loaded
 from graphopt.pipeline import load_recipe
 from graphopt.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
@@ -207,3 +207,20 @@ def test_readme_support_table_lists_the_matrix() -> None:
     rows = [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")]
     assert rows[0] == "architecture" and sorted(rows[1:]) == sorted(MATRIX)
     assert all("✗" not in line for line in section.splitlines() if line.startswith("| "))
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_dense_experts_form_matches_hf(arch: str, tmp_path: Path) -> None:
+    """--experts dense (every expert on every token, mixed by the scattered top-k weights) is exact too."""
+    source = make_tiny_model(arch, tmp_path / "hf", table=MATRIX)
+    report = build(str(source), BuildOptions(load_recipe("ort-cpu"), tmp_path / "art", experts="dense"), QUIET)
+    assert report["features"]["moe"]["lowering"] == "dense" and "Einsum" in report["ops"]["final"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(source, attn_implementation="eager").eval()
+    engine = OrtEngine(tmp_path / "art", max_slots=1, max_seq=64, threads=1)
+    engine.cache.allocate()
+    prompt, positions = _prompt(0, PROMPT), np.arange(PROMPT)[None]
+    got = engine.step(np.array([prompt]), positions, np.zeros(1, np.int32), np.array([PROMPT], np.int32),
+                      positions)[0]
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([prompt]), use_cache=False).logits[0].numpy()
+    assert np.abs(got - expected).max() <= TOLERANCE
