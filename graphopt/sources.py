@@ -110,12 +110,23 @@ def load_causal_lm(source: ModelSource, attn_implementation: str = "sdpa") -> to
 
 
 def _attention_for(source: ModelSource, requested: str) -> str:
-    """'sdpa' where the architecture has it, else 'eager' (Gemma 2, gpt-oss: softcap/sinks are not in SDPA)."""
+    """'sdpa' where the architecture has it and torch.onnx can export its call, else 'eager' (Gemma 2, gpt-oss:
+    softcap/sinks are not in SDPA; multi-query Falcon: see ``_sdpa_broadcasts_kv_heads``)."""
     model_class = getattr(transformers, source.architecture, None)
     if requested == "sdpa" and model_class is not None and not getattr(model_class, "_supports_sdpa", True):
         logger.info("%s has no SDPA attention; tracing its eager attention", source.architecture)
         return "eager"
+    if requested == "sdpa" and _sdpa_broadcasts_kv_heads(load_config(source.model_dir)):
+        logger.info("%s calls SDPA with one key/value head for all query heads; tracing its eager attention",
+                    source.architecture)
+        return "eager"
     return requested
+
+
+def _sdpa_broadcasts_kv_heads(config: transformers.PretrainedConfig) -> bool:
+    """Falcon-7B style multi-query: SDPA gets 1 key/value head broadcast over the query heads, which
+    torch.onnx's SDPA lowering refuses ("SDPA (MHA) requires q_num_heads = kv_num_heads")."""
+    return bool(getattr(config, "multi_query", False)) and not getattr(config, "new_decoder_architecture", True)
 
 
 def load_tokenizer(source: ModelSource) -> Any:

@@ -1,0 +1,236 @@
+"""Tiny random GGUF models, written the way llama.cpp's converter lays them out, for the GGUF source tests.
+
+A file is made from a tiny random Hugging Face model (2 layers, hidden 64):
+- tensors: every parameter under its GGUF name (``gguf.get_tensor_name_map``), with llama.cpp's layout
+  changes applied — Llama's q/k rows permuted for its rotary layout, Gemma's norms stored as ``w + 1``,
+  GPT-2's Conv1D weights stored ``[out, in]``; the embedding as F16, one FFN weight as Q8_0, the rest F32;
+  a tied head is written once (no ``output.weight``);
+- metadata: the hyperparameters under ``<arch>.*`` keys, a chat template, and the tokenizer that family's
+  real files carry — byte-level BPE (256 byte symbols, 4 merges, ``<|endoftext|>``) or sentencepiece
+  (Llama's or Gemma's control tokens, 256 ``<0xNN>`` byte tokens, 7 pieces); its size is the model's vocabulary.
+
+``ARCHS`` maps a test name to its tiny Hugging Face config, its vocabulary and how llama.cpp names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+import transformers
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+Q8_TENSOR = "blk.0.ffn_down.weight"  # stored as Q8_0 (its rows are a multiple of the 32-value block)
+WORDS = ("▁", "t", "h", "e", "▁t", "he", "▁the")  # sentencepiece pieces, best first
+MERGES = ("Ġ t", "h e", "Ġt he", "i n")  # byte-level BPE merges, best first
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """A tokenizer as GGUF metadata: ``tokenizer.ggml.*``."""
+
+    model: str  # tokenizer.ggml.model: 'gpt2' (byte-level BPE) or 'llama' (sentencepiece with byte fallback)
+    tokens: list[str]
+    types: list[int]  # gguf.TokenType per token
+    ids: dict[str, int]  # bos / eos / pad / unk
+    merges: list[str] = dataclasses.field(default_factory=list)  # BPE only
+    scores: list[float] = dataclasses.field(default_factory=list)  # sentencepiece only
+
+
+def byte_level_bpe() -> Vocabulary:
+    """GPT-2 style: the 256 byte symbols, one token per merge, then the control token <|endoftext|>."""
+    tokens = _byte_symbols() + [merge.replace(" ", "") for merge in MERGES] + ["<|endoftext|>"]
+    types = [gguf.TokenType.NORMAL] * (len(tokens) - 1) + [gguf.TokenType.CONTROL]
+    eos = len(tokens) - 1
+    return Vocabulary("gpt2", tokens, types, dict(bos=eos, eos=eos, pad=eos), merges=list(MERGES))
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte alphabet: printable bytes stand for themselves, the others for chr(256 + n), in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte], extra = chr(256 + extra), extra + 1
+    return [symbols[byte] for byte in range(256)]
+
+
+def sentencepiece(specials: tuple[str, ...]) -> Vocabulary:
+    """Llama / Gemma style: control tokens (one of them <unk>), the 256 <0xNN> byte tokens, then WORDS."""
+    tokens = list(specials) + [f"<0x{byte:02X}>" for byte in range(256)] + list(WORDS)
+    types = ([gguf.TokenType.UNKNOWN if t == "<unk>" else gguf.TokenType.CONTROL for t in specials]
+             + [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * len(WORDS))
+    scores = [0.0] * (len(specials) + 256) + [-float(rank) for rank in range(len(WORDS))]
+    named = {"bos": ("<s>", "<bos>"), "eos": ("</s>", "<eos>"), "pad": ("<pad>", "</s>"), "unk": ("<unk>",)}
+    ids = {role: next(tokens.index(t) for t in names if t in specials) for role, names in named.items()}
+    return Vocabulary("llama", tokens, types, ids, scores=scores)
+
+
+VOCABULARIES = {"bpe": byte_level_bpe(), "llama": sentencepiece(("<unk>", "<s>", "</s>")),
+                "gemma": sentencepiece(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
+
+
+def _shape(vocab: Vocabulary) -> dict:
+    return dict(vocab_size=len(vocab.tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **_ids(vocab))
+
+
+def _ids(vocab: Vocabulary) -> dict:
+    return dict(bos_token_id=vocab.ids["bos"], eos_token_id=vocab.ids["eos"], pad_token_id=vocab.ids["pad"])
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufArch:
+    """One architecture: its tiny config and how llama.cpp writes it."""
+
+    gguf_arch: str  # general.architecture
+    config: Callable[[Vocabulary], transformers.PretrainedConfig]
+    vocab: str = "bpe"  # a VOCABULARIES key: what that family's real files carry
+    name: str = "tiny"  # general.name; transformers reads a 'llama' file named 'mistral' as Mistral
+    layer_norm: bool = False  # LayerNorm (attention.layer_norm_epsilon) rather than RMSNorm
+
+
+# Head dims, windows and kv heads the loader does not read from a file take the config class's default
+# there (Qwen3: head_dim 128; Falcon: multi-query; GPT-2: 1024 positions), so the tiny models use those too.
+ARCHS: dict[str, GgufArch] = {
+    "llama": GgufArch("llama", lambda v: transformers.LlamaConfig(**_shape(v)), vocab="llama"),
+    "mistral": GgufArch("llama", lambda v: transformers.MistralConfig(**_shape(v), head_dim=16), vocab="llama",
+                        name="mistral"),
+    "qwen2": GgufArch("qwen2", lambda v: transformers.Qwen2Config(**_shape(v))),
+    "qwen3": GgufArch("qwen3", lambda v: transformers.Qwen3Config(**_shape(v), head_dim=128)),
+    "gemma2": GgufArch("gemma2", lambda v: transformers.Gemma2Config(**_shape(v), head_dim=32, sliding_window=8),
+                       vocab="gemma"),
+    "gemma3": GgufArch("gemma3", lambda v: transformers.Gemma3TextConfig(**_shape(v), head_dim=32,
+                                                                         sliding_window=8), vocab="gemma"),
+    "phi3": GgufArch("phi3", lambda v: transformers.Phi3Config(**_shape(v)), vocab="llama"),
+    "falcon": GgufArch("falcon", lambda v: transformers.FalconConfig(
+        vocab_size=len(v.tokens), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True,
+        parallel_attn=True, max_position_embeddings=256, **_ids(v)), layer_norm=True),
+    "gpt2": GgufArch("gpt2", lambda v: transformers.GPT2Config(
+        vocab_size=len(v.tokens), n_embd=64, n_layer=2, n_head=4, n_positions=1024, **_ids(v)), layer_norm=True),
+    "starcoder2": GgufArch("starcoder2", lambda v: transformers.Starcoder2Config(**_shape(v)), layer_norm=True),
+    "stablelm": GgufArch("stablelm", lambda v: transformers.StableLmConfig(**_shape(v)), layer_norm=True),
+}
+
+
+def source_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """The tiny random model a GGUF of ``arch`` is written from; norms and biases random too."""
+    torch.manual_seed(seed)
+    spec = ARCHS[arch]
+    model = transformers.AutoModelForCausalLM.from_config(spec.config(VOCABULARIES[spec.vocab])).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so a misplaced one shows in the logits
+        for name, param in model.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith(".bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def write_tiny_gguf(arch: str, path: Path, seed: int = 0) -> Path:
+    """Write ``source_model(arch, seed)`` as a GGUF file at ``path``; returns ``path``."""
+    spec, model = ARCHS[arch], source_model(arch, seed)
+    writer = gguf.GGUFWriter(path, spec.gguf_arch)
+    writer.add_name(spec.name)
+    _add_hyperparameters(writer, model.config, spec)
+    _add_tokenizer(writer, VOCABULARIES[spec.vocab])
+    for name, array in _gguf_tensors(model, spec.gguf_arch):
+        _add_tensor(writer, name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.PretrainedConfig, spec: GgufArch) -> None:
+    """The ``<arch>.*`` keys llama.cpp writes, read from the config (GPT-2 and Falcon spell them their way)."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    writer.add_context_length(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or 4 * hidden)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config.vocab_size)
+    if spec.layer_norm:
+        names = ("layer_norm_epsilon", "layer_norm_eps", "norm_epsilon")
+        writer.add_layer_norm_eps(next(getattr(config, n) for n in names if hasattr(config, n)))
+    else:
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3 keeps one set per layer type
+    if "rope_theta" in rope:
+        writer.add_rope_freq_base(rope["rope_theta"])
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.scores:
+        writer.add_token_scores(vocab.scores)
+        writer.add_unk_token_id(vocab.ids["unk"])
+    writer.add_bos_token_id(vocab.ids["bos"])
+    writer.add_eos_token_id(vocab.ids["eos"])
+    writer.add_pad_token_id(vocab.ids["pad"])
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def _gguf_tensors(model: transformers.PreTrainedModel, gguf_arch: str) -> list[tuple[str, np.ndarray]]:
+    """Every parameter (a tied head once) under its GGUF name, in llama.cpp's layout."""
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch)
+    names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
+    tensors = []
+    for hf_name, param in model.named_parameters():  # tied parameters are listed once
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{gguf_arch}: gguf has no tensor name for '{hf_name}'")
+        tensors.append((name, _to_llama_cpp_layout(name, param.detach().numpy(), model.config, gguf_arch)))
+    return tensors
+
+
+def _to_llama_cpp_layout(name: str, array: np.ndarray, config: transformers.PretrainedConfig,
+                         gguf_arch: str) -> np.ndarray:
+    """The layout changes llama.cpp's converter makes (transformers' loader undoes each)."""
+    if gguf_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+        return _rotary_permute(array, heads)
+    if gguf_arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+        return array + 1.0  # Gemma scales by (1 + w); llama.cpp stores 1 + w
+    if gguf_arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
+                                              "ffn_down.weight")):
+        return np.ascontiguousarray(array.T)  # Conv1D keeps [in, out]; llama.cpp stores [out, in]
+    return array
+
+
+def _rotary_permute(weight_rows: np.ndarray, heads: int) -> np.ndarray:
+    """Per head, interleave the two rotary halves: rows (h, half, i) → (h, i, half)."""
+    rows, cols = weight_rows.shape
+    per_head = weight_rows.reshape(heads, 2, rows // heads // 2, cols)
+    return np.ascontiguousarray(per_head.swapaxes(1, 2).reshape(rows, cols))
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray) -> None:
+    """F16 embedding, Q8_0 for ``Q8_TENSOR``, F32 for the rest."""
+    if name == "token_embd.weight":
+        writer.add_tensor(name, array.astype(np.float16))
+    elif name == Q8_TENSOR:
+        quantized = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))

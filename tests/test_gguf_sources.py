@@ -1,0 +1,94 @@
+"""GGUF sources: a tiny GGUF of each architecture transformers' GGUF loader reads builds and matches transformers.
+
+For each architecture in tests/gguf_files.py ARCHS (files written by the `gguf` package's writer, 2 layers,
+hidden 64, F32 weights with an F16 embedding and one Q8_0 tensor, a byte-level BPE tokenizer):
+- transformers loads the file with the weights it was written from (a check of the writer itself);
+- `graphopt build FILE.gguf --verify` (ort-cpu) converts it through graphopt.sources and builds it;
+- the artifact's prefill logits at every position are within 1e-4 of transformers' model loaded from the
+  same file, and its manifest names the architecture and the GGUF.
+An architecture transformers itself cannot load from a GGUF is skipped with transformers' own message.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gguf_files import ARCHS, source_model, write_tiny_gguf
+from graphopt.build import BuildOptions, build
+from graphopt.manifest import MANIFEST
+from graphopt.pipeline import load_recipe
+from graphopt.progress import QUIET
+from graphopt.runtime.engine import OrtEngine
+
+TOLERANCE = 1e-4
+PROMPT = 20  # crosses the 8-key sliding windows of the Gemma files
+LOSSY = 1e-3  # F16 or Q8_0 rounding of weights ~N(0, 0.02): Q8_0's step is max|w| / 127 per 32 values
+EXACT = 1e-6  # F32 tensors; Gemma's norms come back from w + 1 with a float rounding
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def built(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"gguf-{arch}")
+    gguf_path = write_tiny_gguf(arch, root / f"tiny-{arch}.gguf")
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(
+            root, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    except (NotImplementedError, ValueError, RuntimeError, KeyError) as exc:
+        pytest.skip(f"transformers {transformers.__version__} cannot load a '{arch}' GGUF: "
+                    f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GRAPHOPT_CACHE", str(root / "cache"))  # the conversion never touches ~/.cache
+        report = build(str(gguf_path), BuildOptions(load_recipe("ort-cpu"), root / "artifact", verify=True), QUIET)
+    return arch, gguf_path, report, root / "artifact", hf
+
+
+def test_transformers_reads_the_written_weights(built) -> None:
+    arch, _, _, _, hf = built
+    written, loaded = source_model(arch).state_dict(), hf.state_dict()
+    assert written.keys() <= loaded.keys(), sorted(written.keys() - loaded.keys())
+    for name, weight in written.items():
+        diff = (loaded[name] - weight).abs().max().item()
+        limit = LOSSY if _is_lossy(arch, name) else EXACT
+        assert diff <= limit, f"{arch}: {name} differs by {diff:.2e} after the GGUF round trip"
+
+
+def _is_lossy(arch: str, hf_name: str) -> bool:
+    """The F16 embedding (and a head tied to it) and the Q8_0 tensor are stored lossily."""
+    layer0_down = {"gpt2": "h.0.mlp.c_proj", "falcon": "h.0.mlp.dense_4h_to_h", "starcoder2": "layers.0.mlp.c_proj"}
+    lossy = ("embed", "wte", "word_embeddings", "lm_head", layer0_down.get(arch, "layers.0.mlp.down_proj"))
+    return any(part in hf_name for part in lossy)
+
+
+def test_prefill_logits_match_transformers(built, record_property) -> None:
+    arch, _, _, artifact, hf = built
+    engine = OrtEngine(artifact, max_slots=1, max_seq=64, threads=1)
+    engine.cache.allocate()
+    prompt = np.random.default_rng(0).integers(0, hf.config.vocab_size, size=PROMPT).tolist()
+    positions = np.arange(PROMPT)[None]
+    got = engine.step(np.array([prompt]), positions, np.zeros(1, np.int32), np.array([PROMPT], np.int32),
+                      positions)[0]
+    with torch.no_grad():
+        expected = hf(input_ids=torch.tensor([prompt]), use_cache=False).logits[0].numpy()
+    diff = float(np.abs(got - expected).max())
+    record_property("max_abs_logit_diff", diff)  # in --junitxml reports
+    assert diff <= TOLERANCE, f"{arch}: prefill logits differ from transformers' by {diff:.2e}"
+
+
+def test_manifest_names_the_architecture(built) -> None:
+    arch, gguf_path, report, artifact, hf = built
+    source = json.loads((artifact / MANIFEST).read_text())["source"]
+    assert source == report["source"]
+    assert source["architecture"] == type(hf).__name__
+    assert source["model_type"] == hf.config.model_type
+    assert source["id"] == gguf_path.stem and source["spec"] == str(gguf_path.resolve())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(artifact / "tokenizer")
+    ids = tokenizer("the thin", add_special_tokens=False)["input_ids"]
+    assert ids and max(ids) < hf.config.vocab_size and tokenizer.decode(ids) == "the thin", (arch, ids)
+    assert tokenizer.chat_template, f"{arch}: the GGUF's chat template was not carried into the artifact"
