@@ -124,6 +124,10 @@ ARCHS: dict[str, GgufArch] = {
         shared_expert_intermediate_size=5632)),
     "qwen3_moe": GgufArch("qwen3moe", lambda v: transformers.Qwen3MoeConfig(  # expert width: default
         **_shape(v), head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768)),
+    "lfm2": GgufArch("lfm2", lambda v: transformers.Lfm2Config(  # short convolutions, then attention
+        **_shape(v), layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False)),
+    "minimax_m2": GgufArch("minimax-m2", lambda v: transformers.MiniMaxM2Config(  # routing bias, partial RoPE
+        **_shape(v), head_dim=16, rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, use_routing_bias=True)),
     "gpt_oss": GgufArch("gpt-oss", lambda v: transformers.GptOssConfig(  # head_dim: default
         **{**_shape(v), "intermediate_size": 64}, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=8)),
@@ -139,7 +143,14 @@ def source_model(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
         for name, param in model.named_parameters():
             if "norm" in name or "ln_" in name or name.endswith(".bias"):
                 param.add_(torch.randn_like(param) * 0.1)
+        for _, routing_bias in _routing_biases(model):
+            routing_bias.add_(torch.randn_like(routing_bias) * 0.1)
     return model
+
+
+def _routing_biases(model: transformers.PreTrainedModel) -> list[tuple[str, torch.Tensor]]:
+    """MiniMax-M2's per-expert routing bias: a buffer, not a parameter, but a weight of the file."""
+    return [(name, buffer) for name, buffer in model.named_buffers() if name.endswith("e_score_correction_bias")]
 
 
 def write_tiny_gguf(arch: str, path: Path, seed: int = 0) -> Path:
@@ -168,8 +179,7 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.Pretraine
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(getattr(config, "intermediate_size", None) or 4 * hidden)
     writer.add_head_count(heads)
-    multi_query = getattr(config, "multi_query", False) and not config.new_decoder_architecture  # Falcon-7B
-    writer.add_head_count_kv(1 if multi_query else getattr(config, "num_key_value_heads", None) or heads)
+    writer.add_head_count_kv(_kv_heads(config))
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -183,11 +193,23 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.Pretraine
         writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
+    if getattr(config, "conv_L_cache", None):  # LFM2
+        writer.add_shortconv_l_cache(config.conv_L_cache)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     if experts:
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(getattr(config, "moe_intermediate_size", config.intermediate_size))
+
+
+def _kv_heads(config: transformers.PretrainedConfig) -> int | list[int]:
+    """KV heads; 1 for Falcon-7B's multi-query, one count per layer (0 on convolution layers) for LFM2."""
+    if getattr(config, "multi_query", False) and not config.new_decoder_architecture:
+        return 1
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if config.model_type == "lfm2":
+        return [kv_heads if kind == "full_attention" else 0 for kind in config.layer_types]
+    return kv_heads
 
 
 def _add_tokenizer(writer: gguf.GGUFWriter, vocab: Vocabulary) -> None:
@@ -212,8 +234,11 @@ def _gguf_tensors(model: transformers.PreTrainedModel, gguf_arch: str) -> list[t
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == gguf_arch)
     names = gguf.get_tensor_name_map(arch, model.config.num_hidden_layers)
     tensors = []
-    for hf_name, param in model.named_parameters():  # tied parameters are listed once
+    for hf_name, param in [*model.named_parameters(), *_routing_biases(model)]:  # tied ones listed once
         array = param.detach().numpy()
+        if hf_name.endswith("e_score_correction_bias"):
+            tensors.append((f"blk.{hf_name.split('.')[2]}.exp_probs_b.bias", array))
+            continue
         if ".mlp.experts." in hf_name and (gguf_arch == "gpt-oss" or hf_name.endswith("gate_up_proj")):
             tensors += _expert_tensors(hf_name, array, gguf_arch)
             continue
@@ -254,6 +279,8 @@ def _to_llama_cpp_layout(name: str, array: np.ndarray, config: transformers.Pret
     if gguf_arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
                                               "ffn_down.weight")):
         return np.ascontiguousarray(array.T)  # Conv1D keeps [in, out]; llama.cpp stores [out, in]
+    if name.endswith("shortconv.conv.weight"):
+        return array.reshape(array.shape[0], -1)  # LFM2's kernel [hidden, 1, L] is stored as [hidden, L]
     if name.endswith("ffn_gate_inp_shexp.weight"):
         return array.reshape(-1)  # Qwen2-MoE's shared-expert gate [1, hidden] is stored as a vector
     return array
