@@ -1,11 +1,10 @@
 """Tiny random GGUF models, written the way llama.cpp's converter lays them out, for the GGUF source tests.
 
 A file is made from a tiny random Hugging Face model (2 layers, hidden 64):
-- tensors: every parameter under its GGUF name (``gguf.get_tensor_name_map``), with llama.cpp's layout
-  changes applied — Llama's q/k rows permuted for its rotary layout, Gemma's and Nemotron's norms stored as
-  ``w + 1``, GPT-2's Conv1D weights stored ``[out, in]``, fused expert tensors split into one
-  ``[experts, out, in]`` tensor per projection; the embedding as F16, block 0's FFN down projection as Q8_0,
-  the rest F32; a tied head is written once (no ``output.weight``);
+- tensors: every parameter under its GGUF name (``gguf.get_tensor_name_map``) in llama.cpp's layout (see
+  ``_to_llama_cpp_layout`` and ``_expert_tensors``: Llama's rotary q/k row order, ``w + 1`` norms, GPT-2's
+  ``[out, in]``, one ``[experts, out, in]`` tensor per expert projection, squeezed LFM2 kernels); the embedding
+  as F16, block 0's FFN down projection as Q8_0, the rest F32; a tied head once (no ``output.weight``);
 - metadata: the hyperparameters under ``<arch>.*`` keys, a chat template, and the tokenizer that family's
   real files carry — byte-level BPE (256 byte symbols, 4 merges, ``<|endoftext|>``) or sentencepiece
   (Llama's or Gemma's control tokens, 256 ``<0xNN>`` byte tokens, 7 pieces); its size is the model's vocabulary.
@@ -52,14 +51,9 @@ def byte_level_bpe() -> Vocabulary:
 
 def _byte_symbols() -> list[str]:
     """GPT-2's byte alphabet: printable bytes stand for themselves, the others for chr(256 + n), in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    symbols, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            symbols[byte] = chr(byte)
-        else:
-            symbols[byte], extra = chr(256 + extra), extra + 1
-    return [symbols[byte] for byte in range(256)]
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    others = iter(range(256, 512))
+    return [chr(byte) if byte in printable else chr(next(others)) for byte in range(256)]
 
 
 def sentencepiece(specials: tuple[str, ...]) -> Vocabulary:

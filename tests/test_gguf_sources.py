@@ -36,8 +36,8 @@ LOSSY = 1e-3  # F16 or Q8_0 rounding of weights ~N(0, 0.02): Q8_0's step is max|
 EXACT = 1e-6  # F32 tensors; Gemma's and Nemotron's norms come back from w + 1 with a float rounding
 
 
-# Also read by transformers' GGUF loader but beyond the issue's list: built in the slow half (.ci/run), which
-# keeps the default half near a minute on 2 cores (a build is ~5-10 s, most of it torch.onnx.export).
+# Also read by transformers' GGUF loader but beyond the issue's list: marked slow, so `make test-fast` leaves
+# them out (a build is ~5-10 s on 2 cores, most of it torch.onnx.export); `make test` runs them all.
 SLOW = {"stablelm", "nemotron", "qwen2_moe", "lfm2", "minimax_m2"}
 
 
