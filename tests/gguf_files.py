@@ -79,6 +79,11 @@ ARCHS: dict[str, GgufArch] = {
         **_shape(v), layer_types=["conv", "full_attention"], block_auto_adjust_ff_dim=False)),
     "minimax_m2": GgufArch("minimax-m2", lambda v: transformers.MiniMaxM2Config(  # routing bias, partial RoPE
         **_shape(v), head_dim=16, rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, use_routing_bias=True)),
+    "qwen3_5": GgufArch("qwen35", lambda v: transformers.Qwen3_5TextConfig(  # GatedDeltaNet, then attention
+        **_shape(v), head_dim=32, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,  # 1 value head per key head:
+        rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.25,  # no head reorder
+                             mrope_section=[2, 1, 1], mrope_interleaved=True))),
     "gpt_oss": GgufArch("gpt-oss", lambda v: transformers.GptOssConfig(  # head_dim: default
         **{**_shape(v), "intermediate_size": 64}, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
         sliding_window=8)),
@@ -144,6 +149,8 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.Pretraine
         writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "qwen3_5_text":
+        _add_gated_delta_net(writer, config)
     if getattr(config, "conv_L_cache", None):  # LFM2
         writer.add_shortconv_l_cache(config.conv_L_cache)
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
@@ -151,6 +158,17 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: transformers.Pretraine
         writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(getattr(config, "moe_intermediate_size", config.intermediate_size))
+
+
+def _add_gated_delta_net(writer: gguf.GGUFWriter, config: transformers.PretrainedConfig) -> None:
+    """Qwen3.5's linear-attention shape, its layer pattern and its multimodal RoPE sections."""
+    writer.add_full_attention_interval(config.layer_types.index("full_attention") + 1)
+    writer.add_ssm_conv_kernel(config.linear_conv_kernel_dim)
+    writer.add_ssm_state_size(config.linear_key_head_dim)
+    writer.add_ssm_group_count(config.linear_num_key_heads)
+    writer.add_ssm_time_step_rank(config.linear_num_value_heads)
+    writer.add_ssm_inner_size(config.linear_value_head_dim * config.linear_num_value_heads)
+    writer.add_rope_dimension_sections([*config.rope_parameters["mrope_section"], 0])
 
 
 def _kv_heads(config: transformers.PretrainedConfig) -> int | list[int]:
@@ -187,8 +205,9 @@ def _gguf_tensors(model: transformers.PreTrainedModel, gguf_arch: str) -> list[t
     tensors = []
     for hf_name, param in [*model.named_parameters(), *_routing_biases(model)]:  # tied ones listed once
         array = param.detach().numpy()
-        if hf_name.endswith("e_score_correction_bias"):
-            tensors.append((f"blk.{hf_name.split('.')[2]}.exp_probs_b.bias", array))
+        if hf_name.endswith(("e_score_correction_bias", "linear_attn.dt_bias")):  # no gguf name-map entry
+            leaf = "exp_probs_b.bias" if hf_name.endswith("bias") and "e_score" in hf_name else "ssm_dt.bias"
+            tensors.append((f"blk.{hf_name.split('.')[2]}.{leaf}", array))
             continue
         if ".mlp.experts." in hf_name and (gguf_arch == "gpt-oss" or hf_name.endswith("gate_up_proj")):
             tensors += _expert_tensors(hf_name, array, gguf_arch)
@@ -196,7 +215,7 @@ def _gguf_tensors(model: transformers.PreTrainedModel, gguf_arch: str) -> list[t
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{gguf_arch}: gguf has no tensor name for '{hf_name}'")
-        name += "" if name.endswith((".weight", ".bias")) else ".weight"  # 3-D expert tensors
+        name += "" if name.endswith((".weight", ".bias", "ssm_a")) else ".weight"  # 3-D experts, sinks
         tensors.append((name, _to_llama_cpp_layout(name, array, model.config, gguf_arch)))
     return tensors
 
@@ -225,13 +244,16 @@ def _to_llama_cpp_layout(name: str, array: np.ndarray, config: transformers.Pret
     if gguf_arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
         heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
         return _rotary_permute(array, heads)
-    if gguf_arch in ("gemma2", "gemma3", "nemotron") and name.endswith("norm.weight"):
+    if gguf_arch in ("gemma2", "gemma3", "nemotron", "qwen35") and name.endswith("norm.weight") \
+            and "ssm_norm" not in name:
         return array + 1.0  # these norms scale by (1 + w); llama.cpp stores 1 + w
+    if name.endswith("ssm_a"):
+        return -np.exp(array)  # Qwen3.5 keeps log(-A); llama.cpp stores A
     if gguf_arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight",
                                               "ffn_down.weight")):
         return np.ascontiguousarray(array.T)  # Conv1D keeps [in, out]; llama.cpp stores [out, in]
-    if name.endswith("shortconv.conv.weight"):
-        return array.reshape(array.shape[0], -1)  # LFM2's kernel [hidden, 1, L] is stored as [hidden, L]
+    if name.endswith(("shortconv.conv.weight", "ssm_conv1d.weight")):
+        return array.reshape(array.shape[0], -1)  # a depthwise kernel [channels, 1, L] is stored as [channels, L]
     if name.endswith("ffn_gate_inp_shexp.weight"):
         return array.reshape(-1)  # Qwen2-MoE's shared-expert gate [1, hidden] is stored as a vector
     return array
