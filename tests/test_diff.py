@@ -20,8 +20,8 @@ def test_recipes_added_passes_aligned() -> None:
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
         "--- recipe ort-cpu", "+++ recipe ort-cpu-int4",
-        "+ pass 5: calibrate", "+ pass 6: quantize-int4",
-        "+ pass 8: lower-quant-ort-cpu", "+ pass 9: fuse-qkv-rope"]
+        "+ pass 6: calibrate", "+ pass 7: quantize-int4",
+        "+ pass 9: lower-quant-ort-cpu", "+ pass 10: fuse-qkv-rope"]
 
 
 def test_changed_options_and_identical_recipes(tmp_path: Path) -> None:
@@ -30,7 +30,7 @@ def test_changed_options_and_identical_recipes(tmp_path: Path) -> None:
     coarse.write_text(text.replace("block_size = 32", "block_size = 128").replace('"awq"', '"rtn"'))
     result = invoke("ort-cpu-int4", str(coarse))
     assert result.exit_code == 0, result.output
-    assert "~ pass 6/6 quantize-int4: block_size: 32 -> 128, method: 'awq' -> 'rtn'" in result.output.splitlines()
+    assert "~ pass 7/7 quantize-int4: block_size: 32 -> 128, method: 'awq' -> 'rtn'" in result.output.splitlines()
     same = invoke("ort-cpu", "ort-cpu")
     assert same.exit_code == 0 and "passes and options: identical" in same.output
 
