@@ -114,6 +114,21 @@ def test_build_report_names_the_features_found(built) -> None:
         assert report["features"]["sliding_window"]["layers"] == 1
 
 
+def test_inspect_names_the_features(built) -> None:
+    from click.testing import CliRunner
+
+    from graphopt.cli import main
+
+    arch, _, artifact, _, _ = built
+    result = CliRunner().invoke(main, ["inspect", str(artifact)])
+    assert result.exit_code == 0, result.output
+    line = " ".join(result.output.split()).split("architecture features: ", 1)[1]  # rich may wrap it
+    expected = {"gemma2": ["sliding window 8 (1 of 2 layers)", "attention softcap 50"],
+                "gpt_oss": ["sliding window 8 (1 of 2 layers)", "attention sinks", "MoE in 2 layers (routed)"],
+                "qwen3": ["QK-norm"], "gpt2": ["MHA 4/4 heads"]}.get(arch, ["heads, head dim"])
+    assert all(fragment in line for fragment in expected), line
+
+
 def test_prefill_logits_match_hf(built) -> None:
     _, _, artifact, hf, _ = built
     engine = OrtEngine(artifact, max_slots=1, max_seq=64, threads=1)
