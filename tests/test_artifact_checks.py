@@ -36,7 +36,7 @@ def _rehash(artifact: Path) -> None:
     _edit_manifest(artifact, lambda raw: raw["files"].update(file_entries(artifact, names)))
 
 
-def _fails(args: list[str], *fragments: str) -> str:
+def assert_fails(args: list[str], *fragments: str) -> str:
     result = CliRunner().invoke(main, args)
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 2 and "Traceback" not in result.output, (result.exit_code, result.output[-2000:])
@@ -58,7 +58,7 @@ def test_a_modified_tokenizer_file_is_refused(tmp_path: Path) -> None:
     config.write_text(text.replace("<unk>", "<UNK>"))  # same size, other bytes
     with pytest.raises(ArtifactError, match="tokenizer_config.json does not match its sha256"):
         load_tokenizer(art)
-    _fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "tokenizer_config.json", "sha256")
+    assert_fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "tokenizer_config.json", "sha256")
 
 
 def test_a_tokenizer_with_auto_map_is_refused_before_any_import(tmp_path: Path) -> None:
@@ -70,18 +70,18 @@ def test_a_tokenizer_with_auto_map_is_refused_before_any_import(tmp_path: Path) 
     raw["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
     config.write_text(json.dumps(raw))
     _rehash(art)
-    _fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "evil.py", "never runs code")
+    assert_fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "evil.py", "never runs code")
     (art / "tokenizer" / "evil.py").unlink()
     _rehash(art)
     _edit_manifest(art, lambda m: m["files"].pop("tokenizer/evil.py"))
-    _fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "auto_map")
+    assert_fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "auto_map")
     assert not marker.exists()
 
 
 def test_an_unlisted_tokenizer_file_is_refused(tmp_path: Path) -> None:
     art = _copy(tmp_path)
     _edit_manifest(art, lambda raw: raw["files"].pop("tokenizer/tokenizer.json"))
-    _fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "does not list 'tokenizer/tokenizer.json'")
+    assert_fails(["generate", str(art), "w4", "--max-new-tokens", "2"], "does not list 'tokenizer/tokenizer.json'")
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
@@ -92,7 +92,7 @@ def test_an_unlisted_tokenizer_file_is_refused(tmp_path: Path) -> None:
 def test_manifest_paths_must_stay_inside_the_artifact(tmp_path: Path, change, fragment: str) -> None:
     art = _copy(tmp_path)
     _edit_manifest(art, change)
-    _fails(["inspect", str(art)], fragment, "inside the artifact")
+    assert_fails(["inspect", str(art)], fragment, "inside the artifact")
 
 
 def test_a_symlink_out_of_the_artifact_is_refused(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_a_symlink_out_of_the_artifact_is_refused(tmp_path: Path) -> None:
     outside.write_text("secret")
     (art / "extra.txt").symlink_to(outside)
     _edit_manifest(art, lambda m: m["files"].update(file_entries(art, ["extra.txt"])))
-    _fails(["inspect", str(art)], "'extra.txt'", "symbolic link")
+    assert_fails(["inspect", str(art)], "'extra.txt'", "symbolic link")
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -120,7 +120,7 @@ def test_serve_refuses_a_manifest_that_disagrees_with_its_graph(tmp_path: Path, 
         (art / "manifest.json").write_text("null")
     else:
         _edit_manifest(art, change)
-    _fails(["serve", str(art), "--port", "0", "--threads", "1"], field)
+    assert_fails(["serve", str(art), "--port", "0", "--threads", "1"], field)
 
 
 @pytest.mark.parametrize("what", ["missing", "file", "no-tokenizer"])
@@ -131,11 +131,11 @@ def test_generate_on_something_that_is_not_a_runnable_artifact(tmp_path: Path, w
     elif what == "no-tokenizer":
         target = _copy(tmp_path)
         shutil.rmtree(target / "tokenizer")
-    _fails(["generate", str(target), "w4"], str(target))
+    assert_fails(["generate", str(target), "w4"], str(target))
 
 
 def test_a_graph_not_listed_in_files_is_refused(tmp_path: Path) -> None:
     art = _copy(tmp_path)
     graph = load_manifest(art).graphs["multi_token"]
     _edit_manifest(art, lambda m: m["files"].pop(graph))
-    _fails(["inspect", str(art)], "graphs.multi_token", "not listed in 'files'")
+    assert_fails(["inspect", str(art)], "graphs.multi_token", "not listed in 'files'")
