@@ -1,4 +1,4 @@
-"""graphopt compare: build several recipes of one model from one trace and measure each (DESIGN §9).
+"""graphopt compare: build several recipes of one model from one trace and measure each.
 
     load + trace once ──► for each recipe: run its passes on a copy of the trace ──► artifact
                                                               │
@@ -87,9 +87,7 @@ def prepare(options: CompareOptions, recipes: list[Recipe], progress: Progress) 
     loaded = load(options.model, options.attn_implementation, progress)
     contexts = []
     for recipe in recipes:
-        built = build_options(recipe, options)
-        corpus = quant_build.calibration_corpus(recipe, built.calib_text)
-        contexts.append(quant_build.pass_context(built, corpus, loaded.torch_model.config, loaded.tokenizer, progress))
+        contexts.append(quant_build.context_for(build_options(recipe, options), loaded, progress))
     trace_loaded(loaded, progress)
     return loaded, contexts
 

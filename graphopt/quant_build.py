@@ -60,6 +60,13 @@ def pass_context(options, corpus: Corpus | None, config, tokenizer, progress: Pr
                        max_positions=max_positions)
 
 
+def context_for(options, loaded, progress: Progress) -> PassContext:
+    """The pass context of ``options.recipe`` on an already loaded model (several recipes from one trace:
+    compare, the architecture matrix): its calibration text, then :func:`pass_context`."""
+    corpus = calibration_corpus(options.recipe, options.calib_text)
+    return pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
+
+
 def precision_of(model: ir.Model, kv_dtype: str) -> dict[str, str]:
     """The manifest's precision: what the quantize passes recorded, fp32 elsewhere."""
     recorded = dict(model.meta.get(PRECISION_KEY, {}))

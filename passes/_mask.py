@@ -34,7 +34,7 @@ def mask_window(graph: ir.Graph, mask: ir.Value, additive: bool, hint: int = -1)
             return "additive mask holds values other than 0 and a large negative number"
         allowed = (value == 0) if additive else value.astype(bool)
         allowed = np.broadcast_to(allowed, allowed.shape[:-2] + (seq, seq)).reshape(-1, seq, seq)
-        if found == -1 and seq == sizes[-1]:
+        if seq == sizes[-1]:  # the first, longest probe: its last query row shows the window
             last = int(allowed[0, -1].sum())
             found = last if 0 < last < seq else -1
         if not all(np.array_equal(a, _causal(seq, found)) for a in allowed):

@@ -1,4 +1,4 @@
-"""insert-kv-cache: give the graph the artifact I/O contract of DESIGN §4.
+"""insert-kv-cache: give the graph the artifact I/O contract (README, "The artifact").
 
 Each FlashAttention (in graph order = layer i) gets the cache buffers and the row lengths::
 
@@ -19,7 +19,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.passes._attention_match import UNFUSED_KEY, looks_like_attention, module_of
 from graphopt.passes.base import GraphoptPass
-from graphopt.plugins.flash_attention import is_flash_attention
+from graphopt.plugins.flash_attention import has_cache, is_flash_attention
 
 BATCH, MAX_SEQ = "batch", "max_seq"
 
@@ -55,7 +55,7 @@ class InsertKVCachePass(GraphoptPass):
         for node in list(graph):
             if not is_flash_attention(node):
                 continue
-            if len(node.inputs) > 3 and node.inputs[3] is not None:
+            if has_cache(node):
                 raise PassError(f"insert-kv-cache: FlashAttention {node.name!r} already has cache inputs")
             self._add_cache(graph, node, layer, cache_lens)
             layer += 1

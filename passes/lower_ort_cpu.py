@@ -11,7 +11,7 @@
     RMSNormalization(x, w) ─► SimplifiedLayerNormalization(x, w)
 
 GQA on the CPU EP refuses batch > 1 with S > 1 when a cache exists: the runtime splits such
-calls per row (DESIGN §5). Options: ``rmsnorm`` (default true) lowers the norms.
+calls per row. Options: ``rmsnorm`` (default true) lowers the norms.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.passes._edit import attr
 from graphopt.passes.base import GraphoptPass
-from graphopt.plugins.flash_attention import is_flash_attention
+from graphopt.plugins.flash_attention import has_cache, is_flash_attention
 
 MS_DOMAIN = "com.microsoft"
 
@@ -53,7 +53,7 @@ class LowerOrtCpuPass(GraphoptPass):
         return ir.passes.PassResult(model, modified)
 
     def _attention(self, graph: ir.Graph, node: ir.Node, lengths: tuple[ir.Value, ir.Value]) -> None:
-        if len(node.inputs) < 6 or node.inputs[3] is None:
+        if not has_cache(node):
             raise PassError(f"lower-ort-cpu: FlashAttention {node.name!r} has no cache inputs; run 'insert-kv-cache' first")
         a = {k: v.value for k, v in node.attributes.items()}
         window = int(a.get("window", -1))

@@ -1,4 +1,4 @@
-"""lower-trt: the canonical graph in the form TensorRT's ONNX parser accepts (DESIGN §5).
+"""lower-trt: the canonical graph in the form TensorRT's ONNX parser accepts.
 
     FlashAttention(q3,k3,v3,past_k,past_v,cache_lens) ─► o3, present_k, present_v
         ─► attention = "standard":  TensorScatter-24(past_k, K_BHSD, cache_lens) ─► present_k   (same for v)
@@ -33,7 +33,7 @@ import onnx_ir as ir
 from graphopt.errors import PassError
 from graphopt.passes._quant_graph import PRECISION_KEY, record_precision
 from graphopt.passes.base import GraphoptPass
-from graphopt.plugins.flash_attention import annotate_dtypes, expand_reference, is_flash_attention
+from graphopt.plugins.flash_attention import annotate_dtypes, expand_reference, has_cache, is_flash_attention
 
 DTYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType.BFLOAT16, ml_dtypes.bfloat16)}
 ATTENTION = ("standard", "plugin")
@@ -69,7 +69,7 @@ class LowerTrtPass(GraphoptPass):
         if self.attention not in ATTENTION:
             raise PassError(f"lower-trt: attention {self.attention!r} is unknown; use one of {list(ATTENTION)}")
         attention = [n for n in model.graph if is_flash_attention(n)]
-        if not attention or any(len(n.inputs) < 6 or n.inputs[3] is None for n in attention):
+        if not attention or not all(has_cache(n) for n in attention):
             raise ir.passes.PreconditionError(
                 "lower-trt: no FlashAttention with cache inputs; run 'fuse-attention' and 'insert-kv-cache' first")
 

@@ -39,6 +39,11 @@ def is_flash_attention(node: ir.Node) -> bool:
     return node.domain == DOMAIN and node.op_type == OP_TYPE
 
 
+def has_cache(node: ir.Node) -> bool:
+    """True once insert-kv-cache gave the node past_key/past_value/cache_lens (inputs 3–5)."""
+    return len(node.inputs) >= 6 and node.inputs[3] is not None
+
+
 def expand_reference(model: ir.Model, keep=lambda node: False, softcap_in_attention: bool = True) -> int:
     """Replace every FlashAttention node (except those ``keep`` selects) by standard ops, in place; returns how many.
 

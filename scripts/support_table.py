@@ -42,9 +42,7 @@ COLUMNS = ("architecture", "features found", "ort-cpu", "trt", "int8 (KL)", "int
 
 def _build(loaded, recipe: str, out: Path, **options) -> dict:
     opts = BuildOptions(load_recipe(recipe), out, **options)
-    corpus = quant_build.calibration_corpus(opts.recipe, opts.calib_text)
-    context = quant_build.pass_context(opts, corpus, loaded.torch_model.config, loaded.tokenizer, QUIET)
-    return build_traced(loaded, opts, QUIET, context, copy=True)
+    return build_traced(loaded, opts, QUIET, quant_build.context_for(opts, loaded, QUIET), copy=True)
 
 
 def _cell(check) -> str:

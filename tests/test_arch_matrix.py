@@ -56,9 +56,7 @@ def built(request, tmp_path_factory):
 
 
 def _build(loaded, options: BuildOptions) -> dict:
-    corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
-    context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, QUIET)
-    return build_traced(loaded, options, QUIET, context, copy=True)
+    return build_traced(loaded, options, QUIET, quant_build.context_for(options, loaded, QUIET), copy=True)
 
 
 def _families_only(arch: str) -> None:
@@ -166,7 +164,7 @@ def test_multi_token_graph_matches_per_row_calls(built) -> None:
     _, _, artifact, _, _ = built
     prompts = [_prompt(20 + i, n) for i, n in enumerate(RAGGED)]
     chunks = [_prompt(30 + i, n) for i, n in enumerate((3, 1, 4, 2))]
-    engines = []
+    logits = []
     for batched in (True, False):
         engine = OrtEngine(artifact, max_slots=4, max_seq=64, threads=1)
         assert engine.multi_token, "the build wrote no model_verify.onnx"
@@ -174,8 +172,8 @@ def test_multi_token_graph_matches_per_row_calls(built) -> None:
             engine.load_multi_token()  # prefill then batches ragged rows over caches in one call
         for prompt in prompts:
             engine.prefill([prompt], [engine.cache.allocate()])
-        engines.append(engine.prefill(chunks, [0, 1, 2, 3]))
-    np.testing.assert_allclose(engines[0], engines[1], atol=TOLERANCE)
+        logits.append(engine.prefill(chunks, [0, 1, 2, 3]))
+    np.testing.assert_allclose(logits[0], logits[1], atol=TOLERANCE)
 
 
 @pytest.mark.slow

@@ -72,8 +72,7 @@ def test_a_trt_build_leaves_the_shared_trace_in_fp32(tmp_path: Path) -> None:
     trace_loaded(loaded, QUIET)
     for recipe in ("trt", "ort-cpu"):
         options = BuildOptions(load_recipe(recipe), tmp_path / recipe)
-        context = quant_build.pass_context(options, None, loaded.torch_model.config, loaded.tokenizer, QUIET)
-        build_traced(loaded, options, QUIET, context, copy=True)
+        build_traced(loaded, options, QUIET, quant_build.context_for(options, loaded, QUIET), copy=True)
     assert ir.DataType.FLOAT16 not in {v.dtype for v in loaded.model.graph.initializers.values()}
     manifest = json.loads((tmp_path / "ort-cpu" / "manifest.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "float32"
