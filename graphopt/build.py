@@ -1,4 +1,4 @@
-"""graphopt build: source → trace → pipeline → artifact directory (DESIGN §7), written atomically.
+"""graphopt build: source → trace → pipeline → artifact directory, written atomically.
 
 Everything is produced in a temporary directory beside the destination and renamed into place
 at the end; on any failure (or Ctrl-C) the temporary directory is removed, so a half-written

@@ -1,4 +1,4 @@
-"""The artifact I/O contract (DESIGN §4) read back from a built graph, for the manifest."""
+"""The artifact I/O contract read back from a built graph, for the manifest."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _spec(value: ir.Value) -> dict[str, Any]:
     elif value.name in _ROLES:
         role, layer = value.name, None
     else:
-        raise GraphoptError(f"graph I/O {value.name!r} is not part of the artifact contract (DESIGN §4); "
+        raise GraphoptError(f"graph I/O {value.name!r} is not part of the artifact contract; "
                             "the recipe must end with insert-kv-cache and keep-logits applied")
     dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
     shape = [d if isinstance(d, int) else str(d) for d in (value.shape or [])]

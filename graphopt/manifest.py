@@ -1,4 +1,4 @@
-"""manifest.json: the contract between an artifact and any server that runs it (DESIGN §7).
+"""manifest.json: the contract between an artifact and any server that runs it.
 
 A C++ server needs nothing else: the I/O tensors with roles, the KV layout and the
 past→present aliases, the model dims, and sha256 of every file.

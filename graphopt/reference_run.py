@@ -62,5 +62,5 @@ def empty_cache_feeds(session, input_ids: np.ndarray, capacity: int | None = Non
             feeds[spec.name] = np.zeros((batch, heads, length, dim), _CACHE_DTYPES[spec.type])
         else:
             raise PassError(f"no test value for graph input {spec.name!r} ({spec.type}); the reference run feeds "
-                            f"only the artifact I/O contract (DESIGN.md §4) with float or int8 caches")
+                            f"only the artifact I/O contract with float or int8 caches")
     return feeds

@@ -1,7 +1,7 @@
 """Trace a Hugging Face causal LM's plain forward into an onnx-ir model.
 
 ``torch.onnx.export(dynamo=True)`` at opset 23 of ``forward(input_ids, position_ids)`` with no
-cache (DESIGN §3): attention comes out as the opset-23 ``Attention`` op (or decomposed for eager
+cache: attention comes out as the opset-23 ``Attention`` op (or decomposed for eager
 attention), with ``RMSNormalization`` and ``RotaryEmbedding``. ``position_ids`` is an input so RoPE
 works for batch > 1 on ORT and so the cached graph gets absolute positions. Weights stay as
 references to the torch tensors until the artifact is saved (external data, memory-mapped later).

@@ -1,4 +1,4 @@
-"""The manifest fields a trt artifact adds (DESIGN §7): what a TensorRT server needs besides the I/O contract.
+"""The manifest fields a trt artifact adds: what a TensorRT server needs besides the I/O contract.
 
     "trt": {"dtype": "float16", "opset": 24, "strongly_typed": true, "cache_capacity": T,
             "int64_inputs": [...], "engine": null | {"file", "tensorrt", "compute_capability", "timing_cache"}},

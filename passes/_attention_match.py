@@ -1,6 +1,6 @@
 """Recognise attention by what it computes, for fuse-attention.
 
-Two forms (DESIGN §3), each matched back to q, k, v, the scale, the mask and the extras:
+Two forms of the traced graph, each matched back to q, k, v, the scale, the mask and the extras:
 
 (a) the opset-23 ``Attention`` op (SDPA export), K/V expanded to all heads by ``repeat_kv``;
 (b) the decomposed (eager) form, in any of these variants::

@@ -1,9 +1,9 @@
 """lower-verify: GroupQueryAttention → standard TensorScatter + Attention, for multi-token steps over a cache.
 
 On the CPU EP ``com.microsoft.GroupQueryAttention`` refuses B > 1 rows of S > 1 tokens when a cache exists
-(shared/FACTS.md), which is exactly a batched speculative verification (k+1 tokens per row) or a ragged
-chunked prefill. This pass rewrites a lowered ort-cpu graph into a second graph for those steps, with the
-same I/O contract (DESIGN §4); the build saves it as ``model_verify.onnx`` beside ``model.onnx``, sharing
+(seen with ONNX Runtime 1.32), which is exactly a batched speculative verification (k+1 tokens per row) or
+a ragged chunked prefill. This pass rewrites a lowered ort-cpu graph into a second graph for those steps, with the
+same I/O contract; the build saves it as ``model_verify.onnx`` beside ``model.onnx``, sharing
 ``model.onnx.data`` (its weights are never read here: the model may be loaded lazily)::
 
     before:  GroupQueryAttention(qkv | q,k,v, past_k, past_v, seqlens_k, total_seq [, cos, sin, pos])
@@ -172,7 +172,7 @@ def unsupported(node: ir.Node) -> str | None:
     extra = sorted(set(node.attributes) - _SUPPORTED)
     if extra:
         return f"has attributes {extra} this lowering does not implement"
-    if len(node.inputs) > 10 and node.inputs[10] is not None or any(v is not None for v in node.inputs[12:]):
+    if (len(node.inputs) > 10 and node.inputs[10] is not None) or any(v is not None for v in node.inputs[12:]):
         return "has an attention_bias or quantization input"
     if len(node.inputs) < 7 or node.inputs[3] is None or static_dim(node.inputs[3], 3) is None:
         return "has no past cache with a static head dimension"

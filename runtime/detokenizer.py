@@ -1,4 +1,4 @@
-"""Incremental detokenization with stop strings, one :class:`TextStream` per request (DESIGN §8).
+"""Incremental detokenization with stop strings, one :class:`TextStream` per request.
 
 Each new token is decoded together with a few tokens before it, and only the text past what those
 tokens already decoded to is appended, so multi-byte characters split over tokens ("\\ufffd" while

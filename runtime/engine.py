@@ -1,4 +1,4 @@
-"""ONNX Runtime engine: the only runtime code that touches onnxruntime (DESIGN §4, §8).
+"""ONNX Runtime engine: the only runtime code that touches onnxruntime.
 
 One ``InferenceSession`` (CPU EP, all graph optimizations) on ``model.onnx``, driven through one IOBinding
 whose past/present are the slot cache's own buffers, updated in place (runtime/ort_binding.py).

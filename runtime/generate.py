@@ -1,4 +1,4 @@
-"""Generate for a fixed batch of prompts: one batched prefill, then batched decode steps (DESIGN §8).
+"""Generate for a fixed batch of prompts: one batched prefill, then batched decode steps.
 
     prefill(all prompts, slots 0..B-1)   logits at each prompt's last token
     loop: sample → emit → free finished slots (the last slot moves into a freed one) → decode(active)

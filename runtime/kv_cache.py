@@ -1,4 +1,4 @@
-"""KV slot cache: one buffer per layer for K and V, a slot allocator, per-slot lengths (DESIGN §4, §8).
+"""KV slot cache: one buffer per layer for K and V, a slot allocator, per-slot lengths.
 
 Layout (slot-major BHSD)::
 

@@ -1,4 +1,4 @@
-"""``LLM(artifact).generate(prompts, params)``: in-flight batching over one engine (DESIGN §8).
+"""``LLM(artifact).generate(prompts, params)``: in-flight batching over one engine.
 
 The loop, one engine call per step::
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the server: requests, tokens, latency histograms, queue and slot gauges (DESIGN §8).
+"""Prometheus metrics of the server: requests, tokens, latency histograms, queue and slot gauges.
 
 One :class:`ServingMetrics` per server, on its own registry (several servers can live in one process,
 as the tests do). The engine side feeds it through :class:`~graphopt.runtime.async_llm.AsyncLLM`'s

@@ -1,4 +1,4 @@
-"""OpenAI response bodies and stream chunks for /v1/completions and /v1/chat/completions (DESIGN §8)."""
+"""OpenAI response bodies and stream chunks for /v1/completions and /v1/chat/completions."""
 
 from __future__ import annotations
 

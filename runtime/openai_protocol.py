@@ -1,4 +1,4 @@
-"""OpenAI request validation: JSON body → prompts (token ids) + :class:`SamplingParams` (DESIGN §8).
+"""OpenAI request validation: JSON body → prompts (token ids) + :class:`SamplingParams`.
 
 Every field is checked against a table (kind and range); a bad one raises :class:`RequestError` naming it
 (HTTP 400, OpenAI's ``param``). Unknown fields are refused, as OpenAI does. Extensions as in vLLM:

@@ -1,4 +1,4 @@
-"""One ONNX Runtime session driven through one IOBinding over the engine's slot cache (DESIGN §4, §8).
+"""One ONNX Runtime session driven through one IOBinding over the engine's slot cache.
 
     inputs   input_ids, position_ids [B, S], cache_lens, input_lens [B], logit_positions [B, k]
              bound by pointer to preallocated staging buffers (filled in place each step)

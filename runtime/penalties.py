@@ -1,4 +1,4 @@
-"""Logit penalties and log-probabilities, vectorised over the rows that ask for them (DESIGN §8).
+"""Logit penalties and log-probabilities, vectorised over the rows that ask for them.
 
 Penalties touch only the (row, token) pairs in each row's history, gathered as flat indices
 ``row * V + token`` into one array, so a step costs O(history) rather than O(rows x vocabulary)::

@@ -1,4 +1,4 @@
-"""Ray Serve scale-out: the same OpenAI-compatible app, one engine per replica (DESIGN §8).
+"""Ray Serve scale-out: the same OpenAI-compatible app, one engine per replica.
 
     graphopt serve ARTIFACT --ray --replicas N [--ray-address ADDR]
 

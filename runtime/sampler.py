@@ -1,4 +1,4 @@
-"""Sampling, vectorised over the batch with numpy (DESIGN §8).
+"""Sampling, vectorised over the batch with numpy.
 
 Order per row, as in Hugging Face: penalties → temperature → top-k → top-p → min-p → draw.
 ``temperature == 0`` is greedy (argmax of the penalised logits; top-k/top-p/min-p ignored). Values float32 cannot

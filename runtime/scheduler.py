@@ -1,4 +1,4 @@
-"""In-flight batching: which sequences run in the next engine call (DESIGN §8). Pure Python, no model.
+"""In-flight batching: which sequences run in the next engine call. Pure Python, no model.
 
 Slot layout (the engine binds contiguous slot ranges, GQA decodes slots 0..d-1)::
 

@@ -1,4 +1,4 @@
-"""One request's state as it moves through the runtime: waiting → prefill → decode → finished (DESIGN §8).
+"""One request's state as it moves through the runtime: waiting → prefill → decode → finished.
 
 A :class:`Sequence` is pure bookkeeping (no model, no tokenizer): its prompt and generated token ids,
 how many of its tokens sit in its KV slot, the slot, its sampling parameters and random stream, and

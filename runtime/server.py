@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP server over :class:`AsyncLLM` (Starlette + uvicorn) (DESIGN §8).
+"""OpenAI-compatible HTTP server over :class:`AsyncLLM` (Starlette + uvicorn).
 
     POST /v1/completions, /v1/chat/completions   JSON, or SSE with "stream": true
     GET  /v1/models, /health, /metrics (Prometheus)

@@ -1,4 +1,4 @@
-"""Speculative acceptance math: pure functions, no model (DESIGN §8; Leviathan et al. 2023, Chen et al. 2023).
+"""Speculative acceptance math: pure functions, no model (Leviathan et al. 2023, Chen et al. 2023).
 
 A draft proposes tokens d_1..d_k; the target scores the k+1 positions in one call, giving distributions
 p_1..p_{k+1} (p_j predicts the token after d_{j-1}). Greedy acceptance keeps the drafts that equal the

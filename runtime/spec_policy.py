@@ -1,4 +1,4 @@
-"""When to speculate, and how far: measured call costs and per-request acceptance (DESIGN §8).
+"""When to speculate, and how far: measured call costs and per-request acceptance.
 
 Costs come from timing the engines, not from constants: :class:`CostModel` keeps a running average of
 each kind of call by size — ``decode`` (target, one token per row, by batch), ``verify`` (target, one row of

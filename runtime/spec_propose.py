@@ -1,4 +1,4 @@
-"""Draft proposals for speculative decoding: n-gram prompt lookup and a draft model (DESIGN §8).
+"""Draft proposals for speculative decoding: n-gram prompt lookup and a draft model.
 
 N-gram lookup (prompt lookup decoding, vLLM's ``ngram`` and TensorRT-LLM's lookahead-free variant): find the
 latest earlier occurrence of the last n tokens (n = ``max_n`` down to ``min_n``) in the prompt and generated

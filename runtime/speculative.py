@@ -7,7 +7,7 @@ One decode step with speculation (:meth:`Speculator.run`), for the rows the poli
               others (right-padded), logit_positions 0..k  → p_1..p_{k+1}; one call per contiguous slot range
     accept    spec_accept: greedy prefix match, or rejection sampling → accepted drafts + one target token
     rollback  target cache: keep T + n (the prompt/output so far plus the n accepted drafts); draft cache:
-              keep what matches; both are just lower ``cache_lens`` (DESIGN §4)
+              keep what matches; both are just lower ``cache_lens``
 
 On ort-cpu GroupQueryAttention refuses several rows of k+1 tokens over a cache; the artifact's multi-token
 graph (``model_verify.onnx``, standard TensorScatter + Attention) runs them in one call, plain rows included.

@@ -1,4 +1,4 @@
-"""A synthetic artifact that follows the artifact I/O contract (DESIGN §4, §7) exactly, and its numpy reference.
+"""A synthetic artifact that follows the artifact I/O contract exactly, and its numpy reference.
 
 Graph (per layer l; B batch, S new tokens, k logit rows, H heads, Hkv kv heads, D head dim, E = H*D)::
 

@@ -1,6 +1,6 @@
 // Load a graphopt --target trt artifact's engine.plan by following its manifest.json, and run one decode step.
 //
-// Everything comes from the manifest (DESIGN §7): the engine file and the TensorRT version that built it,
+// Everything comes from the manifest: the engine file and the TensorRT version that built it,
 // every I/O tensor (name, dtype, symbolic shape, role), the static cache length, the past→present aliases
 // (one device buffer bound to both names: TensorRT updates the cache in place), and the optimization
 // profiles. Usage: graphopt_trt_example ARTIFACT_DIR [BATCH]
