@@ -70,10 +70,21 @@ class FuseAttentionPass(GraphoptPass):
         if match.softcap > 0:
             self.stats["softcap_value"] = int(round(match.softcap))
 
+    def _with_window(self, graph: ir.Graph, found: AttentionMatch, hint: int, seen: dict) -> AttentionMatch | str:
+        """``found`` with the window its mask allows, or why it cannot fuse. A mask is read (run on ORT) once:
+        layers share it (SmolLM2's 30 layers have one mask; alternating models have two)."""
+        key = (id(found.mask), found.additive)
+        if key not in seen:
+            seen[key] = mask_window(graph, found.mask, found.additive, hint)
+        window = seen[key]
+        if isinstance(window, int) and self.window > 0 and window != self.window:
+            window = f"mask has window {window}, the window option says {self.window}"
+        return window if isinstance(window, str) else dataclasses.replace(found, window=window)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         hint = self.window if self.window > 0 else int(model.metadata_props.get("graphopt.sliding_window", -1) or -1)
-        modified = False
+        modified, windows = False, {}
         for node in list(graph):
             if node.graph is None:
                 continue
@@ -86,10 +97,7 @@ class FuseAttentionPass(GraphoptPass):
             if found is None:  # a Softmax that is not attention (a mixture-of-experts router)
                 continue
             if isinstance(found, AttentionMatch) and found.mask is not None:
-                window = mask_window(graph, found.mask, found.additive, hint)
-                if isinstance(window, int) and self.window > 0 and window != self.window:
-                    window = f"mask has window {window}, the window option says {self.window}"
-                found = window if isinstance(window, str) else dataclasses.replace(found, window=window)
+                found = self._with_window(graph, found, hint, windows)
             if isinstance(found, str):
                 self.count("unfused")
                 node.metadata_props[UNFUSED_KEY] = found
