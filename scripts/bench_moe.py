@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,10 +22,14 @@ import numpy as np
 import torch
 import transformers
 
-from graphopt.build import BuildOptions, build
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
-from graphopt.runtime.engine import OrtEngine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from tiny_models import tiny_tokenizer  # noqa: E402
+
+from graphopt.build import BuildOptions, build  # noqa: E402
+from graphopt.pipeline import load_recipe  # noqa: E402
+from graphopt.progress import QUIET  # noqa: E402
+from graphopt.runtime.engine import OrtEngine  # noqa: E402
 
 SHAPE = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
@@ -34,10 +39,7 @@ EXPERT_WIDTH = 1024
 def _save(config, directory: Path) -> Path:
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    from tokenizers import Tokenizer, models
-
-    backend = Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(directory)
+    tiny_tokenizer(directory, config.vocab_size)
     return directory
 
 
