@@ -4,7 +4,7 @@
     Embedding  Gather(E [V,H] initializer, input_ids), and when tied the lm_head MatMul(h, Transpose(E))
 
 The quantized weights enter the graph as standard ``DequantizeLinear`` (zero-point 0) — the math
-that computes them lives in graphopt.quant_math / graphopt.awq.
+that computes them lives in graphopt.quant.numerics / graphopt.quant.awq.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._edit import initializer
-from graphopt.quant_math import Quantized
+from graphopt.quant.numerics import Quantized
 
-CALIBRATION_KEY = "graphopt.calibration"  # model.meta: CalibrationStats from the 'calibrate' pass
-PRECISION_KEY = "graphopt.precision"  # model.meta: what the quantize passes did (for the manifest)
+CALIBRATION_KEY = "graphopt.quant.calibration"  # model.meta: CalibrationStats from the 'calibrate' pass
+PRECISION_KEY = "graphopt.build.precision"  # model.meta: what the quantize passes did (for the manifest)
 _STORAGE = {"int4": ir.DataType.INT4, "int8": ir.DataType.INT8, "fp8": ir.DataType.FLOAT8E4M3FN}
 
 

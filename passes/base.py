@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 if TYPE_CHECKING:
-    from graphopt.progress import Progress
+    from graphopt.core.progress import Progress
 
 GRAPHOPT_DOMAIN = "graphopt"
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnx.defs
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._edit import attr, const_array
 from graphopt.passes.base import GraphoptPass
 

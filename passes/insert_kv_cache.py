@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._attention_match import UNFUSED_KEY, looks_like_attention, module_of
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import has_cache, is_flash_attention

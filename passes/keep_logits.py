@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes.base import GraphoptPass
 
 _ELEMENTWISE = {"Add", "Mul", "Div", "Tanh", "Cast", "Softcap"}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._edit import attr
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import has_cache, is_flash_attention

@@ -24,11 +24,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._edit import attr, initializer
 from graphopt.passes._quant_graph import record_precision
 from graphopt.passes.base import GraphoptPass
-from graphopt.quant_math import pack_uint4
+from graphopt.quant.numerics import pack_uint4
 
 MS_DOMAIN = "com.microsoft"
 

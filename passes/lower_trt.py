@@ -30,7 +30,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import PRECISION_KEY, record_precision
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import annotate_dtypes, expand_reference, has_cache, is_flash_attention
@@ -39,7 +39,7 @@ DTYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType
 ATTENTION = ("standard", "plugin")
 OPSET = 24
 DEFAULT_MAX_SEQ = 4096
-PROFILES_KEY = "graphopt.trt_profiles"  # model.meta: profile ranges for graphopt.trt_manifest
+PROFILES_KEY = "graphopt.trt_profiles"  # model.meta: profile ranges for graphopt.targets.trt_manifest
 _POSITION_INPUTS = ("position_ids",)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._edit import attr, static_dim
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import annotate_dtypes, decomposed_attention, cache_mask

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused,
                                           weight_targets, group_by_input, quantize_group_input, record_precision)
 from graphopt.passes.base import GraphoptPass
-from graphopt.quant_math import quantize_fp8, tensor_scale
+from graphopt.quant.numerics import quantize_fp8, tensor_scale
 
 
 class QuantizeFp8Pass(GraphoptPass):

@@ -9,9 +9,9 @@ Every MatMul with a constant weight, and the token embedding (with the lm_head t
     after:   Gather(DQ(E_q int4, scale [V,H/b], axis=1, block_size=b), …)  MatMul(h, Transpose(DQ(…)))
 
 With ``method = "awq"`` (needs a 'calibrate' pass before), MatMuls that share an input (q/k/v,
-gate/up) get one input-channel scale s found by :func:`graphopt.awq.awq_scale_search` and folded
+gate/up) get one input-channel scale s found by :func:`graphopt.quant.awq.awq_scale_search` and folded
 into the producer of x (RMSNorm weight, or the up projection's columns for the down projection);
-then each weight gets a per-block clip ratio (:func:`graphopt.awq.awq_clip_search`). Inputs whose
+then each weight gets a per-block clip ratio (:func:`graphopt.quant.awq.awq_clip_search`). Inputs whose
 producer cannot absorb s (attention output → o_proj) get the clip search only. The tied embedding is
 rounded to nearest (RTN): scaling or clipping it for the lm_head would change the embedding lookup.
 ``method = "rtn"`` is plain round-to-nearest everywhere, for comparison. Lowering to MatMulNBits /
@@ -30,13 +30,13 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.awq import awq_clip_search, awq_scale_search, search_threads
-from graphopt.errors import PassError
+from graphopt.quant.awq import awq_clip_search, awq_scale_search, search_threads
+from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import (Embedding, Linear, calibration, dequantize_node, drop_unused,
                                           fold_input_scale, fold_target, weight_targets,
                                           group_by_input, record_precision)
 from graphopt.passes.base import GraphoptPass
-from graphopt.quant_math import quantize_int
+from graphopt.quant.numerics import quantize_int
 
 METHODS = ("awq", "rtn")
 BLOCK_SIZES = (16, 32, 64, 128, 256)

@@ -27,13 +27,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.awq import smoothquant_scale
-from graphopt.errors import PassError
+from graphopt.quant.awq import smoothquant_scale
+from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused,
                                           weight_targets, fold_input_scale, group_by_input, quantize_group_input,
                                           record_precision)
 from graphopt.passes.base import GraphoptPass
-from graphopt.quant_math import quantize_int, tensor_scale
+from graphopt.quant.numerics import quantize_int, tensor_scale
 
 
 class QuantizeInt8Pass(GraphoptPass):

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import calibration, quantize_activation, record_precision
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import is_flash_attention
-from graphopt.quant_math import tensor_scale
+from graphopt.quant.numerics import tensor_scale
 
 
 class QuantizeKVCachePass(GraphoptPass):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 
 DOMAIN = "graphopt"
 OP_TYPE = "FlashAttention"

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from graphopt.errors import GraphoptError, OverloadedError
+from graphopt.core.errors import GraphoptError, OverloadedError
 from graphopt.runtime.llm import LLM, Completion, Prompt, RequestOutput, collect_completion
 from graphopt.runtime.sampler import SamplingParams
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphopt.artifact_files import artifact_path
-from graphopt.errors import ArtifactError, RuntimeInputError
-from graphopt.manifest import Manifest, load_manifest
+from graphopt.core.artifact_files import artifact_path
+from graphopt.core.errors import ArtifactError, RuntimeInputError
+from graphopt.core.manifest import Manifest, load_manifest
 from graphopt.runtime.graph_check import check_session_io
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession

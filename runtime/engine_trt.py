@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.errors import ArtifactError, RuntimeInputError
-from graphopt.manifest import load_manifest
+from graphopt.core.errors import ArtifactError, RuntimeInputError
+from graphopt.core.manifest import load_manifest
 from graphopt.runtime.kv_cache import SlotCache
 
 INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")
@@ -47,7 +47,7 @@ class TrtEngine:
     def __init__(self, artifact_dir: str | Path, max_slots: int = 8) -> None:
         import torch
 
-        from graphopt.trt_engine import check_plan_version, check_plugins, full_tensorrt
+        from graphopt.targets.trt_aot import check_plan_version, check_plugins, full_tensorrt
 
         directory = Path(artifact_dir)
         self.manifest = load_manifest(directory)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.sampler import Sampler, SamplingParams
 

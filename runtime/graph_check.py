@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphopt.errors import ArtifactError
-from graphopt.manifest import Manifest, TensorSpec
+from graphopt.core.errors import ArtifactError
+from graphopt.core.manifest import Manifest, TensorSpec
 
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
              "float64": "tensor(double)", "int64": "tensor(int64)", "int32": "tensor(int32)", "int8": "tensor(int8)",

@@ -17,7 +17,7 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.types import Receive, Scope, Send
 
-from graphopt.errors import GraphoptError, RequestError
+from graphopt.core.errors import GraphoptError, RequestError
 
 log = logging.getLogger(__name__)
 DRAIN_LIMIT = 64 << 20  # read (and drop) at most this much of an oversized body, so the client sees the 400

@@ -24,7 +24,7 @@ import dataclasses
 
 import numpy as np
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.detokenizer import TextStream
 from graphopt.runtime.engine import open_engine
 from graphopt.runtime.penalties import TokenLogprob, token_logprobs

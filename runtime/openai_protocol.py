@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from graphopt.errors import ArtifactError, RequestError, RuntimeInputError
+from graphopt.core.errors import ArtifactError, RequestError, RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.sampler import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from graphopt.manifest import Manifest
+from graphopt.core.manifest import Manifest
 from graphopt.runtime.kv_cache import SlotCache
 
 INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")

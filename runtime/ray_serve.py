@@ -21,7 +21,7 @@ import sys
 import threading
 from typing import Any
 
-from graphopt.errors import GraphoptError
+from graphopt.core.errors import GraphoptError
 from graphopt.runtime.engine import physical_cores
 from graphopt.runtime.server import OpenAIServer, ServerConfig
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.penalties import apply_penalties
 

@@ -17,7 +17,7 @@ Each step is either
 When both kinds have work they alternate, so a long prompt delays running streams by one bounded chunk.
 
 Policy when slots run out: waiting requests queue first-come first-served, up to ``max_queue`` (then
-:class:`~graphopt.errors.OverloadedError`, which the server turns into 429). There is no preemption: a
+:class:`~graphopt.core.errors.OverloadedError`, which the server turns into 429). There is no preemption: a
 request is refused at ``add`` unless prompt + max_new_tokens fits a slot, so an admitted request always
 finishes in its slot. Finished requests free their slot in the step that finished them (:meth:`release`);
 cancelled ones at the start of the next :meth:`schedule`. Freeing keeps the layout: the last decoding
@@ -32,7 +32,7 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
-from graphopt.errors import OverloadedError, RuntimeInputError
+from graphopt.core.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.sequence import Sequence, Status
 

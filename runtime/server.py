@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from graphopt.errors import GraphoptError, OverloadedError, RequestError, RuntimeInputError
+from graphopt.core.errors import GraphoptError, OverloadedError, RequestError, RuntimeInputError
 from graphopt.runtime.async_llm import AsyncLLM
 from graphopt.runtime.http_guard import LocalOnly
 from graphopt.runtime.http_io import ClientGone, SSEResponse, read_json, until_disconnect

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.errors import ArtifactError, RuntimeInputError
+from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import Acceptance, accept_greedy, accept_sampled, dense_probs

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from graphopt.artifact_files import TOKENIZER_DIR, refuse_remote_code, verify_files
-from graphopt.errors import ArtifactError
-from graphopt.manifest import load_manifest
+from graphopt.core.artifact_files import TOKENIZER_DIR, refuse_remote_code, verify_files
+from graphopt.core.errors import ArtifactError
+from graphopt.core.manifest import load_manifest
 
 
 def load_tokenizer(artifact: str | Path) -> Any:

@@ -4,7 +4,7 @@
 
 Two random-weight models with the same attention and the same active MLP width: Mixtral-shaped (8
 experts of width I, top-2) and Llama-shaped (one MLP of width 2·I). The MoE model is built twice, with
-``--experts routed`` and ``--experts dense`` (graphopt/experts.py); all three are built for ort-cpu;
+``--experts routed`` and ``--experts dense`` (graphopt/build/experts.py); all three are built for ort-cpu;
 decode steps at batch 1 and batch 8 are timed in interleaved rounds (routed, dense-experts, dense model,
 …), and the script prints each one's ms per step (median, min–max) and its ratio to the dense model.
 """
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import tiny_tokenizer  # noqa: E402
 
-from graphopt.build import BuildOptions, build  # noqa: E402
-from graphopt.pipeline import load_recipe  # noqa: E402
-from graphopt.progress import QUIET  # noqa: E402
+from graphopt.build.artifact import BuildOptions, build  # noqa: E402
+from graphopt.passes.pipeline import load_recipe  # noqa: E402
+from graphopt.core.progress import QUIET  # noqa: E402
 from graphopt.runtime.engine import OrtEngine  # noqa: E402
 
 SHAPE = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,

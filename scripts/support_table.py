@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import MATRIX, MATRIX_VOCAB, make_tiny_model  # noqa: E402
 
-from graphopt import quant_build  # noqa: E402
-from graphopt.build import BuildOptions, build_traced, load, trace_loaded  # noqa: E402
-from graphopt.features import describe  # noqa: E402
-from graphopt.pipeline import load_recipe  # noqa: E402
-from graphopt.progress import QUIET  # noqa: E402
+from graphopt.build import quant as quant_build  # noqa: E402
+from graphopt.build.artifact import BuildOptions, build_traced, load, trace_loaded  # noqa: E402
+from graphopt.build.features import describe  # noqa: E402
+from graphopt.passes.pipeline import load_recipe  # noqa: E402
+from graphopt.core.progress import QUIET  # noqa: E402
 from graphopt.runtime.engine import OrtEngine  # noqa: E402
 from graphopt.runtime.llm import LLM  # noqa: E402
 from graphopt.runtime.sampler import SamplingParams  # noqa: E402
@@ -68,7 +68,7 @@ def _parity(artifact: Path, hf) -> str:
 def _trt(loaded, out: Path) -> str:
     _build(loaded, "trt", out)
     try:
-        from graphopt.trt_engine import aot_check
+        from graphopt.targets.trt_aot import aot_check
 
         aot_check(out, ["sm89"])
         return "✓ AOT"

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt.manifest import FORMAT, FORMAT_VERSION, file_entries
+from graphopt.core.manifest import FORMAT, FORMAT_VERSION, file_entries
 
 
 @dataclasses.dataclass

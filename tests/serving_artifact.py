@@ -20,9 +20,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% e
 @functools.lru_cache(maxsize=1)
 def tiny_artifact() -> Path:
     """Build it once per process (~5 s) into a temporary folder removed at exit."""
-    from graphopt.build import BuildOptions, build
-    from graphopt.pipeline import load_recipe
-    from graphopt.progress import QUIET
+    from graphopt.build.artifact import BuildOptions, build
+    from graphopt.passes.pipeline import load_recipe
+    from graphopt.core.progress import QUIET
 
     root = Path(tempfile.mkdtemp(prefix="graphopt-serving-"))
     atexit.register(shutil.rmtree, root, True)

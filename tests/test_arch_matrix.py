@@ -23,14 +23,14 @@ import pytest
 import torch
 import transformers
 
-from graphopt import quant_build
-from graphopt.build import BuildOptions, build, build_traced, load, trace_loaded
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+from graphopt.build import quant as quant_build
+from graphopt.build.artifact import BuildOptions, build, build_traced, load, trace_loaded
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
-from graphopt.trt_engine import aot_check
+from graphopt.targets.trt_aot import aot_check
 from tiny_models import MATRIX, MATRIX_VOCAB, VARIANTS, WINDOW, make_tiny_model
 import trt_helpers
 
@@ -115,7 +115,7 @@ def test_build_report_names_the_features_found(built) -> None:
 def test_inspect_names_the_features(built) -> None:
     from click.testing import CliRunner
 
-    from graphopt.cli import main
+    from graphopt.cli.main import main
 
     arch, _, artifact, _, _ = built
     result = CliRunner().invoke(main, ["inspect", str(artifact)])

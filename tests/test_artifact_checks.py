@@ -12,9 +12,9 @@ from typing import Any, Callable
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
-from graphopt.errors import ArtifactError
-from graphopt.manifest import file_entries, load_manifest
+from graphopt.cli.main import main
+from graphopt.core.errors import ArtifactError
+from graphopt.core.manifest import file_entries, load_manifest
 from graphopt.runtime.tokenizer import load_tokenizer
 from serving_artifact import tiny_artifact
 

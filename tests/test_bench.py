@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from graphopt.bench import PROMPT_TEXT, benchmark_prompt, print_bench, run_bench, timed_loop, token_agreement
-from graphopt.errors import RuntimeInputError
-from graphopt.progress import QUIET
+from graphopt.measure.bench import PROMPT_TEXT, benchmark_prompt, print_bench, run_bench, timed_loop, token_agreement
+from graphopt.core.errors import RuntimeInputError
+from graphopt.core.progress import QUIET
 from tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from graphopt.build import BuildOptions, build
-    from graphopt.pipeline import load_recipe
+    from graphopt.build.artifact import BuildOptions, build
+    from graphopt.passes.pipeline import load_recipe
 
     root = tmp_path_factory.mktemp("bench")
     hf_dir = make_tiny_model("llama", root / "hf")

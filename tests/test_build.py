@@ -8,10 +8,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from graphopt.build import BuildOptions, build
-from graphopt.manifest import load_manifest, sha256_file
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.core.manifest import load_manifest, sha256_file
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 from tiny_models import make_tiny_model
 
 
@@ -64,8 +64,8 @@ def test_force_replaces_atomically(tmp_path: Path) -> None:
 
 def test_a_trt_build_leaves_the_shared_trace_in_fp32(tmp_path: Path) -> None:
     """compare and the matrix build several recipes from one trace: lower-trt's fp16 must not leak back."""
-    from graphopt import quant_build
-    from graphopt.build import build_traced, load, trace_loaded
+    from graphopt.build import quant as quant_build
+    from graphopt.build.artifact import build_traced, load, trace_loaded
 
     source = make_tiny_model("llama", tmp_path / "hf")
     loaded = load(str(source), "sdpa", QUIET)

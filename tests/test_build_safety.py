@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graphopt.build import BuildOptions, build
-from graphopt.cli import main
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
-from graphopt.staging import MARKER, sweep_leftovers
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.cli.main import main
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
+from graphopt.build.staging import MARKER, sweep_leftovers
 from tiny_models import make_tiny_model
 
 TESTS = Path(__file__).resolve().parent
@@ -66,9 +66,9 @@ def _killed_build(source: Path, out: Path, moment: str) -> None:
 import os, signal, sys
 sys.path.insert(0, {str(TESTS)!r})
 from pathlib import Path
-import graphopt.build as b
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+import graphopt.build.artifact as b
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 
 def die(staging, output):
     if {moment!r} == "swapping":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from graphopt.calib_text import default_corpus, prose_paragraphs, rows
-from graphopt.fidelity import compare, evaluate
+from graphopt.quant.text import default_corpus, prose_paragraphs, rows
+from graphopt.measure.fidelity import compare, evaluate
 
 PROSE = ("This library turns graphs into fast programs. It reads a model, rewrites it with passes, and writes "
          "an artifact that a server can load without Python. Each pass records what it changed.")
@@ -15,7 +15,7 @@ def test_prose_filter_keeps_sentences_and_drops_code_and_markup() -> None:
     text = "\n\n".join([
         PROSE,
         "# Installation",
-        "```python\nimport graphopt\ngraphopt.build('x')\n```",
+        "```python\nimport graphopt\ngraphopt.build.artifact('x')\n```",
         "    indented_code = True  # a literal block with enough letters to pass the length test easily",
         "| col | col |\n|-----|-----|\n| a | b |",
         "Short line.",

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graphopt import __version__, quant_build
-from graphopt.cli import main
+from graphopt import __version__
+from graphopt.build import quant as quant_build
+from graphopt.cli.main import main
 from serving_artifact import tiny_artifact
 from tiny_models import make_tiny_model
 

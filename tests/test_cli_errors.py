@@ -10,10 +10,10 @@ import pytest
 import transformers
 from click.testing import CliRunner
 
-from graphopt.build import BuildOptions, build
-from graphopt.cli import main
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.cli.main import main
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 from tiny_models import make_tiny_model
 
 

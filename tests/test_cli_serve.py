@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def _graphopt() -> list[str]:
     script = Path(sys.executable).parent / "graphopt"
-    return [str(script)] if script.exists() else [sys.executable, "-c", "from graphopt.cli import main; main()"]
+    return [str(script)] if script.exists() else [sys.executable, "-c", "from graphopt.cli.main import main; main()"]
 
 
 def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
+from graphopt.cli.main import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import tiny_model  # noqa: E402

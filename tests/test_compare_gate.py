@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
-from graphopt.errors import RecipeError
-from graphopt.gate import (DEFAULTS, CompareError, Thresholds, budgets_only, check, load_baseline, recipe_gate,
+from graphopt.cli.main import main
+from graphopt.core.errors import RecipeError
+from graphopt.evaluate.gate import (DEFAULTS, CompareError, Thresholds, budgets_only, check, load_baseline, recipe_gate,
                            thresholds)
 
 

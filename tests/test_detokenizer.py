@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS, StopMatcher, TextStream
 from graphopt.runtime.sampler import SamplingParams
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from graphopt.cli import main
-from graphopt.diff import diff, load_side
+from graphopt.cli.main import main
+from graphopt.evaluate.diff import diff, load_side
 
 
 def invoke(*args: str):

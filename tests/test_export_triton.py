@@ -8,10 +8,10 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
-from graphopt.export_triton import TritonExportError, check_config, config_text, parse_config
-from graphopt.manifest import load_manifest
-from graphopt.trt_manifest import record_engine
+from graphopt.cli.main import main
+from graphopt.targets.triton import TritonExportError, check_config, config_text, parse_config
+from graphopt.core.manifest import load_manifest
+from graphopt.targets.trt_manifest import record_engine
 from trt_helpers import built
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed ('graphopt[trt]')")
@@ -41,7 +41,7 @@ def test_plan_repository_with_profiles(tmp_path) -> None:
     (artifact / "engine.plan").write_bytes(b"plan bytes")
     (artifact / "timing.cache").write_bytes(b"cache")
     record_engine(artifact, "10.13.0")
-    from graphopt.export_triton import export_triton
+    from graphopt.targets.triton import export_triton
 
     model_dir = export_triton(artifact, tmp_path / "repo")
     config = parse_config((model_dir / "config.pbtxt").read_text())
@@ -64,8 +64,8 @@ def test_schema_rejects_unknown_fields_and_mismatches() -> None:
 
 
 def test_existing_model_dir_is_refused(tmp_path) -> None:
-    from graphopt.errors import ArtifactError
-    from graphopt.export_triton import export_triton
+    from graphopt.core.errors import ArtifactError
+    from graphopt.targets.triton import export_triton
 
     (tmp_path / "repo" / "m").mkdir(parents=True)
     (tmp_path / "repo" / "m" / "keep").write_text("x")

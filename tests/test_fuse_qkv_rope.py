@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphopt.build import BuildOptions, build
-from graphopt.pipeline import PassSpec, load_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.passes.pipeline import PassSpec, load_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from tiny_models import VOCAB, make_tiny_model
 

@@ -23,11 +23,11 @@ import torch
 import transformers
 
 from gguf_files import ARCHS, source_model, write_tiny_gguf
-from graphopt.build import BuildOptions, build
-from graphopt.errors import SourceError
-from graphopt.manifest import MANIFEST
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.core.errors import SourceError
+from graphopt.core.manifest import MANIFEST
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.sources import load_causal_lm, load_tokenizer, resolve_source
 

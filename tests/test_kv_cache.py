@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.kv_cache import SlotCache, SlotMove
 
 

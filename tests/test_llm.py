@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from graphopt.errors import OverloadedError, RuntimeInputError
+from graphopt.core.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.async_llm import AsyncLLM
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.generate import generate as fixed_batch_generate

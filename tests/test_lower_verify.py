@@ -11,12 +11,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphopt.build import BuildOptions, build
-from graphopt.errors import PassError
-from graphopt.io_contract import io_specs
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.core.errors import PassError
+from graphopt.core.io_contract import io_specs
 from graphopt.passes.lower_verify import LowerVerifyPass
-from graphopt.pipeline import PassSpec, load_recipe
-from graphopt.progress import QUIET
+from graphopt.passes.pipeline import PassSpec, load_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from tiny_models import VOCAB, make_tiny_model
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 import transformers
 
-from graphopt.build import BuildOptions, build
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from tiny_models import VOCAB, make_tiny_model
 

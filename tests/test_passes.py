@@ -6,13 +6,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from graphopt.errors import PassError, RecipeError
+from graphopt.core.errors import PassError, RecipeError
 from graphopt.passes import REGISTRY
 from graphopt.passes.fuse_attention import FuseAttentionPass
 from graphopt.passes.keep_logits import KeepLogitsPass
 from graphopt.passes.lower_ort_cpu import LowerOrtCpuPass
-from graphopt.pipeline import load_recipe, parse_recipe, run_pipeline
-from graphopt.verify import run_stage
+from graphopt.passes.pipeline import load_recipe, parse_recipe, run_pipeline
+from graphopt.passes.verify import run_stage
 
 B, S, H, D, V = "batch", "seq", 2, 4, 16
 

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from graphopt.build import BuildOptions, build
-from graphopt.cli import main
-from graphopt.manifest import load_manifest
-from graphopt.pipeline import load_recipe
-from graphopt.precision import PrecisionFlags, precision_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.cli.main import main
+from graphopt.core.manifest import load_manifest
+from graphopt.passes.pipeline import load_recipe
+from graphopt.build.precision import PrecisionFlags, precision_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.generate import generate
 from graphopt.runtime.sampler import SamplingParams

@@ -6,8 +6,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from graphopt.awq import awq_clip_search, awq_scale_search, fake_int4, int4_output_error, smoothquant_scale
-from graphopt.quant_math import (fake_quant_tensor, pack_uint4, quantize_fp8, quantize_int, relative_error,
+from graphopt.quant.awq import awq_clip_search, awq_scale_search, fake_int4, int4_output_error, smoothquant_scale
+from graphopt.quant.numerics import (fake_quant_tensor, pack_uint4, quantize_fp8, quantize_int, relative_error,
                                  round_e4m3, unpack_uint4)
 
 RNG = np.random.default_rng(0)

@@ -13,13 +13,13 @@ import onnx_ir as ir
 import pytest
 
 from graphopt import sources
-from graphopt.errors import PassError
+from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import PRECISION_KEY, find_embedding, find_linears, fold_input_scale
 from graphopt.passes.base import PassContext
-from graphopt.pipeline import load_recipe, parse_recipe, run_pipeline
-from graphopt.quant_math import quantize_int
-from graphopt.trace import trace
-from graphopt.verify import run_stage
+from graphopt.passes.pipeline import load_recipe, parse_recipe, run_pipeline
+from graphopt.quant.numerics import quantize_int
+from graphopt.build.trace import trace
+from graphopt.passes.verify import run_stage
 from tiny_models import VOCAB, make_tiny_model
 
 IDS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 6))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from contract_model import ContractModel, build_contract_artifact
-from graphopt.errors import ArtifactError, RuntimeInputError
+from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.generate import generate, stream
 from graphopt.runtime.sampler import SamplingParams

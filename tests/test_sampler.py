@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.errors import RuntimeInputError
+from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.penalties import apply_penalties, token_logprobs
 from hypothesis import given, settings
 from hypothesis import strategies as st

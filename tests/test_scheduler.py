@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.errors import OverloadedError, RuntimeInputError
+from graphopt.core.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.sampler import SamplingParams
 from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKind

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from graphopt.errors import ArtifactError
+from graphopt.core.errors import ArtifactError
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.openai_protocol import request_defaults
 from graphopt.runtime.server import ServerConfig

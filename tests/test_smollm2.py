@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from graphopt import sources
-from graphopt.build import BuildOptions, build
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.generate import generate
 from graphopt.runtime.sampler import SamplingParams

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import pytest
 
-from graphopt.build import BuildOptions, build
-from graphopt.precision import PrecisionFlags, precision_recipe
-from graphopt.progress import QUIET
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.build.precision import PrecisionFlags, precision_recipe
+from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.generate import generate
 from graphopt.runtime.sampler import SamplingParams

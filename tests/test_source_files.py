@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
+from graphopt.cli.main import main
 from tiny_models import make_tiny_model
 
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from graphopt import sources
-from graphopt.errors import SourceError
+from graphopt.core.errors import SourceError
 
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

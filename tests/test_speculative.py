@@ -30,9 +30,9 @@ def draft_artifact(noise: float) -> Path:
     """The serving artifact's model (same seed) with Gaussian noise on its weights: a draft that agrees in part."""
     import transformers
 
-    from graphopt.build import BuildOptions, build
-    from graphopt.pipeline import load_recipe
-    from graphopt.progress import QUIET
+    from graphopt.build.artifact import BuildOptions, build
+    from graphopt.passes.pipeline import load_recipe
+    from graphopt.core.progress import QUIET
 
     root = Path(tempfile.mkdtemp(prefix="graphopt-draft-"))
     hf_dir = make_tiny_model("llama", root / "hf")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from graphopt.errors import ArtifactError, RuntimeInputError
+from graphopt.core.errors import ArtifactError, RuntimeInputError
 
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.sampler import SamplingParams

@@ -9,8 +9,8 @@ import sys
 import openai
 from click.testing import CliRunner
 
-from graphopt.bench_spec import print_spec_bench, run_spec_bench
-from graphopt.cli import main
+from graphopt.measure.bench_spec import print_spec_bench, run_spec_bench
+from graphopt.cli.main import main
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 from graphopt.runtime.server import ServerConfig
@@ -39,7 +39,7 @@ def test_cli_generate_with_a_draft_matches_plain(monkeypatch) -> None:
 def test_cli_draft_in_its_own_process_shares_one_thread_pool() -> None:
     """For real (a subprocess: ORT's global thread pool is process-wide), greedy tokens equal plain generate's."""
     artifact = tiny_artifact()
-    args = [sys.executable, "-c", "from graphopt.cli import main; main()", "generate", str(artifact), "--prompt-ids",
+    args = [sys.executable, "-c", "from graphopt.cli.main import main; main()", "generate", str(artifact), "--prompt-ids",
             "5,6,7,8", "--max-new-tokens", "10", "--json"]
     runs = [subprocess.run(args + extra, capture_output=True, text=True, check=True, timeout=120)
             for extra in ([], ["--draft", str(artifact), "-k", "2"])]

@@ -8,8 +8,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
-from graphopt.trt_engine import aot_check
+from graphopt.cli.main import main
+from graphopt.targets.trt_aot import aot_check
 from tiny_models import make_tiny_model
 from trt_helpers import built
 

@@ -7,10 +7,10 @@ import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
-from graphopt.cli import main
-from graphopt.errors import PassError
+from graphopt.cli.main import main
+from graphopt.core.errors import PassError
 from graphopt.passes.check_trt import CheckTrtPass
-from graphopt.trt_engine import TrtError, check_plan_version, check_plugins, parse_archs
+from graphopt.targets.trt_aot import TrtError, check_plan_version, check_plugins, parse_archs
 from trt_helpers import built
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
@@ -118,7 +118,7 @@ def test_plugin_library_missing_and_plan_version() -> None:
 
 
 def test_engine_command_without_tensorrt_says_how_to_finish() -> None:
-    from graphopt.trt_engine import full_tensorrt
+    from graphopt.targets.trt_aot import full_tensorrt
 
     if full_tensorrt() is not None:
         pytest.skip("this machine has TensorRT and a GPU: the engine builds instead")
@@ -128,7 +128,7 @@ def test_engine_command_without_tensorrt_says_how_to_finish() -> None:
 
 
 def test_recipe_name_beside_a_folder_of_that_name(tmp_path, monkeypatch) -> None:
-    from graphopt.pipeline import load_recipe
+    from graphopt.passes.pipeline import load_recipe
 
     (tmp_path / "trt").mkdir()  # e.g. the output of 'graphopt build … --target trt -o trt'
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphopt.errors import ArtifactError
-from graphopt.trt_engine import full_tensorrt
+from graphopt.core.errors import ArtifactError
+from graphopt.targets.trt_aot import full_tensorrt
 from trt_helpers import built
 
 
@@ -39,7 +39,7 @@ def test_engine_matches_ort_on_gpu(tmp_path) -> None:
     import shutil
 
     from graphopt.runtime.engine_trt import TrtEngine
-    from graphopt.trt_engine import build_engine
+    from graphopt.targets.trt_aot import build_engine
     from trt_helpers import run_steps, session
 
     artifact = tmp_path / "art"

@@ -9,7 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
-from graphopt.trt_manifest import record_engine
+from graphopt.targets.trt_manifest import record_engine
 from trt_helpers import built
 
 SOURCE = Path(__file__).resolve().parents[1] / "examples" / "trt_cpp" / "main.cpp"

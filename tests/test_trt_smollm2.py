@@ -10,10 +10,10 @@ import time
 import numpy as np
 import pytest
 
-from graphopt.build import BuildOptions, build_traced, load, trace_loaded
-from graphopt.pipeline import load_recipe
-from graphopt.progress import QUIET
-from graphopt.trt_options import TrtOptions, apply_trt_options
+from graphopt.build.artifact import BuildOptions, build_traced, load, trace_loaded
+from graphopt.passes.pipeline import load_recipe
+from graphopt.core.progress import QUIET
+from graphopt.targets.trt_options import TrtOptions, apply_trt_options
 from trt_helpers import run_steps, session
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, museu
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from graphopt import quant_build
+    from graphopt.build import quant as quant_build
 
     out = tmp_path_factory.mktemp("smollm2-trt") / "trt"
     loaded = load("smollm2-135m", "sdpa", QUIET)
@@ -57,7 +57,7 @@ def test_top1_agrees_with_fp32(smollm2) -> None:
 
 def test_aot_builds_for_sm89_and_sm120(smollm2) -> None:
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'graphopt[trt]')")
-    from graphopt.trt_engine import aot_check
+    from graphopt.targets.trt_aot import aot_check
 
     artifact, _ = smollm2
     start = time.perf_counter()

@@ -64,10 +64,10 @@ def built(recipe: str, arch: str = "llama", attention: str = "standard", dtype: 
     import shutil
     import tempfile
 
-    from graphopt.build import BuildOptions, build
-    from graphopt.pipeline import load_recipe
-    from graphopt.progress import QUIET
-    from graphopt.trt_options import TrtOptions, apply_trt_options
+    from graphopt.build.artifact import BuildOptions, build
+    from graphopt.passes.pipeline import load_recipe
+    from graphopt.core.progress import QUIET
+    from graphopt.targets.trt_options import TrtOptions, apply_trt_options
     from tiny_models import make_tiny_model
 
     key = (recipe, arch, attention, dtype, tuple(sorted(overrides.items())))

@@ -1,0 +1,112 @@
+"""The quantization steps of ``graphopt build``: calibration input, early checks, cached statistics, fidelity.
+
+    before tracing   calibration_corpus()  reads --calib-text (or finds the default prose) — bad text fails
+                     here, in a second; preflight() checks the int4 block against the model config
+    pipeline         pass_context() hands the token stream and the progress display to 'calibrate'
+    writing          save_calibration() caches the statistics as calibration.npz in the artifact
+    after writing    measure_fidelity() compares the artifact with the fp32 model on evaluation text
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from graphopt.quant.text import Corpus, default_corpus, read_text_file, token_stream
+from graphopt.measure.fidelity import EVAL_SEQ, artifact_logits, evaluate, torch_logits
+from graphopt.core.manifest import MANIFEST
+from graphopt.passes._quant_graph import CALIBRATION_KEY, PRECISION_KEY
+from graphopt.passes.base import PassContext
+from graphopt.passes.pipeline import Recipe
+from graphopt.build.precision import PrecisionError, check_block_divides
+from graphopt.core.progress import Progress
+
+CALIBRATION_FILE = "calibration.npz"
+# the issue's budgets (KL in nats, top-1 agreement) per weight precision
+BUDGETS = {"int8": (0.01, 0.97), "int4": (0.05, 0.93), "fp8": (0.01, None)}
+
+
+def calibration_corpus(recipe: Recipe, calib_text: Path | None) -> Corpus | None:
+    """The calibration text when the recipe calibrates; a one-line error for unusable text."""
+    calibrates = any(spec.name == "calibrate" for spec in recipe.passes)
+    if calib_text is not None and not calibrates:
+        raise PrecisionError(f"--calib-text: recipe {recipe.name} has no 'calibrate' pass, so the text would be "
+                             "unused; drop --calib-text or use a recipe that calibrates (--int4, --fp8)")
+    if not calibrates:
+        return None
+    return read_text_file(calib_text, "--calib-text") if calib_text is not None else default_corpus("calibration")
+
+
+def preflight(recipe: Recipe, config) -> None:
+    """Checks that need only the model config, so a bad block size fails before the long trace."""
+    for spec in recipe.passes:
+        if spec.name == "quantize-int4":
+            check_block_divides(int(spec.options.get("block_size", 32)), config)
+
+
+def pass_context(options, corpus: Corpus | None, config, tokenizer, progress: Progress) -> PassContext:
+    """After loading, before tracing: preflight checks, then what passes need from the build (the
+    calibration token stream for 'calibrate', the context length for 'fuse-qkv-rope')."""
+    preflight(options.recipe, config)
+    max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if corpus is None:
+        return PassContext(progress=progress, max_positions=max_positions)
+    ids = token_stream(tokenizer, corpus, options.calib_tokens, "--calib-tokens")
+    return PassContext(calibration_tokens=ids, calibration_source=corpus.source, progress=progress,
+                       max_positions=max_positions)
+
+
+def context_for(options, loaded, progress: Progress) -> PassContext:
+    """The pass context of ``options.recipe`` on an already loaded model (several recipes from one trace:
+    compare, the architecture matrix): its calibration text, then :func:`pass_context`."""
+    corpus = calibration_corpus(options.recipe, options.calib_text)
+    return pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
+
+
+def precision_of(model: ir.Model, kv_dtype: str) -> dict[str, str]:
+    """The manifest's precision: what the quantize passes recorded, fp32 elsewhere."""
+    recorded = dict(model.meta.get(PRECISION_KEY, {}))
+    return {"weights": recorded.pop("weights", "fp32"), "activations": recorded.pop("activations", "fp32"),
+            "kv_cache": recorded.pop("kv_cache", kv_dtype), **recorded}
+
+
+def save_calibration(model: ir.Model, staging: Path) -> dict[str, Any] | None:
+    """Write calibration.npz when the pipeline calibrated; returns its summary for the report."""
+    stats = model.meta.get(CALIBRATION_KEY)
+    if stats is None:
+        return None
+    stats.save(staging / CALIBRATION_FILE)
+    return stats.summary() | {"file": CALIBRATION_FILE}
+
+
+def weight_precision(precision: dict[str, str]) -> str | None:
+    """"int4", "int8", "fp8" or None (fp32 weights) from the manifest's precision."""
+    first = precision["weights"].split()[0]
+    return first if first in BUDGETS else None
+
+
+def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: Progress,
+                     timings: dict[str, float]) -> dict[str, Any]:
+    """KL / top-1 / perplexity of the written artifact against the fp32 PyTorch model (BuildOptions
+    ``eval_text`` or the evaluation half of the default prose, ``eval_tokens`` tokens), with the budget
+    of its weight precision; adds ``fidelity_s`` to ``timings``."""
+    start = time.perf_counter()
+    text = options.eval_text
+    corpus = read_text_file(text, "eval_text") if text is not None else default_corpus("evaluation")
+    ids = token_stream(tokenizer, corpus, options.eval_tokens, "eval_tokens")
+    with progress.bar(f"measuring fidelity vs fp32 on {ids.size} tokens", total=-(-ids.size // EVAL_SEQ)) as advance:
+        fidelity = evaluate(artifact_logits(staging), torch_logits(torch_model), ids, corpus.source, advance=advance)
+    out = fidelity.to_json() | {"reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)"}
+    precision = json.loads((staging / MANIFEST).read_text())["precision"]
+    if (kind := weight_precision(precision)) is not None:
+        kl_max, top1_min = BUDGETS[kind]
+        misses = [f"KL {fidelity.kl_mean:.4f} > {kl_max}"] if fidelity.kl_mean > kl_max else []
+        if top1_min is not None and fidelity.top1_agreement < top1_min:
+            misses.append(f"top-1 {fidelity.top1_agreement:.1%} < {top1_min:.0%}")
+        out["budget"] = {"kl_max": kl_max, "top1_min": top1_min, "within": not misses, "misses": misses}
+    timings["fidelity_s"] = time.perf_counter() - start
+    return out

@@ -1,0 +1,167 @@
+"""The graphopt command line: build, passes, inspect, generate, bench.
+
+Any GraphoptError becomes one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from graphopt import __version__
+from graphopt.core.errors import GraphoptError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GraphoptError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="graphopt", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """graphopt — a compiler for LLM inference graphs."""
+    ctx.ensure_object(dict)["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory (default: out/<model>).")
+@click.option("--recipe", default=None, help="Recipe name in models/ or a TOML path (default: the target's).")
+@click.option("--target", default="ort-cpu", type=click.Choice(["ort-cpu", "trt"]), show_default=True)
+@click.option("--verify", is_flag=True, help="Check the graph and its logits after every pass.")
+@click.option("--dump-after", default=None, metavar="PASS", help="Also save the graph after this pass.")
+@click.option("--attn-implementation", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build report as JSON.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a quantized build misses its fidelity budget "
+              "(the artifact is written either way).")
+@click.option("--int4", is_flag=True, help="int4 weights, AWQ-style (recipe <target>-int4).")
+@click.option("--int4-block", type=int, default=None, help="int4 block size: 32 (default), 64 or 128.")
+@click.option("--int8", is_flag=True, help="int8 weights and activations (recipe <target>-int8).")
+@click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
+@click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
+@click.option("--calib-text", type=click.Path(path_type=Path), default=None,
+              help="UTF-8 calibration text (default: prose from installed packages' docs).")
+@click.option("--calib-tokens", default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--experts", default="routed", type=click.Choice(["routed", "dense"]), show_default=True,
+              help="Mixture-of-experts blocks: gather the chosen experts' weights, or run every expert.")
+@click.option("--attention", default="standard", type=click.Choice(["standard", "plugin"]), show_default=True,
+              help="trt: FlashAttention as TensorScatter + Attention, or the graphopt plugin node.")
+@click.option("--dtype", default="float16", type=click.Choice(["float16", "bfloat16", "float32"]),
+              show_default=True, help="trt: compute and KV-cache dtype.")
+@click.option("--trt-max-seq", default=0, show_default=True, help="trt: static KV-cache length (0 = model's, ≤4096).")
+@click.option("--trt-max-batch", default=8, show_default=True, help="trt: rows per call in the profiles.")
+@click.option("--trt-max-prefill", default=512, show_default=True, help="trt: tokens per prefill call (profile).")
+@click.option("--aot-check", default=None, metavar="sm89,sm120",
+              help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
+def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json, strict,
+          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, experts, attention, dtype, trt_max_seq,
+          trt_max_batch, trt_max_prefill, aot_check) -> None:
+    """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
+    from graphopt.build.artifact import BuildOptions, build as run_build
+    from graphopt.build.precision import PrecisionFlags, precision_recipe
+    from graphopt.core.progress import Progress
+    from graphopt.build.report import pass_table, print_build_summary
+
+    flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
+    from graphopt.cli.trt import finish_trt_build, trt_recipe
+
+    trt_options = (attention, dtype, trt_max_seq, kv_cache, aot_check)
+    chosen = trt_recipe(precision_recipe(flags, recipe, target), target, *trt_options,  # fails before loading
+                        max_batch=trt_max_batch, max_prefill=trt_max_prefill)
+    suffix = f"-{flags.weights}" if flags.weights else ""
+    output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
+    options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
+                           experts=experts)
+    progress = Progress(enabled=not as_json)
+    records = []
+    report = run_build(model, options, progress, on_pass=records.append)
+    trt_steps = finish_trt_build(output, target, aot_check)  # AOT check, engine.plan where possible
+    budget = report.get("fidelity", {}).get("budget")
+    if budget is not None:  # quantized: machine-readable verdict next to the figures
+        report["within_budget"] = budget["within"]
+    if as_json:
+        click.echo(json.dumps(report | ({"trt_steps": trt_steps} if trt_steps else {}), indent=2))
+    else:
+        progress.console.print(pass_table(records, verify))
+        print_build_summary(progress.console, report, output)
+        for line in trt_steps:
+            click.echo(line)
+    if strict and budget is not None and not budget["within"]:
+        click.echo(f"error: {output} is over its fidelity budget ({'; '.join(budget['misses'])}); the artifact was "
+                   "written, drop --strict to accept it or use a wider precision", err=True)
+        sys.exit(1)
+
+
+@main.command()
+def passes() -> None:
+    """List the registered passes with their options."""
+    from graphopt.passes import REGISTRY, pass_options, summary
+
+    for name, cls in REGISTRY.items():
+        options = ", ".join(f"{k}: {t.__name__} = {d!r}" for k, (t, d) in pass_options(cls).items()) or "no options"
+        click.echo(f"{name:18} {summary(cls)}\n{'':18} options: {options}")
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Print an artifact's manifest and build report."""
+    from graphopt.core.manifest import load_manifest
+    from graphopt.build.report import print_inspect
+
+    manifest = load_manifest(artifact)
+    report_path = artifact / "build-report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if as_json:
+        click.echo(json.dumps({"manifest": manifest.raw, "build_report": report}, indent=2))
+    else:
+        print_inspect(manifest, report)
+
+
+from graphopt.cli.run import bench, generate  # noqa: E402  (commands registered on main)
+
+main.add_command(generate)
+main.add_command(bench)
+
+from graphopt.cli.serve import serve  # noqa: E402
+
+main.add_command(serve)
+
+from graphopt.cli.eval import eval_command  # noqa: E402
+
+main.add_command(eval_command)
+
+from graphopt.cli.compare import compare_command, diff_command  # noqa: E402
+
+main.add_command(compare_command)
+main.add_command(diff_command)
+
+from graphopt.cli.trt import engine_command, export_group  # noqa: E402
+
+main.add_command(engine_command)
+main.add_command(export_group)

@@ -1,0 +1,135 @@
+"""graphopt compare: build several recipes of one model from one trace and measure each.
+
+    load + trace once ──► for each recipe: run its passes on a copy of the trace ──► artifact
+                                                              │
+    fidelity vs the fp32 PyTorch model (reference logits computed once) ◄─┘
+    speed: every artifact timed in interleaved rounds (graphopt.evaluate.compare_measure)
+
+Build time per recipe is its passes plus writing the artifact; loading and tracing happen once and are
+reported separately. The first recipe is the reference: every recipe's timings are also stored as ratios to it
+(``relative``), which is what the gate compares between runs. Artifacts go to ``OUT/artifacts/<recipe>``;
+compare.json / compare.md / compare.png are written by the CLI once everything is measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from graphopt.build.artifact import BuildOptions, Loaded, build_traced, load, trace_loaded
+from graphopt.quant.text import Corpus, default_corpus, read_text_file, token_stream
+from graphopt.evaluate.compare_measure import (ReferenceLogits, SpeedSettings, artifact_fidelity, relative,
+                                      time_artifacts)
+from graphopt.core.errors import RecipeError
+from graphopt.evaluate.gate import FORMAT, CompareError, Thresholds, thresholds
+from graphopt.passes.pipeline import Recipe, load_recipe
+from graphopt.core.progress import Progress
+
+FORMAT_VERSION = 1
+TARGETS = ("ort-cpu",)  # the targets OrtEngine can time
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareOptions:
+    recipes: tuple[str, ...]
+    model: str
+    out: Path
+    target: str = "ort-cpu"
+    calib_text: Path | None = None
+    calib_tokens: int = 4096
+    eval_text: Path | None = None
+    eval_tokens: int = 2048
+    speed: SpeedSettings = SpeedSettings()
+    attn_implementation: str = "sdpa"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything checked before the model is loaded: recipes, their gate thresholds, the texts."""
+    recipes: list[Recipe]
+    limits: dict[str, Thresholds]
+    eval_corpus: Corpus
+
+
+def plan(options: CompareOptions, overrides: dict[str, float | None]) -> Plan:
+    if not options.recipes:
+        raise RecipeError("compare needs at least one recipe, e.g. 'graphopt compare ort-cpu ort-cpu-int8 --model M'")
+    recipes = [load_recipe(spec) for spec in options.recipes]
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"recipes {names} repeat a name; each recipe needs its own name to be compared")
+    for recipe in recipes:
+        if recipe.target != options.target:
+            raise RecipeError(f"recipe {recipe.name} targets {recipe.target!r}, not --target {options.target}; "
+                              "compare recipes of one target")
+    if options.target not in TARGETS:
+        raise CompareError(f"compare times artifacts on OrtEngine, which runs {TARGETS}; not {options.target!r}")
+    limits = {r.name: thresholds(spec, overrides) for r, spec in zip(recipes, options.recipes)}
+    corpus = read_text_file(options.eval_text, "--eval-text") if options.eval_text else default_corpus("evaluation")
+    if options.calib_text is not None:
+        read_text_file(options.calib_text, "--calib-text")  # fails now rather than after the trace
+    return Plan(recipes, limits, corpus)
+
+
+def build_options(recipe: Recipe, options: CompareOptions) -> BuildOptions:
+    calibrates = any(spec.name == "calibrate" for spec in recipe.passes)
+    return BuildOptions(recipe, options.out / "artifacts" / recipe.name, force=True,
+                        attn_implementation=options.attn_implementation,
+                        calib_text=options.calib_text if calibrates else None, calib_tokens=options.calib_tokens,
+                        eval_tokens=options.eval_tokens, eval_text=options.eval_text)
+
+
+def prepare(options: CompareOptions, recipes: list[Recipe], progress: Progress) -> tuple[Loaded, list[Any]]:
+    """Load the model, run every recipe's preflight and calibration-text checks, then trace once."""
+    from graphopt.build import quant as quant_build
+
+    loaded = load(options.model, options.attn_implementation, progress)
+    contexts = []
+    for recipe in recipes:
+        contexts.append(quant_build.context_for(build_options(recipe, options), loaded, progress))
+    trace_loaded(loaded, progress)
+    return loaded, contexts
+
+
+def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> dict[str, Any]:
+    """Build and measure every recipe of ``chosen``; the compare.json document."""
+    from graphopt.measure.bench import benchmark_prompt, machine_info
+
+    loaded, contexts = prepare(options, chosen.recipes, progress)
+    ids = token_stream(loaded.tokenizer, chosen.eval_corpus, options.eval_tokens, "--eval-tokens")
+    reference = ReferenceLogits(loaded.torch_model)
+    entries = []
+    for recipe, context in zip(chosen.recipes, contexts):
+        built = build_options(recipe, options)
+        report = build_traced(loaded, built, progress, context, copy=True)
+        fidelity = report.get("fidelity") or artifact_fidelity(built.output, reference, ids,
+                                                               chosen.eval_corpus.source, progress)
+        entries.append(entry(recipe, built.output, report, fidelity))
+    prompt = benchmark_prompt(loaded.tokenizer, options.speed.prompt_tokens)
+    speeds = time_artifacts({e["recipe"]: Path(e["artifact"]) for e in entries}, prompt, options.speed, progress)
+    for item in entries:
+        item["speed"] = speeds[item["recipe"]]
+        item["relative"] = relative(item["speed"], speeds[entries[0]["recipe"]])
+    source = loaded.source
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": source.model_id,
+            "model_sha256": source.sha256, "target": options.target, "reference_recipe": entries[0]["recipe"],
+            "fidelity_reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)",
+            "eval": {"tokens": int(ids.size), "text": chosen.eval_corpus.source},
+            "speed_settings": dataclasses.asdict(options.speed),
+            "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
+            "machine": machine_info(), "recipes": entries,
+            "thresholds": {name: dataclasses.asdict(limit) for name, limit in chosen.limits.items()}}
+
+
+def entry(recipe: Recipe, artifact: Path, report: dict[str, Any], fidelity: dict[str, Any]) -> dict[str, Any]:
+    """One recipe's row of compare.json (speed filled in after all are built)."""
+    timings = report["timings"]
+    keep = ("tokens", "kl_mean", "kl_p99", "top1_agreement", "ppl_reference", "ppl_candidate")
+    return {"recipe": recipe.name, "source": recipe.source, "description": recipe.description,
+            "artifact": str(artifact), "precision": report["precision"],
+            "fidelity": {k: fidelity[k] for k in keep},
+            "artifact_bytes": report["artifact_bytes"],
+            "build_s": round(timings["passes_s"] + timings["save_s"], 3),
+            "nodes": report["nodes"], "ops": report["ops"]["final"], "passes": report["passes"],
+            "pipeline": [{"name": spec.name, **spec.options} for spec in recipe.passes]}

@@ -1,0 +1,117 @@
+"""Renderings of a compare.json: a rich table (terminal), Markdown (a CI step summary) and a PNG plot.
+
+The output files are written atomically as a set: into a temporary directory beside them, then renamed
+one by one, so an interrupted run leaves the previous compare.json, never half of a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from graphopt.evaluate.gate import Regression
+
+COLUMNS = ("recipe", "KL", "top-1", "ppl", "TTFT ms", "decode tok/s", "batch tok/s", "× decode", "size MiB",
+           "build s", "nodes")
+KL_FLOOR = 1e-7  # the plot's log axis: an fp32 recipe's KL (~1e-9) is drawn at this floor
+
+
+def rows(result: dict[str, Any]) -> list[list[str]]:
+    out = []
+    for e in result["recipes"]:
+        f, s = e["fidelity"], e["speed"]
+        out.append([e["recipe"], f"{f['kl_mean']:.2e}", f"{f['top1_agreement']:.1%}", f"{f['ppl_candidate']:.3f}",
+                    f"{s['ttft_ms']:.1f}", f"{s['decode_tokens_per_s']:.1f}", f"{s['batch_tokens_per_s']:.1f}",
+                    f"{e['relative']['decode']:.2f}", f"{e['artifact_bytes'] / 2**20:.1f}", f"{e['build_s']:.1f}",
+                    str(e["nodes"]["final"])])
+    return out
+
+
+def title(result: dict[str, Any]) -> str:
+    s, t = result["speed_settings"], result["timings"]
+    return (f"{result['model']} on {result['target']}: fidelity vs fp32 on {result['eval']['tokens']} tokens; "
+            f"speed: {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, batch 1 and {s['batch']}, "
+            f"median of {s['repeats']}; × decode = ratio to {result['reference_recipe']}; build s = passes + "
+            f"writing (load {t.get('load_s', 0):.1f} s and trace {t.get('trace_s', 0):.1f} s shared by all)")
+
+
+def table(result: dict[str, Any]) -> Table:
+    out = Table(title=title(result))
+    for column in COLUMNS:
+        out.add_column(column, justify="left" if column == "recipe" else "right")
+    for row in rows(result):
+        out.add_row(*row)
+    return out
+
+
+def markdown(result: dict[str, Any], regressions: list[Regression] | None = None,
+             notes: list[str] | None = None) -> str:
+    lines = [f"## graphopt compare: {result['model']}", "", title(result), "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
+    if regressions is not None:
+        verdict = "**gate: failed**" if regressions else "**gate: passed** (no regression beyond the thresholds)"
+        lines += ["", verdict, ""] + [f"- :x: {r.line()}" for r in regressions] + [f"- {n}" for n in notes or []]
+    lines += ["", "<details><summary>passes per recipe</summary>", ""]
+    for e in result["recipes"]:
+        lines += [f"**{e['recipe']}** ({e['source']})", "", "| pass | modified | nodes | Δ | ms | stats |",
+                  "|---|---|---|---|---|---|"]
+        for p in e["passes"]:
+            stats = ", ".join(f"{k}={v}" for k, v in p["stats"].items())
+            lines.append(f"| {p['name']} | {'yes' if p['modified'] else 'no'} | {p['nodes_after']} | "
+                         f"{p['nodes_after'] - p['nodes_before']:+d} | {p['seconds'] * 1e3:.0f} | {stats} |")
+        lines.append("")
+    lines += ["</details>", "", "<details><summary>op counts</summary>", "", _ops_table(result), "", "</details>", ""]
+    return "\n".join(lines)
+
+
+def _ops_table(result: dict[str, Any]) -> str:
+    names = [e["recipe"] for e in result["recipes"]]
+    ops = sorted({op for e in result["recipes"] for op in e["ops"]})
+    lines = ["| op | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    lines += [f"| {op} | " + " | ".join(str(e["ops"].get(op, 0)) for e in result["recipes"]) + " |" for op in ops]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Fidelity (KL vs fp32, log scale) against decode tok/s, one labelled point per recipe."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for e in result["recipes"]:
+        x, y = e["speed"]["decode_tokens_per_s"], max(e["fidelity"]["kl_mean"], KL_FLOOR)
+        axes.scatter([x], [y], s=40)
+        axes.annotate(e["recipe"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_yscale("log")
+    axes.margins(x=0.2, y=0.3)
+    axes.set_xlabel("decode tok/s (batch 1)")
+    axes.set_ylabel(f"KL(fp32 ‖ recipe), nats (floor {KL_FLOOR:g})")
+    axes.set_title(f"{result['model']}: fidelity vs speed", fontsize=10)
+    axes.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def write_outputs(result: dict[str, Any], out: Path, regressions: list[Regression] | None,
+                  notes: list[str] | None) -> dict[str, Path]:
+    """compare.json, compare.md and compare.png in ``out``, all or none."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".compare.", dir=out))
+    try:
+        (staging / "compare.json").write_text(json.dumps(result, indent=2))
+        (staging / "compare.md").write_text(markdown(result, regressions, notes))
+        plot(result, staging / "compare.png")
+        for name in ("compare.json", "compare.md", "compare.png"):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: out / f"compare.{name}" for name in ("json", "md", "png")}

@@ -1,0 +1,186 @@
+"""The compare gate: a recipe's numbers in this run against the same recipe in a baseline compare.json.
+
+A regression is one line naming the recipe, the metric, the old and new values and the limit::
+
+    ort-cpu-int4: kl_mean 0.0123 -> 0.0311 (+152.8%, limit +20%)
+
+Thresholds (defaults below) come from, lowest to highest precedence: :data:`DEFAULTS`, the recipe's own
+``[gate]`` table, then the command line (``--kl-up 0.1`` …)::
+
+    [gate]
+    kl_up = 0.2         # KL(fp32 ‖ recipe) may grow by 20% ...
+    kl_abs = 1e-4       # ... and always by this much (an fp32 recipe's KL is ~1e-9: noise, not loss)
+    kl_budget = 0.05    # absolute ceiling on KL, with or without a baseline (also bisect's budget)
+    top1_down = 0.01    # top-1 agreement may drop by 1 point
+    ppl_up = 0.02       # perplexity may grow by 2%
+    decode_down = 0.1   # decode tok/s relative to the reference recipe may drop by 10%
+    batch_down = 0.1    # batch throughput relative to the reference recipe may drop by 10%
+    ttft_up = 0.25      # TTFT relative to the reference recipe may grow by 25%
+    size_up = 0.05      # artifact bytes may grow by 5%
+
+Timing metrics are never compared as absolute numbers: each run divides them by the reference recipe's
+(the first one) measured in the same run, so a slower CI machine moves both and the ratio stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from graphopt.core.errors import GraphoptError, RecipeError
+
+FORMAT = "graphopt-compare"
+
+
+class CompareError(GraphoptError):
+    """Bad input to compare / diff: a baseline that cannot be read, recipes that cannot be compared."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    kl_up: float = 0.20
+    kl_abs: float = 1e-4
+    kl_budget: float | None = None
+    top1_down: float = 0.01
+    ppl_up: float = 0.02
+    decode_down: float = 0.10
+    batch_down: float = 0.10
+    ttft_up: float = 0.25
+    size_up: float = 0.05
+
+
+DEFAULTS = Thresholds()
+FIELDS = tuple(f.name for f in dataclasses.fields(Thresholds))
+
+
+@dataclasses.dataclass(frozen=True)
+class Regression:
+    recipe: str
+    metric: str
+    old: float | None
+    new: float
+    limit: str
+
+    def line(self) -> str:
+        if self.old is None:
+            return f"{self.recipe}: {self.metric} {self.new:.4g} over the budget {self.limit}"
+        change = f"{(self.new / self.old - 1):+.1%}" if self.old else "new"
+        return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit})"
+
+
+def recipe_gate(spec: str) -> dict[str, float]:
+    """The ``[gate]`` table of a recipe (built-in name or TOML path; already validated by load_recipe)."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        text = path.read_text(encoding="utf-8")
+    else:
+        text = (resources.files("graphopt.models") / f"{spec}.toml").read_text(encoding="utf-8")
+    table = tomllib.loads(text).get("gate", {})
+    for key, value in table.items():
+        if key not in FIELDS:
+            raise RecipeError(f"recipe {spec}: [gate] has no key {key!r}; keys: {', '.join(FIELDS)}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise RecipeError(f"recipe {spec}: [gate] {key} = {value!r} should be a number ≥ 0")
+    return {key: float(value) for key, value in table.items()}
+
+
+def thresholds(spec: str, overrides: dict[str, float | None]) -> Thresholds:
+    """DEFAULTS, then the recipe's [gate], then the command line's values that were given."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    return dataclasses.replace(DEFAULTS, **(recipe_gate(spec) | given))
+
+
+def load_baseline(path: Path) -> dict[str, Any]:
+    """A compare.json from an earlier run; one-line errors for a missing, unreadable or foreign file."""
+    if not path.is_file():
+        raise CompareError(f"--baseline {path} does not exist; pass the compare.json of an earlier run "
+                           "(e.g. the main branch's CI artifact) or drop --baseline")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompareError(f"--baseline {path} is not valid JSON ({exc}); pass a compare.json written by "
+                           "'graphopt compare'") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("recipes"), list):
+        raise CompareError(f"--baseline {path} is not a graphopt compare.json (no format {FORMAT!r} with a "
+                           "'recipes' list); pass the compare.json written by 'graphopt compare'")
+    for entry in data["recipes"]:
+        if not isinstance(entry, dict) or not {"recipe", "fidelity", "relative", "artifact_bytes"} <= set(entry):
+            raise CompareError(f"--baseline {path}: a recipe entry lacks recipe/fidelity/relative/artifact_bytes; "
+                               "regenerate it with this version of 'graphopt compare'")
+    return data
+
+
+def check(baseline: dict[str, Any], current: dict[str, Any],
+          limits: dict[str, Thresholds]) -> tuple[list[Regression], list[str]]:
+    """Regressions of every recipe in ``current`` (thresholds per recipe name), and notes on what was skipped."""
+    notes: list[str] = []
+    if baseline.get("model_sha256") != current.get("model_sha256"):
+        raise CompareError(f"the baseline was measured on other weights ({baseline.get('model')}) than this run "
+                           f"({current.get('model')}); compare the same model")
+    same_reference = baseline.get("reference_recipe") == current.get("reference_recipe")
+    if not same_reference:
+        notes.append(f"timing not gated: the reference recipe changed ({baseline.get('reference_recipe')} -> "
+                     f"{current.get('reference_recipe')})")
+    old_by_name = {entry["recipe"]: entry for entry in baseline["recipes"]}
+    found: list[Regression] = []
+    for entry in current["recipes"]:
+        limit = limits[entry["recipe"]]
+        found += budget(entry, limit)
+        if (old := old_by_name.get(entry["recipe"])) is None:
+            notes.append(f"{entry['recipe']}: not in the baseline, nothing to compare with")
+            continue
+        found += fidelity_regressions(entry, old, limit) + size_regressions(entry, old, limit)
+        if same_reference and entry["recipe"] != current.get("reference_recipe"):
+            found += timing_regressions(entry, old, limit)
+    return found, notes
+
+
+def budgets_only(current: dict[str, Any], limits: dict[str, Thresholds]) -> list[Regression] | None:
+    """Without a baseline only ``kl_budget`` can be checked; None when no recipe sets one (no gate)."""
+    if all(limits[e["recipe"]].kl_budget is None for e in current["recipes"]):
+        return None
+    return [r for e in current["recipes"] for r in budget(e, limits[e["recipe"]])]
+
+
+def budget(entry: dict[str, Any], limit: Thresholds) -> list[Regression]:
+    kl = entry["fidelity"]["kl_mean"]
+    if limit.kl_budget is not None and kl > limit.kl_budget:
+        return [Regression(entry["recipe"], "kl_mean", None, kl, f"kl_budget {limit.kl_budget:g}")]
+    return []
+
+
+def fidelity_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> list[Regression]:
+    name, a, b = new["recipe"], old["fidelity"], new["fidelity"]
+    found = []
+    if b["kl_mean"] > a["kl_mean"] * (1 + limit.kl_up) and b["kl_mean"] - a["kl_mean"] > limit.kl_abs:
+        found.append(Regression(name, "kl_mean", a["kl_mean"], b["kl_mean"], f"+{limit.kl_up:.0%}"))
+    if b["top1_agreement"] < a["top1_agreement"] - limit.top1_down:
+        found.append(Regression(name, "top1_agreement", a["top1_agreement"], b["top1_agreement"],
+                                f"-{limit.top1_down:g}"))
+    if b["ppl_candidate"] > a["ppl_candidate"] * (1 + limit.ppl_up):
+        found.append(Regression(name, "perplexity", a["ppl_candidate"], b["ppl_candidate"], f"+{limit.ppl_up:.0%}"))
+    return found
+
+
+def size_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> list[Regression]:
+    if new["artifact_bytes"] > old["artifact_bytes"] * (1 + limit.size_up):
+        return [Regression(new["recipe"], "artifact_bytes", old["artifact_bytes"], new["artifact_bytes"],
+                           f"+{limit.size_up:.0%}")]
+    return []
+
+
+def timing_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> list[Regression]:
+    """Ratios to the reference recipe (above 1 = better), each allowed to drop by its threshold."""
+    found = []
+    for key, metric, allowed in (("decode", "decode tok/s vs reference", limit.decode_down),
+                                 ("batch", "batch tok/s vs reference", limit.batch_down),
+                                 ("ttft", "TTFT speed vs reference", 1 - 1 / (1 + limit.ttft_up))):
+        a, b = old["relative"].get(key), new["relative"].get(key)
+        if a is not None and b is not None and b < a * (1 - allowed):
+            shown = f"+{limit.ttft_up:.0%} TTFT" if key == "ttft" else f"-{allowed:.0%}"
+            found.append(Regression(new["recipe"], metric, a, b, shown))
+    return found

@@ -1,0 +1,44 @@
+"""Cheap integrity checks of model files before transformers opens them, so a truncated download is one line
+naming the file (exit 2) rather than a traceback from deep inside a reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from graphopt.core.errors import SourceError
+
+GGUF_MIN_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+def check_safetensors(path: Path) -> None:
+    """The header (u64 length + JSON) must parse and the file must hold every tensor it lists."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise ValueError(f"a header of {length} bytes in a {size}-byte file")
+            header = json.loads(handle.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise SourceError(f"'{path}' is not a readable safetensors file ({' '.join(str(exc).split())[:200]}); it may "
+                          "be truncated: copy it again") from None
+    if 8 + length + max(ends, default=0) > size:
+        raise SourceError(f"'{path}' is truncated: its header lists {8 + length + max(ends)} bytes, the file has "
+                          f"{size}; copy it again")
+
+
+def has_gguf_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def check_gguf_header(path: Path) -> None:
+    if not has_gguf_magic(path) or path.stat().st_size < GGUF_MIN_BYTES:
+        raise SourceError(f"'{path}' is not a readable GGUF file (no 'GGUF' magic and header at its start; "
+                          f"{path.stat().st_size} bytes); pass a whole .gguf model file, e.g. one written by "
+                          "llama.cpp's convert_hf_to_gguf.py")

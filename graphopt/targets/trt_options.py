@@ -1,0 +1,61 @@
+"""``graphopt build --target trt`` options → the recipe's ``lower-trt`` options, checked before any loading.
+
+    --attention standard|plugin   FlashAttention as TensorScatter + Attention, or the plugin node (+ function)
+    --dtype float16|bfloat16      compute and cache dtype (float32: TensorRT has no fused fp32 attention)
+    --trt-max-seq T               static KV-cache capacity (0 = the model's context, at most 4096)
+    --trt-max-batch N             optimization profiles: rows per call (both profiles)
+    --trt-max-prefill N           optimization profiles: tokens per prefill call
+    --aot-check sm89,sm120        after writing, parse and AOT-build with TensorRT-RTX for those archs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from graphopt.core.errors import GraphoptError
+from graphopt.passes.pipeline import PassSpec, Recipe
+
+
+FLAGS = {"attention": "--attention", "dtype": "--dtype", "max_seq": "--trt-max-seq", "max_batch": "--trt-max-batch",
+         "max_prefill": "--trt-max-prefill"}
+
+
+class TrtOptionError(GraphoptError):
+    """A --target trt option that cannot work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrtOptions:
+    attention: str = "standard"
+    dtype: str = "float16"
+    max_seq: int = 0
+    kv_cache: str | None = None
+    max_batch: int = 8
+    max_prefill: int = 512
+
+
+def check_trt_options(target: str, options: TrtOptions) -> None:
+    """One-line errors for trt options that cannot work; options that only mean something for trt."""
+    if target != "trt":
+        changed = [flag for k, flag in FLAGS.items() if getattr(options, k) != getattr(TrtOptions(), k)]
+        if changed:
+            raise TrtOptionError(f"{', '.join(changed)} only apply to --target trt; add --target trt or drop them")
+        return
+    if options.dtype == "float32":
+        raise TrtOptionError("--target trt with float32 attention: TensorRT has no fused fp32 attention kernel; "
+                             "use --dtype float16 (default) or bfloat16")
+    if options.kv_cache is not None:
+        raise TrtOptionError(f"--kv-cache {options.kv_cache} is not supported with --target trt yet; drop it "
+                             "(the trt cache is in the compute dtype)")
+
+
+def apply_trt_options(recipe: Recipe, options: TrtOptions) -> Recipe:
+    """The recipe with every ``lower-trt`` pass set to ``options``; an error if it has none."""
+    if not any(spec.name == "lower-trt" for spec in recipe.passes):
+        raise TrtOptionError(f"recipe {recipe.name} targets trt but has no 'lower-trt' pass; add one before "
+                             "'check-trt'")
+    values = {"attention": options.attention, "dtype": options.dtype, "max_seq": options.max_seq,
+              "max_batch": options.max_batch, "max_prefill": options.max_prefill}
+    passes = tuple(PassSpec(s.name, {**s.options, **values}) if s.name == "lower-trt" else s for s in recipe.passes)
+    suffix = "" if options.attention == "standard" else f"+{options.attention}"
+    return dataclasses.replace(recipe, name=recipe.name + suffix, passes=passes)
