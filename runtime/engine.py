@@ -12,6 +12,7 @@ slot buffers. Without it, :meth:`OrtEngine.prefill` runs such rows one call each
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt.core.artifact_files import artifact_path
-from graphopt.core.errors import ArtifactError, RuntimeInputError
+from graphopt.core.errors import ArtifactError, GraphoptError, RuntimeInputError
 from graphopt.core.manifest import Manifest, load_manifest
+from graphopt.runtime.engine_api import Capabilities, Engine
 from graphopt.runtime.graph_check import check_session_io
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession
@@ -30,6 +32,7 @@ from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ = 2048
+ENGINE = "graphopt.runtime.engine:OrtEngine"  # how targets name this engine (graphopt/targets)
 
 
 def physical_cores() -> int:
@@ -126,9 +129,9 @@ class OrtEngine:
                  threads: int | None = None, spinning: bool = True) -> None:
         directory = Path(artifact_dir)
         self.manifest = load_manifest(directory)
-        if self.manifest.target != "ort-cpu":
-            raise ArtifactError(f"artifact {directory} targets {self.manifest.target!r}; OrtEngine runs 'ort-cpu' "
-                                "artifacts (rebuild with '--target ort-cpu')")
+        if engine_path(self.manifest.target) != ENGINE:
+            raise ArtifactError(f"artifact {directory} targets {self.manifest.target!r}, which OrtEngine does not run; "
+                                "open it with graphopt.runtime.engine.open_engine, or rebuild with '--target ort-cpu'")
         dims = self.manifest.dims
         self.vocab_size = dims.vocab_size
         self.eos_token_ids = dims.eos_token_ids
@@ -150,6 +153,22 @@ class OrtEngine:
     def multi_token(self) -> bool:
         """True when several rows of several tokens over a cache run in one call (the artifact has the graph)."""
         return self._multi_path is not None
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(multi_row_multi_token=self.multi_token)
+
+    def prepare_multi_token(self) -> bool:
+        """Load the multi-token graph now if the artifact has one; False (logged) when it has none or it will
+        not load, and from then on such rows run one call each."""
+        if not self.multi_token:
+            return False
+        try:
+            self.load_multi_token()
+            return True
+        except ArtifactError as exc:
+            log.warning("%s; several multi-token rows run one call each", exc)
+            return False
 
     def load_multi_token(self) -> BoundSession:
         """The session on the multi-token graph, created on first call (a second copy of the weights in memory)."""
@@ -277,10 +296,26 @@ class OrtEngine:
         return logits[:, 0]
 
 
-def open_engine(artifact_dir: str | Path, max_slots: int = 8, **options):
-    """The engine for an artifact's target: OrtEngine (ort-cpu), TrtEngine (trt, runtime/engine_trt.py)."""
-    if load_manifest(artifact_dir, verify_hashes=False).target == "trt":  # the engine verifies them
-        from graphopt.runtime.engine_trt import TrtEngine
+def engine_path(target: str) -> str:
+    """The engine class (``module:Class``) that runs artifacts of ``target``, as the target declares it."""
+    from graphopt.targets import get_target
 
-        return TrtEngine(artifact_dir, max_slots=max_slots)
-    return OrtEngine(artifact_dir, max_slots=max_slots, **options)
+    try:
+        path = get_target(target).engine
+    except GraphoptError as exc:
+        raise ArtifactError(f"{exc} (the artifact's manifest names it)") from None
+    if not path:
+        raise ArtifactError(f"no engine runs {target!r} artifacts; build for ort-cpu or trt to run it")
+    return path
+
+
+def open_engine(artifact_dir: str | Path, max_slots: int = 8, **options) -> Engine:
+    """The engine for an artifact's target (graphopt/targets: OrtEngine for ort-cpu, TrtEngine for trt).
+
+    ``options`` are the engine's own (``max_seq``, ``threads``, ``spinning`` for OrtEngine); each engine
+    takes what it understands and refuses what cannot apply.
+    """
+    target = load_manifest(artifact_dir, verify_hashes=False).target  # the engine verifies the hashes
+    module, _, name = engine_path(target).partition(":")
+    engine_class = getattr(importlib.import_module(module), name)
+    return engine_class(artifact_dir, max_slots=max_slots, **options)

@@ -23,6 +23,7 @@ import numpy as np
 
 from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.core.manifest import load_manifest
+from graphopt.runtime.engine_api import Capabilities
 from graphopt.runtime.kv_cache import SlotCache
 
 INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")
@@ -44,7 +45,13 @@ class DeviceSlotCache(SlotCache):
 class TrtEngine:
     """Runs a trt artifact's engine.plan with a slot KV cache bound in place (see the module docstring)."""
 
-    def __init__(self, artifact_dir: str | Path, max_slots: int = 8) -> None:
+    multi_token = True  # TensorRT's Attention takes any rows of any tokens over the cache
+    capabilities = Capabilities(multi_row_multi_token=True, device="cuda")
+
+    def __init__(self, artifact_dir: str | Path, max_slots: int = 8, max_seq: int | None = None,
+                 threads: int | None = None, spinning: bool = True) -> None:
+        """``max_seq`` must be None or the engine's static cache capacity; ``threads``/``spinning`` are
+        OrtEngine's CPU settings and mean nothing here."""
         import torch
 
         from graphopt.targets.trt_aot import check_plan_version, check_plugins, full_tensorrt
@@ -67,6 +74,9 @@ class TrtEngine:
         dims = self.manifest.dims
         self.vocab_size, self.eos_token_ids, self.pad_token_id = dims.vocab_size, dims.eos_token_ids, dims.pad_token_id or 0
         self.max_seq = int(self.manifest.raw["trt"]["cache_capacity"])
+        if max_seq is not None and max_seq != self.max_seq:
+            raise ArtifactError(f"max_seq={max_seq}: this trt artifact's cache capacity is fixed at {self.max_seq}; "
+                                "drop max_seq or rebuild with --trt-max-seq")
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[self.manifest.kv_dtype]
         self.cache = DeviceSlotCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, max_slots, self.max_seq, dtype)
         self._names = {role: self.manifest.input(role).name for role in INPUT_ROLES}
@@ -74,6 +84,9 @@ class TrtEngine:
                        for layer in range(dims.num_layers) for kind in ("key", "value")]
         self._profiles = self.manifest.raw["optimization_profiles"]
         self._profile: int | None = None
+
+    def prepare_multi_token(self) -> bool:
+        return True
 
     def _choose_profile(self, batch: int, seq: int, k: int) -> int:
         for index in sorted(range(len(self._profiles)), key=lambda i: self._profiles[i]["name"] != "decode"):

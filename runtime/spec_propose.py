@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.engine_api import Engine
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import dense_probs, draw
 from graphopt.runtime.spec_policy import CostModel
@@ -41,7 +41,7 @@ def ngram_lookup(tokens: Seq[int], k: int, max_n: int = 3, min_n: int = 1) -> li
     return []
 
 
-def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostModel | Any = None,
+def feed(engine: Engine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostModel | Any = None,
          kind: str = "decode") -> np.ndarray:
     """Append ``chunks[i]`` to slot ``slots[i]``; each row's last-token logits [n, V] (a fresh array).
 
@@ -58,7 +58,7 @@ def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostM
             while stop < len(slots) and len(chunks[stop]) <= short and slots[stop] == slots[stop - 1] + 1:
                 stop += 1
         if stop - start > 1 and any(len(chunk) > 1 for chunk in chunks[start:stop]):
-            engine.load_multi_token()  # prefill batches multi-token rows over a cache once it is loaded
+            engine.prepare_multi_token()  # prefill batches multi-token rows over a cache once it is loaded
         began = time.perf_counter()
         out[start:stop] = engine.prefill(chunks[start:stop], slots[start:stop])
         if costs is not None and all(len(chunk) == 1 for chunk in chunks[start:stop]):
@@ -70,7 +70,7 @@ def feed(engine: OrtEngine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostM
 class DraftModel:
     """Proposes k tokens per row with a draft artifact whose cache mirrors the target's slots."""
 
-    def __init__(self, engine: OrtEngine, costs: CostModel) -> None:
+    def __init__(self, engine: Engine, costs: CostModel) -> None:
         self.engine = engine
         self.costs = costs
         self.prefilled = False  # the last proposal also prefilled a prompt (a one-off cost, not a step's)

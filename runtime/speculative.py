@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.core.errors import ArtifactError, RuntimeInputError
-from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.engine import open_engine
+from graphopt.runtime.engine_api import Engine
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import Acceptance, accept_greedy, accept_sampled, dense_probs
 from graphopt.runtime.spec_policy import CostModel, SpecPolicy, verify_cost_key
@@ -77,7 +78,7 @@ class SpecResult:
     target_logits: dict[int, np.ndarray]  # row -> [k+1, V] (for log-probabilities)
 
 
-def check_draft(target: OrtEngine, draft: OrtEngine, target_dir: Path, draft_dir: Path) -> None:
+def check_draft(target: Engine, draft: Engine, target_dir: Path, draft_dir: Path) -> None:
     """The draft must speak the target's vocabulary: same size and the same tokenizer."""
     fix = "use a draft built from the same model family, e.g. 'graphopt build MODEL --int4'"
     if draft.vocab_size != target.vocab_size:
@@ -98,31 +99,22 @@ def _vocab(artifact: Path) -> object:
     return data.get("model", {}).get("vocab"), [t.get("content") for t in data.get("added_tokens", [])]
 
 
-def load_multi_token(engine: OrtEngine) -> None:
-    """Load ``engine``'s multi-token graph now, if it has one; one that will not load leaves per-row calls."""
-    if engine.multi_token:
-        try:
-            engine.load_multi_token()
-        except ArtifactError as exc:
-            log.warning("%s; verifying speculative rows one call each", exc)
-
-
 class Speculator:
     """Drafting, batched verification bookkeeping, acceptance and rollback for one target engine."""
 
-    def __init__(self, config: SpecConfig, target: OrtEngine, target_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, config: SpecConfig, target: Engine, target_dir: Path, threads: int | None = None) -> None:
         self.config = config
         self.target = target
         self.costs = CostModel()
-        load_multi_token(target)
+        target.prepare_multi_token()  # one that will not load leaves per-row verification
         self.policy = SpecPolicy(config.num_speculative_tokens, self.costs, config.adaptive,
                                  draft_model=config.method == "draft", batched=target.multi_token)
         self.draft: DraftModel | None = None
         if config.method == "draft":
-            engine = OrtEngine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
-                               threads=threads, spinning=False)
+            engine = open_engine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
+                                 threads=threads, spinning=False)
             check_draft(target, engine, Path(target_dir), Path(config.draft))
-            load_multi_token(engine)
+            engine.prepare_multi_token()
             self.draft = DraftModel(engine, self.costs)
         if config.adaptive:
             self.calibrate()

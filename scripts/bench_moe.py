@@ -29,7 +29,8 @@ from tiny_models import tiny_tokenizer  # noqa: E402
 from graphopt.build.artifact import BuildOptions, build  # noqa: E402
 from graphopt.passes.pipeline import load_recipe  # noqa: E402
 from graphopt.core.progress import QUIET  # noqa: E402
-from graphopt.runtime.engine import OrtEngine  # noqa: E402
+from graphopt.runtime.engine import open_engine  # noqa: E402
+from graphopt.runtime.engine_api import Engine  # noqa: E402
 
 SHAPE = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
              max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
@@ -56,7 +57,7 @@ def _artifacts(root: Path) -> dict[str, Path]:
     return out
 
 
-def _step_ms(engine: OrtEngine, batch: int, steps: int) -> float:
+def _step_ms(engine: Engine, batch: int, steps: int) -> float:
     """Mean ms per decode step of ``batch`` rows after a 64-token prompt each."""
     while engine.cache.num_active:
         engine.cache.free(engine.cache.num_active - 1)
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-moe-") as tmp:
-        engines = {name: OrtEngine(path, max_slots=8, max_seq=256) for name, path in _artifacts(Path(tmp)).items()}
+        engines = {name: open_engine(path, max_slots=8, max_seq=256) for name, path in _artifacts(Path(tmp)).items()}
         for batch in (1, 8):
             times: dict[str, list[float]] = {name: [] for name in engines}
             for _ in range(args.repeats):

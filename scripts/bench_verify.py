@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.engine import open_engine
 from graphopt.runtime.speculative import SampleLog, SpecConfig, Speculator
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     slots = max(args.batch)
-    engine = OrtEngine(args.artifact, max_slots=slots, max_seq=2 * args.cache + args.k + 8)
+    engine = open_engine(args.artifact, max_slots=slots, max_seq=2 * args.cache + args.k + 8)
     spec = Speculator(SpecConfig(method="ngram", num_speculative_tokens=args.k, adaptive=False), engine, args.artifact)
     rng = np.random.default_rng(0)
     lens = rng.integers(args.cache // 2, args.cache * 3 // 2, size=slots)

@@ -32,7 +32,7 @@ from graphopt.build.artifact import BuildOptions, build_traced, load, trace_load
 from graphopt.build.features import describe  # noqa: E402
 from graphopt.passes.pipeline import load_recipe  # noqa: E402
 from graphopt.core.progress import QUIET  # noqa: E402
-from graphopt.runtime.engine import OrtEngine  # noqa: E402
+from graphopt.runtime.engine import open_engine  # noqa: E402
 from graphopt.runtime.llm import LLM  # noqa: E402
 from graphopt.runtime.sampler import SamplingParams  # noqa: E402
 from graphopt.runtime.speculative import SpecConfig  # noqa: E402
@@ -55,7 +55,7 @@ def _cell(check) -> str:
 
 def _parity(artifact: Path, hf) -> str:
     prompt = np.random.default_rng(0).integers(3, MATRIX_VOCAB, size=20).tolist()
-    engine = OrtEngine(artifact, max_slots=1, max_seq=64, threads=1)
+    engine = open_engine(artifact, max_slots=1, max_seq=64, threads=1)
     engine.cache.allocate()
     positions = np.arange(20)[None]
     got = engine.step(np.array([prompt]), positions, np.zeros(1, np.int32), np.array([20], np.int32), positions)[0]

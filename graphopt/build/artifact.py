@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import logging
 import resource
 import shutil
 import time
@@ -23,15 +22,12 @@ import onnx_ir as ir
 
 from graphopt import __version__
 from graphopt.core.artifact_files import runtime_file_names
-from graphopt.core.errors import GraphoptError
 from graphopt.build.features import features_of
 from graphopt.core.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
 from graphopt.passes.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.core.progress import Progress
+from graphopt.targets import get_target
 from graphopt.build.staging import check_destination, make_staging, swap_into_place, sweep_leftovers
-
-log = logging.getLogger(__name__)
-
 
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
@@ -46,6 +42,12 @@ class BuildOptions:
     eval_tokens: int = 2048  # fidelity vs fp32, measured for every lossy (quantized) build
     eval_text: Path | None = None  # default: the evaluation half of the installed packages' prose
     experts: str = "routed"  # how mixture-of-experts blocks are traced: graphopt/build/experts.py FORMS
+    target: str | None = None  # graphopt/targets: None means the recipe's own target
+    target_options: Any = None  # the target's options dataclass (Target.configure), None for its defaults
+
+    @property
+    def target_name(self) -> str:
+        return self.target or self.recipe.target
 
 
 @dataclasses.dataclass
@@ -105,7 +107,8 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
         records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
                                dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
                                verify=options.verify, on_pass=on_pass, torch_model=torch_model, context=context)
-    _check_target(model, options.recipe)
+    target = get_target(options.target_name)
+    target.check_graph(model, options.recipe)
     check_destination(options.output, options.force)  # again: it may have appeared while the passes ran
     sweep_leftovers(options.output.parent)
     staging = make_staging(options.output)
@@ -113,11 +116,13 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
         with progress.step("writing artifact"), _timed(timings, "save_s"):
             report = _write(staging, model, source, torch_model, tokenizer, options, records, loaded.traced_ops,
                             timings)
-        if options.recipe.target == "trt" and any(r.lossy for r in records):  # OrtEngine runs ort-cpu only
-            report["fidelity_skipped"] = "not measured for trt artifacts (OrtEngine runs ort-cpu only)"
+        if any(r.lossy for r in records) and not target.measures_fidelity:
+            report["fidelity_skipped"] = f"not measured for {target.name} artifacts (their engine needs other hardware)"
         elif any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
             report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
                                                               timings)
+        steps = target.finish(staging, options.target_options, options.output)  # post-build step, before the artifact goes live
+        report |= {"target_steps": steps} if steps else {}
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         (staging / "build-report.json").write_text(json.dumps(report, indent=2))
@@ -138,8 +143,10 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     calibration = save_calibration(model, staging)
     names = ["model.onnx"] + (["model.onnx.data"] if (staging / "model.onnx.data").exists() else [])
     names += [calibration["file"]] if calibration else []
-    manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe)
-    graphs = _extra_graphs(staging, model, options.recipe)
+    target = get_target(options.target_name)
+    manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe, target.name)
+    manifest |= target.manifest_fields(model, manifest, options.target_options)
+    graphs = target.extra_graphs(staging, model)
     names += list(graphs.values()) + runtime_file_names(staging)  # tokenizer/, generation_config.json
     manifest |= {"graphs": graphs} if graphs else {}
     manifest["files"] = file_entries(staging, names)
@@ -148,7 +155,7 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     features = features_of(model, records, traced_ops, manifest["model"])
     return {
         "graphopt_version": __version__, "source": manifest["source"], "recipe": options.recipe.name,
-        "target": options.recipe.target, "nodes": {"traced": sum(traced_ops.values()), "final": sum(ops.values())},
+        "target": target.name, "nodes": {"traced": sum(traced_ops.values()), "final": sum(ops.values())},
         "ops": {"traced": traced_ops, "final": ops}, "passes": [r.to_json() for r in records],
         "pipeline": [{"name": spec.name, **spec.options} for spec in options.recipe.passes],  # for graphopt diff
         "unfused": [note for r in records for note in r.notes], "features": features,
@@ -158,7 +165,7 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     }
 
 
-def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe) -> dict[str, Any]:
+def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe, target: str) -> dict[str, Any]:
     from graphopt.core.io_contract import io_specs, model_dims
     from graphopt.build.quant import precision_of
 
@@ -169,7 +176,7 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
         "format": FORMAT, "format_version": FORMAT_VERSION, "graphopt_version": __version__,
         "source": {"architecture": source.architecture, "model_type": source.model_type,
                    "id": source.model_id, "spec": _absolute_spec(source.spec), "sha256": source.sha256},
-        "target": recipe.target, "recipe": recipe.name,
+        "target": target, "recipe": recipe.name,
         "precision": precision_of(model, kv["dtype"]),
         "model": dims, "io": {"inputs": inputs, "outputs": outputs},
         "kv_cache": {"layout": "slot-major [batch, kv_heads, max_seq, head_dim]", "dtype": kv["dtype"],
@@ -179,41 +186,13 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
         "plugins": [], "optimization_profiles": [],
         "min_runtime": {"onnxruntime": "1.22"},
     }
-    if recipe.target == "trt":  # plugins, profiles, dtypes, TensorRT versions (graphopt/targets/trt_manifest.py)
-        from graphopt.targets.trt_manifest import trt_fields
-
-        manifest |= trt_fields(model, manifest)
     return manifest
-
-
-def _extra_graphs(staging: Path, model: ir.Model, recipe: Recipe) -> dict[str, str]:
-    """ort-cpu: model_verify.onnx, the multi-token graph (passes/lower_verify.py), sharing model.onnx.data."""
-    from graphopt.passes.lower_verify import GRAPHS_KEY, is_gqa, write_verify_graph
-
-    if recipe.target != "ort-cpu" or not any(is_gqa(n) for n in model.graph):
-        return {}
-    try:
-        return {GRAPHS_KEY: write_verify_graph(staging).name}
-    except GraphoptError as exc:  # the artifact still runs: multi-token steps go one row per call
-        log.warning("no multi-token graph: %s", exc)
-        return {}
 
 
 def _absolute_spec(spec: str) -> str:
     """What to pass to resolve_source later from any directory: a built-in name, or an absolute path."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else spec
-
-
-def _check_target(model: ir.Model, recipe: Recipe) -> None:
-    if recipe.target == "trt" and "check-trt" not in {p.name for p in recipe.passes}:
-        raise GraphoptError(f"recipe {recipe.name} targets trt without 'check-trt'; add it at the end of the recipe")
-    if recipe.target != "ort-cpu":
-        return
-    left = sorted({n.op_type for n in model.graph if n.domain == "graphopt"})
-    if left:
-        raise GraphoptError(f"recipe {recipe.name} targets ort-cpu but leaves graphopt ops {left} unlowered; "
-                            "add 'lower-ort-cpu' at the end of the recipe")
 
 
 def _clone(model: ir.Model) -> ir.Model:

@@ -12,6 +12,7 @@ import dataclasses
 
 from graphopt.core.errors import GraphoptError
 from graphopt.passes.pipeline import PassSpec, Recipe, load_recipe
+from graphopt.targets import Target, get_target
 
 INT4_BLOCKS = (32, 64, 128)
 KV_DTYPES = ("fp8", "int8")
@@ -51,10 +52,16 @@ def check_flags(flags: PrecisionFlags, recipe: str | None) -> None:
                              "the quantize passes in your own recipe and drop the flag")
 
 
-def precision_recipe(flags: PrecisionFlags, recipe: str | None, target: str) -> Recipe:
-    """The recipe the flags ask for: ``--recipe`` or the target's (``<target>-<precision>``), adjusted."""
+def build_target(name: str | None, recipe: str | None) -> Target:
+    """``--target``; without it the recipe's own target (``--recipe``), else ort-cpu."""
+    return get_target(name or (load_recipe(recipe).target if recipe else "ort-cpu"))
+
+
+def precision_recipe(flags: PrecisionFlags, recipe: str | None, target: Target | str) -> Recipe:
+    """The recipe the flags ask for: ``--recipe`` or the target's (``<family>-<precision>``), adjusted."""
     check_flags(flags, recipe)
-    base = load_recipe(recipe or (f"{target}-{flags.weights}" if flags.weights else target))
+    target = get_target(target) if isinstance(target, str) else target
+    base = load_recipe(recipe or target.recipe_name(flags.weights))
     passes = list(base.passes)
     if flags.int4_block is not None:
         passes = [_with_option(spec, "quantize-int4", block_size=flags.int4_block) for spec in passes]

@@ -50,7 +50,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("model")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory (default: out/<model>).")
 @click.option("--recipe", default=None, help="Recipe name in models/ or a TOML path (default: the target's).")
-@click.option("--target", default="ort-cpu", type=click.Choice(["ort-cpu", "trt"]), show_default=True)
+@click.option("--target", default=None, help="ort-cpu (default), trt, or another registered target "
+              "(graphopt/targets); with --recipe, the recipe's own target.")
 @click.option("--verify", is_flag=True, help="Check the graph and its logits after every pass.")
 @click.option("--dump-after", default=None, metavar="PASS", help="Also save the graph after this pass.")
 @click.option("--attn-implementation", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
@@ -82,29 +83,31 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
           trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build.artifact import BuildOptions, build as run_build
-    from graphopt.build.precision import PrecisionFlags, precision_recipe
+    from graphopt.build.precision import PrecisionFlags, build_target, precision_recipe
     from graphopt.core.progress import Progress
     from graphopt.build.report import pass_table, print_build_summary
 
     flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
-    from graphopt.cli.trt import finish_trt_build, trt_recipe
-
-    trt_options = (attention, dtype, trt_max_seq, kv_cache, aot_check)
-    chosen = trt_recipe(precision_recipe(flags, recipe, target), target, *trt_options,  # fails before loading
-                        max_batch=trt_max_batch, max_prefill=trt_max_prefill)
+    chosen_target = build_target(target, recipe)
+    target_flags = {name: value for name, value in (("attention", attention), ("dtype", dtype),
+                    ("max_seq", trt_max_seq), ("max_batch", trt_max_batch), ("max_prefill", trt_max_prefill),
+                    ("aot_check", aot_check)) if _given(name if name in ("attention", "dtype", "aot_check")
+                                                         else f"trt_{name}")}
+    chosen, target_options = chosen_target.configure(precision_recipe(flags, recipe, chosen_target),  # before loading
+                                                     target_flags)
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
-                           experts=experts)
+                           experts=experts, target=chosen_target.name, target_options=target_options)
     progress = Progress(enabled=not as_json)
     records = []
     report = run_build(model, options, progress, on_pass=records.append)
-    trt_steps = finish_trt_build(output, target, aot_check)  # AOT check, engine.plan where possible
+    trt_steps = report.get("target_steps", [])  # post-build step (trt: AOT check, engine.plan where possible)
     budget = report.get("fidelity", {}).get("budget")
     if budget is not None:  # quantized: machine-readable verdict next to the figures
         report["within_budget"] = budget["within"]
     if as_json:
-        click.echo(json.dumps(report | ({"trt_steps": trt_steps} if trt_steps else {}), indent=2))
+        click.echo(json.dumps(report, indent=2))
     else:
         progress.console.print(pass_table(records, verify))
         print_build_summary(progress.console, report, output)
@@ -114,6 +117,12 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
         click.echo(f"error: {output} is over its fidelity budget ({'; '.join(budget['misses'])}); the artifact was "
                    "written, drop --strict to accept it or use a wider precision", err=True)
         sys.exit(1)
+
+
+def _given(parameter: str) -> bool:
+    """Whether the user set ``parameter`` (on the command line or through the environment)."""
+    source = click.get_current_context().get_parameter_source(parameter)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
 
 
 @main.command()

@@ -106,10 +106,10 @@ def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, to
 def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict, dict | None]:
     """One prompt without speculation (fixed-batch generate) or with it (the LLM's scheduler)."""
     if spec is None:
-        from graphopt.runtime.engine import OrtEngine
+        from graphopt.runtime.engine import open_engine
         from graphopt.runtime.generate import generate as run
 
-        (r,) = run(OrtEngine(artifact, max_slots=1, max_seq=max_seq), [ids], params)
+        (r,) = run(open_engine(artifact, max_slots=1, max_seq=max_seq), [ids], params)
         return {"token_ids": r.token_ids, "finish_reason": r.finish_reason, "ttft_ms": round(r.ttft_ms, 2),
                 "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)}, None
     from graphopt.runtime.llm import LLM

@@ -1,10 +1,10 @@
-"""What ``graphopt compare`` measures on each built artifact: fidelity against fp32 and speed on OrtEngine.
+"""What ``graphopt compare`` measures on each built artifact: fidelity against fp32 and speed on the artifact's engine.
 
 Fidelity: the artifact's logits at every position of the evaluation rows against the fp32 PyTorch model the
 trace came from (which matches the fp32 artifact within 1e-4); the reference logits are computed once per row
 and shared by every recipe (:class:`ReferenceLogits`).
 
-Speed, on one OrtEngine per artifact (``max_slots`` = the batch, cache = prompt + new tokens):
+Speed, on one engine per artifact (``max_slots`` = the batch, cache = prompt + new tokens):
 
     batch 1   TTFT and decode tok/s of a greedy loop (graphopt.measure.bench.timed_loop, as ``graphopt bench``)
     batch B   B copies of the prompt prefilled in one call, then new_tokens − 1 batched decode steps;
@@ -91,9 +91,9 @@ def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: Spee
 
 def _runner(artifact: Path, prompt: list[int], settings: SpeedSettings) -> Callable[[], dict[str, float]]:
     from graphopt.measure.bench import timed_loop
-    from graphopt.runtime.engine import OrtEngine
+    from graphopt.runtime.engine import open_engine
 
-    engine = OrtEngine(artifact, max_slots=settings.batch, max_seq=len(prompt) + settings.new_tokens,
+    engine = open_engine(artifact, max_slots=settings.batch, max_seq=len(prompt) + settings.new_tokens,
                        threads=settings.threads)
 
     def batch_one() -> tuple[float, float]:

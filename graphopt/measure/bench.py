@@ -4,7 +4,7 @@ Every engine runs the same loop (:func:`timed_loop`): one prompt call that yield
 ``new_tokens - 1`` one-token calls, argmax each time, end tokens ignored (``generate()`` always stops at eos,
 so bench drives the engine calls itself):
 
-    graphopt  OrtEngine.prefill → argmax → OrtEngine.decode → argmax … (the calls generate() makes)
+    graphopt  engine.prefill → argmax → engine.decode → argmax … (the calls generate() makes)
     hf        transformers eager PyTorch (sdpa, no torch.compile): model(ids, DynamicCache, logits_to_keep=1) …
     genai     onnxruntime-genai's fp32 CPU model from its own builder (built once, cached): append_tokens,
               generate_next_token …; min_length = max_length, so it never stops early (eos is masked)
@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from graphopt.core.errors import ArtifactError, BenchError, RuntimeInputError, SourceError
 from graphopt.core.manifest import load_manifest
 from graphopt.core.progress import Progress
-from graphopt.runtime.engine import OrtEngine, physical_cores
+from graphopt.runtime.engine import open_engine, physical_cores
 from graphopt.runtime.tokenizer import load_tokenizer
 from graphopt.sources import default_cache_dir, load_causal_lm, resolve_source
 
@@ -79,7 +79,7 @@ def benchmark_prompt(tokenizer: Any, prompt_tokens: int) -> list[int]:
 
 
 def graphopt_runner(artifact: Path, threads: int) -> Runner:
-    engine = OrtEngine(artifact, max_slots=1, threads=threads)
+    engine = open_engine(artifact, max_slots=1, threads=threads)
 
     def run(prompt: Sequence[int], new_tokens: int) -> Run:
         slot = engine.cache.allocate()

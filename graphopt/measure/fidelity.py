@@ -70,10 +70,10 @@ def evaluate(candidate: Logits, reference: Logits, ids: np.ndarray, text: str, s
 
 
 def artifact_logits(artifact: Path, max_seq: int = EVAL_SEQ) -> Logits:
-    """Logits at every position of one row, from an artifact on OrtEngine (fresh cache per row)."""
-    from graphopt.runtime.engine import OrtEngine
+    """Logits at every position of one row, from an artifact on its engine (fresh cache per row)."""
+    from graphopt.runtime.engine import open_engine
 
-    engine = OrtEngine(artifact, max_slots=1, max_seq=max_seq, threads=None)
+    engine = open_engine(artifact, max_slots=1, max_seq=max_seq, threads=None)
 
     def run(row: np.ndarray) -> np.ndarray:
         seq = row.size

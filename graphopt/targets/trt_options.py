@@ -16,37 +16,36 @@ from graphopt.core.errors import GraphoptError
 from graphopt.passes.pipeline import PassSpec, Recipe
 
 
-FLAGS = {"attention": "--attention", "dtype": "--dtype", "max_seq": "--trt-max-seq", "max_batch": "--trt-max-batch",
-         "max_prefill": "--trt-max-prefill"}
-
-
 class TrtOptionError(GraphoptError):
     """A --target trt option that cannot work."""
 
 
+def _flag(name: str, default):
+    return dataclasses.field(default=default, metadata={"flag": name})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrtOptions:
-    attention: str = "standard"
-    dtype: str = "float16"
-    max_seq: int = 0
-    kv_cache: str | None = None
-    max_batch: int = 8
-    max_prefill: int = 512
+    attention: str = _flag("--attention", "standard")
+    dtype: str = _flag("--dtype", "float16")
+    max_seq: int = _flag("--trt-max-seq", 0)
+    max_batch: int = _flag("--trt-max-batch", 8)
+    max_prefill: int = _flag("--trt-max-prefill", 512)
+    aot_check: str | None = _flag("--aot-check", None)
 
 
-def check_trt_options(target: str, options: TrtOptions) -> None:
-    """One-line errors for trt options that cannot work; options that only mean something for trt."""
-    if target != "trt":
-        changed = [flag for k, flag in FLAGS.items() if getattr(options, k) != getattr(TrtOptions(), k)]
-        if changed:
-            raise TrtOptionError(f"{', '.join(changed)} only apply to --target trt; add --target trt or drop them")
-        return
+def check_trt_options(options: TrtOptions) -> None:
+    """One-line errors for trt options that cannot work."""
     if options.dtype == "float32":
         raise TrtOptionError("--target trt with float32 attention: TensorRT has no fused fp32 attention kernel; "
                              "use --dtype float16 (default) or bfloat16")
-    if options.kv_cache is not None:
-        raise TrtOptionError(f"--kv-cache {options.kv_cache} is not supported with --target trt yet; drop it "
-                             "(the trt cache is in the compute dtype)")
+
+
+def check_no_kv_quant(recipe: Recipe) -> None:
+    spec = next((s for s in recipe.passes if s.name == "quantize-kv-cache"), None)
+    if spec is not None:
+        raise TrtOptionError(f"--kv-cache {spec.options.get('dtype', 'fp8')} is not supported with --target trt yet; "
+                             "drop it (the trt cache is in the compute dtype)")
 
 
 def apply_trt_options(recipe: Recipe, options: TrtOptions) -> Recipe:
