@@ -24,6 +24,7 @@ import onnxruntime as ort
 from graphopt.core.artifact_files import artifact_path
 from graphopt.core.errors import ArtifactError, GraphoptError, RuntimeInputError
 from graphopt.core.manifest import Manifest, load_manifest
+from graphopt.runtime.config import DEFAULT_MAX_SEQ
 from graphopt.runtime.engine_api import Capabilities, Engine
 from graphopt.runtime.graph_check import check_session_io
 from graphopt.runtime.kv_cache import SlotCache
@@ -31,7 +32,6 @@ from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SEQ = 2048
 ENGINE = "graphopt.runtime.engine:OrtEngine"  # how targets name this engine (graphopt/targets)
 
 

@@ -8,7 +8,7 @@ The loop, one engine call per step::
     outputs = postprocess(step, rows, logits)   # sample, detokenize, stop checks
     scheduler.release(finished)                 # finished requests free their slot in this same step
 
-With speculative decoding (``speculative=SpecConfig(...)``), a decode step the scheduler marks as speculating
+With speculative decoding (``LLMConfig(speculative=SpecConfig(...))``), a decode step the scheduler marks as speculating
 runs through :class:`~graphopt.runtime.speculative.Speculator` and a row may emit several tokens at once.
 
 Requests may be added and aborted from other threads (the async server does): the scheduler is touched
@@ -33,7 +33,8 @@ from graphopt.runtime.penalties import TokenLogprob, token_logprobs
 from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKind
 from graphopt.runtime.sequence import Sequence
-from graphopt.runtime.speculative import SpecConfig, Speculator, SpecResult
+from graphopt.runtime.config import LLMConfig
+from graphopt.runtime.speculative import Speculator, SpecResult
 from graphopt.runtime.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
@@ -77,27 +78,24 @@ class Completion:
 class LLM:
     """An artifact, its tokenizer, a slot cache, a scheduler and a sampler.
 
-    Args:
-        artifact: a graphopt artifact directory (ort-cpu, or trt through runtime/engine_trt.py).
-        max_slots: requests decoded together (KV slots).
-        max_seq: context per slot (default min(2048, the artifact's)).
-        max_batch_tokens / max_queue: see :class:`SchedulerConfig`.
-        threads: ORT intra-op threads (default: physical cores).
-        speculative: speculative decoding (a draft artifact or n-gram lookup), or None.
+    ``LLM(artifact, config)`` or ``LLM(artifact, max_slots=2, ...)`` (keywords of :class:`LLMConfig`, over
+    ``config`` when both are given). ``tokenizer`` replaces the artifact's own (tests, a caller that has one).
     """
 
-    def __init__(self, artifact: str | Path, max_slots: int = 8, max_seq: int | None = None,
-                 max_batch_tokens: int = 256, max_queue: int = 128, threads: int | None = None,
-                 tokenizer: Any = None, speculative: SpecConfig | None = None) -> None:
+    def __init__(self, artifact: str | Path, config: LLMConfig | None = None, *, tokenizer: Any = None,
+                 **settings: Any) -> None:
         self.artifact = Path(artifact)
+        self.config = config = (config or LLMConfig()).with_settings(**settings)
+        speculative = config.speculative
         # a draft and its target take turns: spinning idle threads of one would slow the other (engine.py)
         spin = {"spinning": False} if speculative is not None and speculative.method == "draft" else {}
-        self.engine = open_engine(self.artifact, max_slots=max_slots, max_seq=max_seq, threads=threads, **spin)
+        self.engine = open_engine(self.artifact, max_slots=config.max_slots, max_seq=config.max_seq,
+                                  threads=config.threads, **spin)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
         self.speculator = None if speculative is None else Speculator(speculative, self.engine, self.artifact,
-                                                                      threads)
+                                                                      config.threads)
         spec = self.speculator
-        self.scheduler = Scheduler(self.engine.cache, SchedulerConfig(max_batch_tokens, max_queue),
+        self.scheduler = Scheduler(self.engine.cache, SchedulerConfig(config.max_batch_tokens, config.max_queue),
                                    planner=spec.plan if spec else None, mirrors=tuple(spec.mirrors) if spec else ())
         self._requests: dict[str, tuple[Sequence, TextStream]] = {}
         self._lock = threading.Lock()

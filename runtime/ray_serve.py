@@ -45,8 +45,8 @@ def _import_serve() -> tuple[Any, Any]:
 
 def replica_config(config: ServerConfig, replicas: int) -> ServerConfig:
     """Each replica's config: ORT threads split over the replicas unless given."""
-    threads = config.threads or max(1, physical_cores() // replicas)
-    return dataclasses.replace(config, threads=threads)
+    threads = config.llm.threads or max(1, physical_cores() // replicas)
+    return dataclasses.replace(config, llm=dataclasses.replace(config.llm, threads=threads))
 
 
 def app_builder(config: ServerConfig) -> Any:
@@ -64,7 +64,7 @@ def deployment(config: ServerConfig, replicas: int) -> Any:
     config = replica_config(config, replicas)
 
     @serve.deployment(name=APP_NAME, num_replicas=replicas, ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=config.max_slots + config.max_queue)
+                      max_ongoing_requests=config.llm.max_slots + config.llm.max_queue)
     @serve.ingress(app_builder(config))
     class GraphoptReplica:
         """One engine; all routes come from the ingress app."""

@@ -48,7 +48,7 @@ from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
 from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
 from graphopt.runtime.openai_format import Responses, error_body
 from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion, request_defaults
-from graphopt.runtime.speculative import SpecConfig
+from graphopt.runtime.config import LLMConfig
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
@@ -62,15 +62,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    max_slots: int = 8
-    max_queue: int = 128
-    max_seq: int | None = None
-    max_batch_tokens: int = 256
-    threads: int | None = None
+    llm: LLMConfig = LLMConfig()  # engine, scheduler, speculation
     model_name: str | None = None  # default: the artifact folder's name
     max_body_bytes: int = 1 << 20
     shutdown_timeout: float = 30.0
-    speculative: SpecConfig | None = None  # draft artifact or n-gram lookup
     header_timeout: float = 10.0  # seconds for a connection to deliver complete request headers
     body_timeout: float = 30.0  # seconds for the request body once the headers are in
     max_connections: int = 256  # connections open at once; one more is answered 503 and closed
@@ -81,9 +76,7 @@ class OpenAIServer:
 
     def __init__(self, config: ServerConfig, llm: LLM | None = None) -> None:
         self.config = config
-        self.llm = llm or LLM(config.artifact, max_slots=config.max_slots, max_seq=config.max_seq,
-                              max_batch_tokens=config.max_batch_tokens, max_queue=config.max_queue,
-                              threads=config.threads, speculative=config.speculative)
+        self.llm = llm or LLM(config.artifact, config.llm)
         self.model_name = config.model_name or Path(config.artifact).resolve().name
         cache = self.llm.engine.cache
         self.metrics = ServingMetrics(lambda: len(self.llm.scheduler.waiting), lambda: cache.num_active,
@@ -105,7 +98,7 @@ class OpenAIServer:
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.async_llm.start()
-        log.info("serving %s as %r with %d slots", self.config.artifact, self.model_name, self.config.max_slots)
+        log.info("serving %s as %r with %d slots", self.config.artifact, self.model_name, self.config.llm.max_slots)
         yield
         await self.async_llm.shutdown()
         self._tokenize.shutdown(wait=False, cancel_futures=True)

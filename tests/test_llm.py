@@ -1,4 +1,4 @@
-"""LLM (in-flight batching) and AsyncLLM on a tiny random llama artifact, against the fixed-batch generate()."""
+"""LLM (in-flight batching) and AsyncLLM on a tiny random llama artifact, against a plain greedy loop on the engine."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import pytest
 from graphopt.core.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.async_llm import AsyncLLM
 from graphopt.runtime.engine import OrtEngine
-from graphopt.runtime.generate import generate as fixed_batch_generate
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 from serving_artifact import tiny_artifact
@@ -34,8 +33,14 @@ def _prompts(count: int, seed: int = 0) -> list[list[int]]:
 
 
 def _alone(artifact, prompt: list[int], params: SamplingParams) -> list[int]:
+    """The reference: one prompt alone, prefill then argmax/decode, no scheduler (``params`` greedy, no stops)."""
+    assert params.temperature == 0 and params.ignore_eos
     engine = OrtEngine(artifact, max_slots=1, threads=1)
-    return fixed_batch_generate(engine, [prompt], params)[0].token_ids
+    slot = engine.cache.allocate()
+    tokens = [int(np.argmax(engine.prefill([prompt], [slot])[0]))]
+    while len(tokens) < params.max_new_tokens:
+        tokens.append(int(np.argmax(engine.decode([tokens[-1]])[0])))
+    return tokens
 
 
 def test_greedy_batch_invariance_with_chunked_prefill(llm: LLM, artifact) -> None:

@@ -17,8 +17,7 @@ from graphopt.core.manifest import load_manifest
 from graphopt.passes.pipeline import load_recipe
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.core.progress import QUIET
-from graphopt.runtime.engine import OrtEngine
-from graphopt.runtime.generate import generate
+from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 from tiny_models import VOCAB, make_tiny_model
 
@@ -59,7 +58,7 @@ def test_int4_artifact_runs_within_budget(int4) -> None:
     assert fidelity["tokens"] == 510 and fidelity["budget"]["within"], fidelity
     assert 0 <= fidelity["kl_mean"] <= 0.05 and fidelity["top1_agreement"] >= 0.93
     assert report["calibration"]["tokens"] == 1024 and report["timings"]["fidelity_s"] > 0
-    (result,) = generate(OrtEngine(out, max_slots=1, max_seq=64), [[5, 6, 7]], SamplingParams(max_new_tokens=8))
+    (result,) = LLM(out, max_slots=1, max_seq=64).generate([[5, 6, 7]], SamplingParams(max_new_tokens=8))
     assert len(result.token_ids) == 8
     assert out.stat().st_size and (out / "model.onnx.data").stat().st_size < (out.parent / "fp32" /
                                                                                "model.onnx.data").stat().st_size / 4

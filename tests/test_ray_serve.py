@@ -9,6 +9,7 @@ import socket
 import openai
 import pytest
 
+from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.server import ServerConfig
 from serving_artifact import tiny_artifact
 
@@ -26,7 +27,7 @@ def test_two_replicas_answer_the_openai_client() -> None:
     from graphopt.runtime import ray_serve  # imports ray only inside start(), after choosing loopback
 
     port = _free_port()
-    config = ServerConfig(tiny_artifact(), port=port, api_key="sk-ray", max_slots=4, model_name="tiny")
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=4), port=port, api_key="sk-ray", model_name="tiny")
     ray_serve.start(config, replicas=2)
     try:
         from ray import serve

@@ -1,4 +1,4 @@
-"""OrtEngine and generate() on a synthetic contract artifact, against a numpy full-sequence reference."""
+"""OrtEngine and the LLM loop on a synthetic contract artifact, against a numpy full-sequence reference."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
+import transformers
+
 from contract_model import ContractModel, build_contract_artifact
 from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.runtime.engine import OrtEngine
-from graphopt.runtime.generate import generate, stream
+from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
+from tiny_models import tiny_tokenizer
 
 ATOL = 1e-5
 LENGTHS = (3, 5, 7)
@@ -119,31 +122,48 @@ def test_compaction_keeps_other_rows_exact(engine: OrtEngine, artifact: tuple[st
             np.testing.assert_allclose(logits[slot], _last_logits(model, prompts[row]), atol=ATOL)
 
 
-def test_generate_greedy_matches_reference(engine: OrtEngine, artifact: tuple[str, ContractModel]) -> None:
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory, artifact: tuple[str, ContractModel]):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tiny_tokenizer(directory, artifact[1].vocab_size)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def _llm(artifact, tokenizer, **settings) -> LLM:
+    return LLM(artifact[0], tokenizer=tokenizer, threads=1, **settings)
+
+
+def test_llm_greedy_matches_reference(artifact: tuple[str, ContractModel], tokenizer) -> None:
     model = artifact[1]
     prompts = _prompts()
     free_run = [model.reference_greedy(p, 8, {31})[0] for p in prompts]
     stop = free_run[0][2]  # make row 0 stop early, so it leaves the batch and the others are compacted
     params = SamplingParams(max_new_tokens=8, stop_token_ids=(stop,))
-    results = generate(engine, prompts, params)
+    llm = _llm(artifact, tokenizer, max_slots=3)
+    results = llm.generate(prompts, params)
     for prompt, result in zip(prompts, results):
         tokens, reason = model.reference_greedy(prompt, 8, {31, stop})
         assert (result.token_ids, result.finish_reason) == (tokens, reason)
-        assert result.ttft_ms > 0
+        assert result.ttft_s > 0
     assert len(results[0].token_ids) <= 3 and results[0].finish_reason == "stop"
-    assert engine.cache.num_active == 0
+    assert llm.engine.cache.num_active == 0
 
 
-def test_stream_events_and_seeded_sampling(engine: OrtEngine) -> None:
+def test_step_outputs_and_seeded_sampling(artifact: tuple[str, ContractModel], tokenizer) -> None:
     prompts = _prompts()
     params = SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, top_k=10, seed=7)
-    events = list(stream(engine, prompts, params))
-    done = [e for e in events if e.finish_reason]
-    assert sorted(e.index for e in done) == [0, 1, 2]
-    again = generate(engine, prompts, params)
-    for row, result in enumerate(again):
-        assert result.token_ids == [e.token_id for e in events if e.index == row]
-    alone = generate(engine, [prompts[1]], params)[0]  # same seed, different batch: same tokens
+    llm = _llm(artifact, tokenizer, max_slots=3)
+    seqs = [llm.add_request(prompt, params) for prompt in prompts]
+    streamed: dict[str, list[int]] = {seq.request_id: [] for seq in seqs}
+    finished = []
+    while llm.has_work:
+        for out in llm.step():
+            streamed[out.request_id] += out.token_ids
+            finished += [out.request_id] if out.finished else []
+    assert sorted(finished) == sorted(streamed)
+    again = llm.generate(prompts, params)
+    assert [c.token_ids for c in again] == [streamed[seq.request_id] for seq in seqs]
+    alone = llm.generate([prompts[1]], params)[0]  # same seed, different batch: same tokens
     assert alone.token_ids == again[1].token_ids
 
 
@@ -161,18 +181,18 @@ def test_tampered_model_is_refused(tmp_path, artifact: tuple[str, ContractModel]
             OrtEngine(copy)
 
 
-def test_prompt_longer_than_context_is_refused(artifact: tuple[str, ContractModel]) -> None:
-    engine = OrtEngine(artifact[0], max_slots=2, max_seq=16, threads=1)
-    with pytest.raises(RuntimeInputError, match="max-new-tokens.*raise max_seq"):
-        generate(engine, [[1] * 10], SamplingParams(max_new_tokens=8))
-    full = OrtEngine(artifact[0], max_slots=2, threads=1)  # default: the artifact's max_seq (64)
+def test_prompt_longer_than_context_is_refused(artifact: tuple[str, ContractModel], tokenizer) -> None:
+    small = _llm(artifact, tokenizer, max_slots=2, max_seq=16)
+    with pytest.raises(RuntimeInputError, match="over the context limit 16"):
+        small.generate([[1] * 10], SamplingParams(max_new_tokens=8))
+    full = _llm(artifact, tokenizer, max_slots=2)  # default: the artifact's max_seq (64)
     assert full.max_seq == 64
-    with pytest.raises(RuntimeInputError, match="context limit 64"):
-        generate(full, [[1] * 60], SamplingParams(max_new_tokens=5))
-    with pytest.raises(RuntimeInputError, match="empty"):
-        generate(full, [[1, 2], []], SamplingParams(max_new_tokens=2))
-    with pytest.raises(RuntimeInputError, match="free KV slots"):
-        generate(full, [[1], [2], [3]], SamplingParams(max_new_tokens=2))
+    with pytest.raises(RuntimeInputError, match="over the context limit 64"):
+        full.generate([[1] * 60], SamplingParams(max_new_tokens=5))
+    with pytest.raises(RuntimeInputError, match="non-empty list"):
+        full.generate([[1, 2], []], SamplingParams(max_new_tokens=2))
+    queued = full.generate([[1], [2], [3]], SamplingParams(max_new_tokens=2, ignore_eos=True))  # 3 prompts, 2 slots
+    assert [len(c.token_ids) for c in queued] == [2, 2, 2]
     with pytest.raises(RuntimeInputError, match="max_seq=100"):
         OrtEngine(artifact[0], max_seq=100)
-    assert full.cache.num_active == 0
+    assert full.engine.cache.num_active == 0

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from graphopt.runtime.llm import LLM
+from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.server import ServerConfig
 from serving_artifact import ServerThread, metric, tiny_artifact
 
@@ -22,8 +23,9 @@ CANCELLED = 'graphopt_requests_total{status="cancelled"}'
 
 @pytest.fixture(scope="module")
 def server():
-    config = ServerConfig(tiny_artifact(), api_key=KEY, max_slots=16, max_queue=64, threads=1, model_name="tiny",
-                          max_body_bytes=64 * 1024, max_batch_tokens=64)
+    config = ServerConfig(tiny_artifact(),
+                          llm=LLMConfig(max_slots=16, max_queue=64, threads=1, max_batch_tokens=64),
+                          api_key=KEY, model_name="tiny", max_body_bytes=64 * 1024)
     with ServerThread(config) as running:
         yield running
 
@@ -43,8 +45,8 @@ class SlowLLM(LLM):
 
 @pytest.fixture(scope="module")
 def slow_server():
-    config = ServerConfig(tiny_artifact(), max_slots=1, max_queue=1, threads=1, model_name="tiny",
-                          shutdown_timeout=1.0)
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=1, max_queue=1, threads=1),
+                          model_name="tiny", shutdown_timeout=1.0)
     with ServerThread(config, SlowLLM(config.artifact, max_slots=1, max_queue=1, threads=1)) as running:
         yield running
 
@@ -218,7 +220,8 @@ def test_non_streaming_disconnect_frees_the_slot(slow_server) -> None:
 
 
 def test_shutdown_cancels_in_flight_requests() -> None:
-    config = ServerConfig(tiny_artifact(), max_slots=1, threads=1, model_name="tiny", shutdown_timeout=0.5)
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=1, threads=1),
+                          model_name="tiny", shutdown_timeout=0.5)
     llm = SlowLLM(config.artifact, max_slots=1, threads=1)
     with ServerThread(config, llm) as running:
         conn = _open_stream(running.port, max_tokens=240)

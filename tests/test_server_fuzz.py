@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from graphopt.runtime.openai_protocol import CHAT, COMPLETIONS
+from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.server import ServerConfig
 from serving_artifact import ServerThread, tiny_artifact
 
@@ -58,8 +59,8 @@ REQUESTS = st.one_of(
 
 @pytest.fixture(scope="module")
 def server():
-    config = ServerConfig(tiny_artifact(), max_slots=4, max_queue=8, threads=1, model_name="tiny",
-                          max_body_bytes=16 * 1024)
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=4, max_queue=8, threads=1),
+                          model_name="tiny", max_body_bytes=16 * 1024)
     with ServerThread(config) as running:
         yield running
 

@@ -16,6 +16,7 @@ import pytest
 from graphopt.core.errors import ArtifactError
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.openai_protocol import request_defaults
+from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.server import ServerConfig
 from serving_artifact import ServerThread, metric, tiny_artifact
 
@@ -40,8 +41,8 @@ class RecordingTokenizer:
 @pytest.fixture(scope="module")
 def open_server():
     """No API key (so Host/Origin/Content-Type are checked), short deadlines, a queue of 4."""
-    config = ServerConfig(tiny_artifact(), max_slots=2, max_queue=4, threads=1, model_name="tiny",
-                          header_timeout=0.5, body_timeout=0.5)
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=2, max_queue=4, threads=1),
+                          model_name="tiny", header_timeout=0.5, body_timeout=0.5)
     llm = LLM(config.artifact, max_slots=2, max_queue=4, threads=1)
     llm.tokenizer = RecordingTokenizer(llm.tokenizer)
     with ServerThread(config, llm) as running:
@@ -153,7 +154,7 @@ def test_without_a_key_local_and_same_origin_requests_are_served(open_server) ->
 
 
 def test_with_a_key_host_and_origin_are_not_checked() -> None:
-    config = ServerConfig(tiny_artifact(), api_key="sk-k", max_slots=1, threads=1, model_name="tiny")
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=1, threads=1), api_key="sk-k", model_name="tiny")
     with ServerThread(config) as running:
         code, _ = _request(running.port, BODY, {"Host": "evil.example", "Origin": "http://evil.example",
                                                 "Authorization": "Bearer sk-k"})
@@ -161,7 +162,8 @@ def test_with_a_key_host_and_origin_are_not_checked() -> None:
 
 
 def test_connections_past_the_cap_get_503_not_a_reset() -> None:
-    config = ServerConfig(tiny_artifact(), max_slots=1, threads=1, model_name="tiny", max_connections=2)
+    config = ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=1, threads=1),
+                          model_name="tiny", max_connections=2)
     with ServerThread(config) as running:
         idle = [socket.create_connection(("127.0.0.1", running.port), timeout=30) for _ in range(2)]
         try:

@@ -15,7 +15,7 @@ from graphopt.build.artifact import BuildOptions, build
 from graphopt.passes.pipeline import load_recipe
 from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
-from graphopt.runtime.generate import generate
+from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,7 @@ def _prompt_ids(tokenizer) -> list[list[int]]:
 def test_greedy_tokens_equal_hf_generate(smollm2) -> None:
     _, artifact, hf, tokenizer = smollm2
     prompts = _prompt_ids(tokenizer)
-    engine = OrtEngine(artifact, max_slots=4, max_seq=256)
-    ours = generate(engine, prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    ours = LLM(artifact, max_slots=4, max_seq=256).generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
     for prompt, result in zip(prompts, ours):
         with torch.no_grad():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,

@@ -18,8 +18,7 @@ import pytest
 from graphopt.build.artifact import BuildOptions, build
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.core.progress import QUIET
-from graphopt.runtime.engine import OrtEngine
-from graphopt.runtime.generate import generate
+from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -35,6 +34,6 @@ def test_int8_build_is_within_budget_and_generates(tmp_path) -> None:
     ops = report["ops"]["final"]
     assert ops["com.microsoft::MatMulNBits"] == 30 * 5 + 1 and ops["com.microsoft::GatherBlockQuantized"] == 1
     assert report["artifact_bytes"] < 170e6  # fp32: 538 MB
-    engine = OrtEngine(out, max_slots=1, max_seq=128)
-    (result,) = generate(engine, [[1, 504, 3575, 282, 4649, 314]], SamplingParams(max_new_tokens=8))
+    (result,) = LLM(out, max_slots=1, max_seq=128).generate([[1, 504, 3575, 282, 4649, 314]],
+                                                            SamplingParams(max_new_tokens=8))
     assert len(result.token_ids) == 8

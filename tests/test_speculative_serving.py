@@ -13,6 +13,7 @@ from graphopt.measure.bench_spec import print_spec_bench, run_spec_bench
 from graphopt.cli.main import main
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
+from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.server import ServerConfig
 from graphopt.runtime.speculative import SpecConfig
 from serving_artifact import ServerThread, metric, tiny_artifact
@@ -51,7 +52,7 @@ def test_metrics_report_acceptance() -> None:
     artifact = tiny_artifact()
     llm = LLM(artifact, max_slots=2, threads=1,
               speculative=SpecConfig(draft=artifact, num_speculative_tokens=3, adaptive=False))
-    config = ServerConfig(artifact, max_slots=2, threads=1, model_name="tiny")
+    config = ServerConfig(artifact, llm=LLMConfig(max_slots=2, threads=1), model_name="tiny")
     with ServerThread(config, llm) as server:
         client = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0, timeout=30)
         done = client.completions.create(model="tiny", prompt="w5 w6 w7", max_tokens=9, temperature=0,
@@ -72,8 +73,8 @@ def test_metrics_report_acceptance() -> None:
 def test_server_config_builds_a_speculating_llm() -> None:
     from graphopt.runtime.server import OpenAIServer
 
-    server = OpenAIServer(ServerConfig(tiny_artifact(), max_slots=2, threads=1,
-                                       speculative=SpecConfig(method="ngram", num_speculative_tokens=2)))
+    spec = SpecConfig(method="ngram", num_speculative_tokens=2)
+    server = OpenAIServer(ServerConfig(tiny_artifact(), llm=LLMConfig(max_slots=2, threads=1, speculative=spec)))
     assert server.llm.speculator is not None and server.llm.speculator.config.num_speculative_tokens == 2
 
 

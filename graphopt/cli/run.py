@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from graphopt.core.errors import RuntimeInputError
+from graphopt.runtime.config import MAX_SEQ_HELP
 
 
 def parse_prompt_ids(text: str) -> list[int]:
@@ -75,7 +76,7 @@ def spec_config(draft: Path | None, speculative: str | None, num_spec: int, fixe
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--top-k", default=0, show_default=True, type=int)
 @click.option("--seed", default=None, type=int)
-@click.option("--max-seq", default=None, type=int, help="KV cache capacity per sequence (default: min(model, 4096)).")
+@click.option("--max-seq", default=None, type=int, help=MAX_SEQ_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @spec_options
 def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, top_p, top_k, seed, max_seq, as_json,
@@ -104,14 +105,7 @@ def generate(artifact, prompt, prompt_ids, chat, max_new_tokens, temperature, to
 
 
 def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict, dict | None]:
-    """One prompt without speculation (fixed-batch generate) or with it (the LLM's scheduler)."""
-    if spec is None:
-        from graphopt.runtime.engine import open_engine
-        from graphopt.runtime.generate import generate as run
-
-        (r,) = run(open_engine(artifact, max_slots=1, max_seq=max_seq), [ids], params)
-        return {"token_ids": r.token_ids, "finish_reason": r.finish_reason, "ttft_ms": round(r.ttft_ms, 2),
-                "decode_tokens_per_s": round(r.decode_tokens_per_s, 2)}, None
+    """One prompt through the LLM loop (with speculation when asked)."""
     from graphopt.runtime.llm import LLM
 
     (c,) = LLM(artifact, max_slots=1, max_seq=max_seq, tokenizer=tokenizer, speculative=spec).generate(ids, params)

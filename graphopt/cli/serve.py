@@ -8,6 +8,7 @@ import click
 
 from graphopt.cli.run import spec_config, spec_options
 from graphopt.core.errors import RuntimeInputError
+from graphopt.runtime.config import DEFAULTS, MAX_SEQ_HELP, LLMConfig
 
 
 @click.command()
@@ -16,11 +17,12 @@ from graphopt.core.errors import RuntimeInputError
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--api-key", default=None, envvar="GRAPHOPT_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/* (also from $GRAPHOPT_API_KEY).")
-@click.option("--max-slots", default=8, show_default=True, type=int, help="Requests decoded together (KV slots).")
-@click.option("--max-queue", default=128, show_default=True, type=int,
+@click.option("--max-slots", "--max-num-seqs", default=DEFAULTS.max_slots, show_default=True, type=int,
+              help="Requests decoded together (KV slots).")
+@click.option("--max-queue", default=DEFAULTS.max_queue, show_default=True, type=int,
               help="Requests waiting for a slot; more get 429 with Retry-After.")
-@click.option("--max-seq", default=None, type=int, help="Context per slot (default: min(2048, the artifact's)).")
-@click.option("--max-batch-tokens", default=256, show_default=True, type=int,
+@click.option("--max-seq", default=None, type=int, help=MAX_SEQ_HELP)
+@click.option("--max-batch-tokens", default=DEFAULTS.max_batch_tokens, show_default=True, type=int,
               help="Prompt tokens per prefill step; longer prompts are prefilled in chunks.")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime threads (default: physical cores).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the artifact folder's name).")
@@ -51,10 +53,10 @@ def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batc
     if not (artifact / "manifest.json").is_file():
         raise RuntimeInputError(f"{artifact} is not a graphopt artifact (no manifest.json); build one with "
                                 "'graphopt build MODEL -o DIR'")
-    config = ServerConfig(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batch_tokens, threads,
-                          model_name, max_body_bytes, shutdown_timeout,
-                          spec_config(draft, speculative, num_spec, fixed_k, threads), header_timeout, body_timeout,
-                          max_connections)
+    llm = LLMConfig(max_slots=max_slots, max_seq=max_seq, max_batch_tokens=max_batch_tokens, max_queue=max_queue,
+                    threads=threads, speculative=spec_config(draft, speculative, num_spec, fixed_k, threads))
+    config = ServerConfig(artifact, host, port, api_key, llm, model_name, max_body_bytes, shutdown_timeout,
+                          header_timeout, body_timeout, max_connections)
     if use_ray:
         from graphopt.runtime.ray_serve import serve_ray
 
