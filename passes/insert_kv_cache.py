@@ -17,6 +17,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from graphopt.core.errors import PassError
+from graphopt.core.io_contract import CACHE_KINDS, cache_name
 from graphopt.passes._attention_match import UNFUSED_KEY, looks_like_attention, module_of
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import has_cache, is_flash_attention
@@ -67,14 +68,14 @@ class InsertKVCachePass(GraphoptPass):
         head_dim = _head_dim(node, kv_heads)
         dtype = node.inputs[1].dtype or ir.DataType.FLOAT
         shape = [BATCH, kv_heads, MAX_SEQ, head_dim]
-        past = [_input(graph, f"past_{kind}.{layer}", dtype, shape) for kind in ("key", "value")]
+        past = [_input(graph, cache_name("past", kind, layer), dtype, shape) for kind in CACHE_KINDS]
         sinks = list(node.inputs[6:7])  # optional per-head sink logits stay input 6
         fused = ir.node(
             "FlashAttention", [*node.inputs[:3], *past, cache_lens, *sinks], domain=node.domain, num_outputs=3,
             attributes={k: a.value for k, a in node.attributes.items()}, name=node.name,
         )
-        for output, kind in zip(fused.outputs[1:], ("key", "value")):
-            output.name, output.dtype, output.shape = f"present_{kind}.{layer}", dtype, ir.Shape(shape)
+        for output, kind in zip(fused.outputs[1:], CACHE_KINDS):
+            output.name, output.dtype, output.shape = cache_name("present", kind, layer), dtype, ir.Shape(shape)
             graph.outputs.append(output)
         fused.outputs[0].shape, fused.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
         graph.insert_before(node, fused)

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from graphopt.core.artifact_files import artifact_path
+from graphopt.core.io_contract import cache_pairs
 from graphopt.core.errors import ArtifactError, GraphoptError, RuntimeInputError
 from graphopt.core.manifest import Manifest, load_manifest
 from graphopt.runtime.config import DEFAULT_MAX_SEQ
@@ -99,18 +100,13 @@ def create_session(model_path: Path, threads: int | None, spinning: bool = True)
 
 def cache_names(manifest: Manifest) -> list[tuple[str, str]]:
     """(past, present) name pairs, K then V per layer, checked against the manifest's aliases."""
-    aliases = manifest.aliases
-    pairs = []
-    for layer in range(manifest.dims.num_layers):
-        for kind in ("key", "value"):
-            past = manifest.input(f"past_{kind}", layer).name
-            present = manifest.output(f"present_{kind}", layer).name
-            if aliases.get(present) != past:
-                raise ArtifactError(
-                    f"manifest kv_cache.aliases maps {present!r} to {aliases.get(present)!r}, expected {past!r}; "
-                    "the runtime needs present_* to alias past_* (rebuild with 'insert-kv-cache')"
-                )
-            pairs.append((past, present))
+    pairs = cache_pairs(manifest)
+    for past, present in pairs:
+        if manifest.aliases.get(present) != past:
+            raise ArtifactError(
+                f"manifest kv_cache.aliases maps {present!r} to {manifest.aliases.get(present)!r}, expected {past!r}; "
+                "the runtime needs present_* to alias past_* (rebuild with 'insert-kv-cache')"
+            )
     return pairs
 
 

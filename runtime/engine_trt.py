@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.core.errors import ArtifactError, RuntimeInputError
+from graphopt.core.io_contract import INPUT_ROLES, cache_pairs
 from graphopt.core.manifest import load_manifest
 from graphopt.runtime.engine_api import Capabilities
 from graphopt.runtime.kv_cache import SlotCache
 
-INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")
 
 
 class DeviceSlotCache(SlotCache):
@@ -63,26 +63,25 @@ class TrtEngine:
         trt = full_tensorrt()
         if trt is None:
             raise ArtifactError("TrtEngine needs the `tensorrt` package and a CUDA GPU; use OrtEngine on this machine")
-        check_plan_version(self.manifest.raw["trt"]["engine"], trt.__version__)
-        if self.manifest.raw["plugins"]:
+        check_plan_version((self.manifest.trt or {}).get("engine"), trt.__version__)
+        if self.manifest.plugins:
             importlib.import_module("graphopt.plugins.flash_attention_trt")
-            check_plugins(self.manifest.raw["plugins"], trt.get_plugin_registry())
+            check_plugins(list(self.manifest.plugins), trt.get_plugin_registry())
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine((directory / "engine.plan").read_bytes())
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
         dims = self.manifest.dims
         self.vocab_size, self.eos_token_ids, self.pad_token_id = dims.vocab_size, dims.eos_token_ids, dims.pad_token_id or 0
-        self.max_seq = int(self.manifest.raw["trt"]["cache_capacity"])
+        self.max_seq = int((self.manifest.trt or {})["cache_capacity"])
         if max_seq is not None and max_seq != self.max_seq:
             raise ArtifactError(f"max_seq={max_seq}: this trt artifact's cache capacity is fixed at {self.max_seq}; "
                                 "drop max_seq or rebuild with --trt-max-seq")
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[self.manifest.kv_dtype]
         self.cache = DeviceSlotCache(dims.num_layers, dims.num_kv_heads, dims.head_dim, max_slots, self.max_seq, dtype)
         self._names = {role: self.manifest.input(role).name for role in INPUT_ROLES}
-        self._pairs = [(self.manifest.input(f"past_{kind}", layer).name, self.manifest.output(f"present_{kind}", layer).name)
-                       for layer in range(dims.num_layers) for kind in ("key", "value")]
-        self._profiles = self.manifest.raw["optimization_profiles"]
+        self._pairs = cache_pairs(self.manifest)
+        self._profiles = list(self.manifest.optimization_profiles)
         self._profile: int | None = None
 
     def prepare_multi_token(self) -> bool:

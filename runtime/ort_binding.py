@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from graphopt.core.io_contract import INPUT_ROLES
 from graphopt.core.manifest import Manifest
 from graphopt.runtime.kv_cache import SlotCache
 
-INPUT_ROLES = ("input_ids", "position_ids", "cache_lens", "input_lens", "logit_positions")
 
 
 class BoundSession:

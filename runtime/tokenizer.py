@@ -18,7 +18,7 @@ def load_tokenizer(artifact: str | Path) -> Any:
     directory = artifact / TOKENIZER_DIR
     if directory.is_symlink() or not directory.is_dir():
         raise ArtifactError(f"artifact {artifact} has no {TOKENIZER_DIR}/ folder; rebuild it with 'graphopt build'")
-    verify_files(artifact, manifest.raw.get("files"), prefix=f"{TOKENIZER_DIR}/")
+    verify_files(artifact, manifest.files, prefix=f"{TOKENIZER_DIR}/")
     refuse_remote_code(directory)
     from transformers import AutoTokenizer
 

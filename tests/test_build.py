@@ -25,6 +25,8 @@ def test_artifact_layout_manifest_and_dump(tmp_path: Path) -> None:
         "model_verify.onnx", "tokenizer"]
     manifest = load_manifest(out)
     raw = manifest.raw
+    assert json.dumps(manifest.to_json(), indent=2) == (out / "manifest.json").read_text()  # one typed manifest
+    assert manifest.recipe == "ort-cpu" and manifest.source.architecture == "Qwen2ForCausalLM"
     assert raw["source"]["architecture"] == "Qwen2ForCausalLM" and raw["target"] == "ort-cpu"
     assert manifest.dims.num_layers == 2 and manifest.dims.num_kv_heads == 2 and manifest.dims.head_dim == 16
     assert manifest.dims.max_seq == 256 and manifest.dims.eos_token_ids == (2,)

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from graphopt import __version__
 from graphopt.core.artifact_files import runtime_file_names
 from graphopt.build.features import features_of
-from graphopt.core.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_entries
+from graphopt.core.manifest import KvCacheSpec, Manifest, SourceInfo, file_entries
 from graphopt.passes.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.core.progress import Progress
 from graphopt.targets import get_target
@@ -145,48 +145,40 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     names += [calibration["file"]] if calibration else []
     target = get_target(options.target_name)
     manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe, target.name)
-    manifest |= target.manifest_fields(model, manifest, options.target_options)
+    manifest = dataclasses.replace(manifest, **target.manifest_fields(model, manifest, options.target_options))
     graphs = target.extra_graphs(staging, model)
     names += list(graphs.values()) + runtime_file_names(staging)  # tokenizer/, generation_config.json
-    manifest |= {"graphs": graphs} if graphs else {}
-    manifest["files"] = file_entries(staging, names)
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest = dataclasses.replace(manifest, graphs=graphs, files=file_entries(staging, names))
+    manifest.write(staging)
     ops = _op_counts(model)
-    features = features_of(model, records, traced_ops, manifest["model"])
+    features = features_of(model, records, traced_ops, dataclasses.asdict(manifest.dims))
     return {
-        "graphopt_version": __version__, "source": manifest["source"], "recipe": options.recipe.name,
+        "graphopt_version": __version__, "source": manifest.source.to_json(), "recipe": options.recipe.name,
         "target": target.name, "nodes": {"traced": sum(traced_ops.values()), "final": sum(ops.values())},
         "ops": {"traced": traced_ops, "final": ops}, "passes": [r.to_json() for r in records],
         "pipeline": [{"name": spec.name, **spec.options} for spec in options.recipe.passes],  # for graphopt diff
         "unfused": [note for r in records for note in r.notes], "features": features,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "artifact_bytes": sum(e["bytes"] for e in manifest["files"].values()),
-        "precision": manifest["precision"], "calibration": calibration,
+        "artifact_bytes": sum(e["bytes"] for e in manifest.files.values()),
+        "precision": manifest.precision, "calibration": calibration,
     }
 
 
-def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe, target: str) -> dict[str, Any]:
-    from graphopt.core.io_contract import io_specs, model_dims
+def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe, target: str) -> Manifest:
+    """The manifest's common fields (the target adds its own, the files come last)."""
     from graphopt.build.quant import precision_of
+    from graphopt.core.io_contract import io_specs, model_dims
 
     inputs, outputs = io_specs(model)
-    dims = model_dims(model, config, generation_config)
-    kv = next(s for s in inputs if s["role"] == "past_key")
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "graphopt_version": __version__,
-        "source": {"architecture": source.architecture, "model_type": source.model_type,
-                   "id": source.model_id, "spec": _absolute_spec(source.spec), "sha256": source.sha256},
-        "target": target, "recipe": recipe.name,
-        "precision": precision_of(model, kv["dtype"]),
-        "model": dims, "io": {"inputs": inputs, "outputs": outputs},
-        "kv_cache": {"layout": "slot-major [batch, kv_heads, max_seq, head_dim]", "dtype": kv["dtype"],
-                     "shape": kv["shape"], "update": "in-place",
-                     "aliases": {o["name"]: o["name"].replace("present_", "past_") for o in outputs
-                                 if o["role"].startswith("present_")}},
-        "plugins": [], "optimization_profiles": [],
-        "min_runtime": {"onnxruntime": "1.22"},
-    }
-    return manifest
+    kv = next(s for s in inputs if s.role == "past_key")
+    aliases = {o.name: o.name.replace("present_", "past_") for o in outputs if o.role.startswith("present_")}
+    return Manifest(
+        dims=model_dims(model, config, generation_config), inputs=tuple(inputs), outputs=tuple(outputs),
+        target=target, recipe=recipe.name, graphopt_version=__version__,
+        kv_cache=KvCacheSpec("slot-major [batch, kv_heads, max_seq, head_dim]", kv.dtype, kv.shape, "in-place", aliases),
+        source=SourceInfo(source.architecture, source.model_type, source.model_id, _absolute_spec(source.spec),
+                          source.sha256),
+        precision=precision_of(model, kv.dtype), min_runtime={"onnxruntime": "1.22"})
 
 
 def _absolute_spec(spec: str) -> str:

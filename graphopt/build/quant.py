@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import onnx_ir as ir
 
 from graphopt.quant.text import Corpus, default_corpus, read_text_file, token_stream
 from graphopt.measure.fidelity import EVAL_SEQ, artifact_logits, evaluate, torch_logits
-from graphopt.core.manifest import MANIFEST
+from graphopt.core.manifest import load_manifest
 from graphopt.passes._quant_graph import CALIBRATION_KEY, PRECISION_KEY
 from graphopt.passes.base import PassContext
 from graphopt.passes.pipeline import Recipe
@@ -101,7 +100,7 @@ def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: P
     with progress.bar(f"measuring fidelity vs fp32 on {ids.size} tokens", total=-(-ids.size // EVAL_SEQ)) as advance:
         fidelity = evaluate(artifact_logits(staging), torch_logits(torch_model), ids, corpus.source, advance=advance)
     out = fidelity.to_json() | {"reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)"}
-    precision = json.loads((staging / MANIFEST).read_text())["precision"]
+    precision = load_manifest(staging, verify_hashes=False).precision
     if (kind := weight_precision(precision)) is not None:
         kl_max, top1_min = BUDGETS[kind]
         misses = [f"KL {fidelity.kl_mean:.4f} > {kl_max}"] if fidelity.kl_mean > kl_max else []

@@ -62,13 +62,12 @@ def fidelity_line(fidelity: dict[str, Any]) -> str:
 
 def print_inspect(manifest: Manifest, report: dict[str, Any]) -> None:
     console = Console()
-    raw = manifest.raw
     d = manifest.dims
-    console.print(f"[bold]{raw['source']['id']}[/] ({raw['source']['architecture']}) → target {raw['target']}, "
-                  f"recipe {raw.get('recipe')}, graphopt {raw['graphopt_version']}")
+    console.print(f"[bold]{manifest.source.id}[/] ({manifest.source.architecture}) → target {manifest.target}, "
+                  f"recipe {manifest.recipe}, graphopt {manifest.graphopt_version}")
     console.print(f"layers {d.num_layers}, heads {d.num_heads}/{d.num_kv_heads} kv, head dim {d.head_dim}, "
                   f"hidden {d.hidden_size}, vocab {d.vocab_size}, max_seq {d.max_seq}, eos {list(d.eos_token_ids)}")
-    console.print(f"precision {raw['precision']}")
+    console.print(f"precision {manifest.precision}")
     if report.get("features"):
         console.print(f"architecture features: {describe(report['features'])}")
     io = Table(title="I/O")
@@ -80,7 +79,7 @@ def print_inspect(manifest: Manifest, report: dict[str, Any]) -> None:
                 name = s.name if s.layer is None else s.name.replace(".0", ".{i}")
                 io.add_row(name, direction, s.dtype, str(list(s.shape)), s.role)
     console.print(io)
-    for name, entry in raw["files"].items():
+    for name, entry in manifest.files.items():
         console.print(f"{name}: {entry['bytes'] / 2**20:.1f} MiB sha256 {entry['sha256'][:16]}…")
     if report:
         ops = report["ops"]["final"]

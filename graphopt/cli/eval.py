@@ -12,13 +12,12 @@ from graphopt.core.errors import ArtifactError
 
 def check_pair(candidate, reference) -> None:
     """Both artifacts must predict over the same vocabulary from the same tokenizer."""
-    ours, theirs = candidate.raw, reference.raw
     if candidate.dims.vocab_size != reference.dims.vocab_size:
         raise ArtifactError(f"the artifacts have different vocabularies ({candidate.dims.vocab_size} vs "
                             f"{reference.dims.vocab_size}); compare builds of the same model")
-    if ours["source"].get("sha256") != theirs["source"].get("sha256"):
-        raise ArtifactError(f"the artifacts were built from different weights ({ours['source']['id']} vs "
-                            f"{theirs['source']['id']}); pass the fp32 build of the same model as --reference")
+    if candidate.source.sha256 != reference.source.sha256:
+        raise ArtifactError(f"the artifacts were built from different weights ({candidate.source.id} vs "
+                            f"{reference.source.id}); pass the fp32 build of the same model as --reference")
 
 
 @click.command("eval")
@@ -49,7 +48,7 @@ def eval_command(artifact: Path, reference: Path, text: Path | None, tokens: int
     with progress.bar(f"comparing next-token distributions on {ids.size} tokens", -(-ids.size // EVAL_SEQ)) as step:
         fidelity = evaluate(candidate, baseline, ids, corpus.source, advance=step)
     result = {"artifact": str(artifact), "reference": str(reference),
-              "precision": candidate_manifest.raw.get("precision"), **fidelity.to_json()}
+              "precision": candidate_manifest.precision, **fidelity.to_json()}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

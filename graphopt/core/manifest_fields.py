@@ -61,7 +61,22 @@ FIELDS: dict[str, Rule] = {
     "kv_cache.dtype": (f"one of {', '.join(KV_DTYPES)}", lambda v: v in KV_DTYPES),
     "kv_cache.aliases": ("an object of present -> past tensor names", _str_map),
 }
-OPTIONAL = {"graphs": ("an object of use -> graph file", _str_map)}
+def _objects(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
+def _optional_strs(v: Any) -> bool:
+    return isinstance(v, dict) and all(x is None or isinstance(x, str) for x in v.values())
+
+
+OPTIONAL = {"graphs": ("an object of use -> graph file", _str_map),
+            "source": ("an object of strings or nulls", _optional_strs),
+            "recipe": ("a string", lambda v: isinstance(v, str)),
+            "precision": ("an object", lambda v: isinstance(v, dict)),
+            "plugins": ("a list of objects", _objects),
+            "optimization_profiles": ("a list of objects", _objects),
+            "min_runtime": ("an object of runtime -> version", _str_map),
+            "trt": ("an object", lambda v: isinstance(v, dict))}
 
 
 def check_fields(raw: Any) -> None:

@@ -160,7 +160,7 @@ def genai_model(source: Any, progress: Progress) -> Path:
 
 def artifact_source(manifest: Any) -> Any:
     """The artifact's source weights, checked against the fingerprint recorded at build time."""
-    recorded = manifest.raw.get("source", {})
+    recorded = manifest.source.to_json()
     if not (spec := recorded.get("spec")):
         raise ArtifactError("manifest.json has no source.spec; rebuild the artifact to compare it with peers")
     try:
@@ -195,7 +195,7 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
     engines = {name: summarize(engine_runs) | setup[name] for name, engine_runs in runs.items()}
     agreement = {peer: token_agreement(runs["graphopt"][-1].tokens, runs[peer][-1].tokens) for peer in runs
                  if peer != "graphopt"}
-    return {"model": manifest.raw.get("source", {}).get("id", Path(artifact).name), "artifact": str(artifact),
+    return {"model": (manifest.source.id or Path(artifact).name), "artifact": str(artifact),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
             "engines": engines, "ratios": ratios(engines), "tokens_match": agreement, "machine": machine,
             "versions": versions(list(runs))}

@@ -27,6 +27,7 @@ from graphopt.core.errors import GraphoptError
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from graphopt.core.manifest import Manifest
     from graphopt.passes.pipeline import Recipe
 
 
@@ -79,8 +80,8 @@ class Target:
     def check_graph(self, model: ir.Model, recipe: Recipe) -> None:
         """After the pipeline: refuse a graph this target's runtime cannot run (one line, with the fix)."""
 
-    def manifest_fields(self, model: ir.Model, manifest: dict[str, Any], options: Any) -> dict[str, Any]:
-        """Fields the target adds to the manifest (merged over the common ones)."""
+    def manifest_fields(self, model: ir.Model, manifest: Manifest, options: Any) -> dict[str, Any]:
+        """Manifest fields the target sets (field name -> value, applied with dataclasses.replace)."""
         return {}
 
     def extra_graphs(self, staging: Path, model: ir.Model) -> dict[str, str]:

@@ -36,7 +36,7 @@ def config_text(manifest: Manifest, name: str, platform: str, max_batch: int) ->
     lines = [f'name: "{name}"', f'platform: "{platform}"', "max_batch_size: 0"]
     lines += [_tensor("input", spec) for spec in manifest.inputs]
     lines += [_tensor("output", spec) for spec in manifest.outputs]
-    profiles = manifest.raw.get("optimization_profiles", []) if platform == "tensorrt_plan" else []
+    profiles = list(manifest.optimization_profiles) if platform == "tensorrt_plan" else []
     kind = "KIND_GPU" if manifest.target == "trt" else "KIND_CPU"
     groups = [f'instance_group {{ count: 1 kind: {kind} profile: "{i}" }}' for i in range(len(profiles))]
     lines += groups or [f"instance_group {{ count: 1 kind: {kind} }}"]
@@ -91,7 +91,7 @@ def export_triton(artifact: str | Path, repo_dir: str | Path, name: str | None =
     directory = Path(artifact)
     manifest = load_manifest(directory)
     name = name or directory.resolve().name
-    engine = (manifest.raw.get("trt") or {}).get("engine")
+    engine = (manifest.trt or {}).get("engine")
     platform = "tensorrt_plan" if engine else "onnxruntime_onnx"
     text = config_text(manifest, name, platform, max_batch)
     check_config(parse_config(text), manifest)

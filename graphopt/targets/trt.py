@@ -41,7 +41,7 @@ class Trt(Target):
         if "check-trt" not in {p.name for p in recipe.passes}:
             raise TargetError(f"recipe {recipe.name} targets trt without 'check-trt'; add it at the end of the recipe")
 
-    def manifest_fields(self, model: ir.Model, manifest: dict[str, Any], options) -> dict[str, Any]:
+    def manifest_fields(self, model: ir.Model, manifest, options) -> dict[str, Any]:
         from graphopt.targets.trt_manifest import trt_fields
 
         return trt_fields(model, manifest)

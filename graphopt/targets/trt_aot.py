@@ -98,7 +98,7 @@ def aot_check(artifact: str | Path, archs: list[str]) -> list[AotResult]:
         config = builder.create_builder_config()
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, arch.upper()), 0)
-        add_profiles(trt, builder, config, network, manifest.raw["optimization_profiles"])
+        add_profiles(trt, builder, config, network, list(manifest.optimization_profiles))
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise TrtError(f"TensorRT-RTX could not build {directory} for {arch} (see the TensorRT log above); "
@@ -163,16 +163,16 @@ def build_engine(artifact: str | Path, force: bool = False) -> dict[str, Any]:
     if trt is None:
         raise TrtError("building engine.plan needs the `tensorrt` package and a CUDA GPU; run 'graphopt engine "
                        f"{directory}' on such a machine (this one can --aot-check with TensorRT-RTX)")
-    if manifest.raw["plugins"]:
+    if manifest.plugins:
         importlib.import_module("graphopt.plugins.flash_attention_trt")
-        check_plugins(manifest.raw["plugins"], trt.get_plugin_registry())
+        check_plugins(list(manifest.plugins), trt.get_plugin_registry())
     logger = trt.Logger(trt.Logger.WARNING)
     builder, network, _parser = parse_network(trt, directory, logger)
     config = builder.create_builder_config()
     cache_path = directory / "timing.cache"
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    add_profiles(trt, builder, config, network, manifest.raw["optimization_profiles"])
+    add_profiles(trt, builder, config, network, list(manifest.optimization_profiles))
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise TrtError(f"TensorRT could not build {directory} (see its log above); report it with build-report.json")

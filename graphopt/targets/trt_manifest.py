@@ -20,6 +20,7 @@ from typing import Any
 import onnx_ir as ir
 
 from graphopt.core.errors import ArtifactError
+from graphopt.core.manifest import Manifest
 from graphopt.plugins.flash_attention_plugin import PLUGIN_NAMESPACE, PLUGIN_VERSION, plugin_nodes
 
 MIN_TENSORRT = "10.13"  # first TensorRT whose ONNX parser imports Attention-23/TensorScatter-24
@@ -60,40 +61,32 @@ def profile_json(inputs: list[dict[str, Any]], ranges: ProfileRanges) -> dict[st
     return {"name": ranges.name, "dims": {k: list(v) for k, v in dims.items()}, "shapes": shapes}
 
 
-def trt_fields(model: ir.Model, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The trt-only manifest fields of a just-lowered model (called by graphopt.build.artifact)."""
-    inputs = manifest["io"]["inputs"]
-    kv = manifest["kv_cache"]
+def trt_fields(model: ir.Model, manifest: Manifest) -> dict[str, Any]:
+    """The trt-only manifest fields of a just-lowered model (Manifest field -> value, for dataclasses.replace)."""
     from graphopt.passes.lower_trt import PROFILES_KEY
 
+    inputs = [spec.to_json() for spec in manifest.inputs]
     plugins = plugin_nodes(model)
     profiles = default_profiles(**model.meta.get(PROFILES_KEY, {}))
     return {
-        "trt": {"dtype": kv["dtype"], "opset": model.opset_imports.get("", 0), "strongly_typed": True,
-                "cache_capacity": kv["shape"][2], "int64_inputs": [s["name"] for s in inputs if s["dtype"] == "int64"],
-                "engine": None},
-        "plugins": [{"name": "FlashAttention", "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+        "trt": {"dtype": manifest.kv_dtype, "opset": model.opset_imports.get("", 0), "strongly_typed": True,
+                "cache_capacity": manifest.kv_cache.shape[2],
+                "int64_inputs": [s.name for s in manifest.inputs if s.dtype == "int64"], "engine": None},
+        "plugins": ({"name": "FlashAttention", "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
                      "nodes": len(plugins), "implementation": "aot (Triton kernel, graphopt.plugins.flash_attention_trt)",
-                     "fallback": "model-local function (TensorScatter + Attention)"}] if plugins else [],
-        "optimization_profiles": [profile_json(inputs, r) for r in profiles],
-        "min_runtime": {**manifest["min_runtime"], "tensorrt": MIN_TENSORRT, "tensorrt_rtx": MIN_TENSORRT_RTX},
+                     "fallback": "model-local function (TensorScatter + Attention)"},) if plugins else (),
+        "optimization_profiles": tuple(profile_json(inputs, r) for r in profiles),
+        "min_runtime": {**manifest.min_runtime, "tensorrt": MIN_TENSORRT, "tensorrt_rtx": MIN_TENSORRT_RTX},
     }
 
 
 def record_engine(directory, tensorrt_version: str) -> dict[str, Any]:
     """Add engine.plan and timing.cache to the manifest (files + trt.engine); written atomically."""
-    import json
-    import os
-    from pathlib import Path
+    from graphopt.core.manifest import file_entries, load_manifest
 
-    from graphopt.core.manifest import MANIFEST, file_entries
-
-    directory = Path(directory)
-    raw = json.loads((directory / MANIFEST).read_text())
-    raw["files"] |= file_entries(directory, ["engine.plan", "timing.cache"])
-    raw["trt"]["engine"] = {"file": "engine.plan", "timing_cache": "timing.cache", "tensorrt": tensorrt_version,
-                            "profiles": [p["name"] for p in raw["optimization_profiles"]]}
-    tmp = directory / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(raw, indent=2))
-    os.replace(tmp, directory / MANIFEST)
-    return raw["trt"]["engine"]
+    manifest = load_manifest(directory, verify_hashes=False)  # the caller just checked them
+    engine = {"file": "engine.plan", "timing_cache": "timing.cache", "tensorrt": tensorrt_version,
+              "profiles": [p["name"] for p in manifest.optimization_profiles]}
+    files = manifest.files | file_entries(directory, ["engine.plan", "timing.cache"])
+    dataclasses.replace(manifest, files=files, trt={**(manifest.trt or {}), "engine": engine}).write(directory)
+    return engine
