@@ -17,10 +17,9 @@ import onnx_ir as ir
 
 from graphopt.core.errors import PassError
 from graphopt.passes._edit import initializer
+from graphopt.passes.base import PassContext
 from graphopt.quant.numerics import Quantized
 
-CALIBRATION_KEY = "graphopt.quant.calibration"  # model.meta: CalibrationStats from the 'calibrate' pass
-PRECISION_KEY = "graphopt.build.precision"  # model.meta: what the quantize passes did (for the manifest)
 _STORAGE = {"int4": ir.DataType.INT4, "int8": ir.DataType.INT8, "fp8": ir.DataType.FLOAT8E4M3FN}
 
 
@@ -213,14 +212,14 @@ def _set_const(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) ->
     node.replace_input_with(index, initializer(graph, f"{old.name}_scaled", array))
 
 
-def calibration(model: ir.Model, pass_name: str):
+def calibration(context: PassContext, pass_name: str):
     """The CalibrationStats left by 'calibrate', or a PassError naming the fix."""
-    stats = model.meta.get(CALIBRATION_KEY)
+    stats = context.results.calibration
     if stats is None:
         raise PassError(f"{pass_name}: no calibration statistics; put a 'calibrate' pass before it in the recipe")
     return stats
 
 
-def record_precision(model: ir.Model, **fields: str) -> None:
-    """Merge ``fields`` (weights=, activations=, kv_cache=, embedding=) into the model's precision note."""
-    model.meta[PRECISION_KEY] = {**model.meta.get(PRECISION_KEY, {}), **fields}
+def record_precision(context: PassContext, **fields: str) -> None:
+    """Merge ``fields`` (weights=, activations=, kv_cache=, embedding=) into the run's precision note."""
+    context.results.precision.update(fields)

@@ -12,7 +12,7 @@ display) arrives in ``self.context``, set by the pipeline runner — never throu
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,14 +23,30 @@ if TYPE_CHECKING:
 GRAPHOPT_DOMAIN = "graphopt"
 
 
+@dataclasses.dataclass
+class PipelineResults:
+    """What passes hand to later passes and to the artifact writer, fresh for every pipeline run.
+
+    calibration: the CalibrationStats 'calibrate' measured (quantize passes read them; calibration.npz).
+    precision: what the quantize and lowering passes did (the manifest's ``precision``).
+    trt_profiles: lower-trt's profile ranges (the manifest's ``optimization_profiles``).
+    """
+
+    calibration: Any = None
+    precision: dict[str, str] = dataclasses.field(default_factory=dict)
+    trt_profiles: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 @dataclasses.dataclass(frozen=True)
 class PassContext:
-    """Build inputs a pass may use. ``calibration_tokens``: the token stream 'calibrate' runs over."""
+    """Build inputs a pass may use (``calibration_tokens``: the token stream 'calibrate' runs over) and
+    ``results``, where passes leave what later passes and the writer need (never ``model.meta``)."""
 
     calibration_tokens: np.ndarray | None = None
     calibration_source: str = ""
     progress: Progress | None = None
     max_positions: int | None = None  # the model's context length (config max_position_embeddings)
+    results: PipelineResults = dataclasses.field(default_factory=PipelineResults)
 
 
 class GraphoptPass(ir.passes.InPlacePass):

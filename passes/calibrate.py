@@ -5,7 +5,7 @@ The graph is not changed. Statistics are taken at every activation a later quant
     x [B,S,K] ─MatMul(W)─►          x: input of each MatMul with a constant weight (incl. the lm_head)
     k, v [B,S,Hkv·D] ─FlashAttention─►   k, v: the new keys/values written to the KV cache
 
-and left in ``model.meta["graphopt.quant.calibration"]`` for 'quantize-int4' (AWQ search), 'quantize-int8'
+and left in the pass context's ``results.calibration`` for 'quantize-int4' (AWQ search), 'quantize-int8'
 (SmoothQuant, static scales), 'quantize-fp8' and 'quantize-kv-cache'. The token stream comes from
 the build (``--calib-text`` or prose from installed packages' docs, ``--calib-tokens``) through the
 pass context; rows of ``seq_len`` tokens run one ONNX Runtime call each, with a progress bar.
@@ -21,7 +21,7 @@ import onnx_ir as ir
 from graphopt.quant.text import rows
 from graphopt.quant.calibration import collect
 from graphopt.core.errors import PassError
-from graphopt.passes._quant_graph import CALIBRATION_KEY, find_embedding, find_linears
+from graphopt.passes._quant_graph import find_embedding, find_linears
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import is_flash_attention
 
@@ -68,7 +68,7 @@ class CalibratePass(GraphoptPass):
             with progress.bar(description, total=len(token_rows)) as advance:
                 stats = collect(model, targets, token_rows, self.sample_rows, self.context.calibration_source,
                                 advance)
-        model.meta[CALIBRATION_KEY] = stats
+        self.context.results.calibration = stats
         self.count("tokens", stats.tokens)
         self.count("rows", stats.rows)
         self.count("activations", len(stats.values))

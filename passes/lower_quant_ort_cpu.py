@@ -88,7 +88,7 @@ class LowerQuantOrtCpuPass(GraphoptPass):
         fp8 = sum(1 for n in graph if n.op_type == "QuantizeLinear" and _is_fp8(n))
         if fp8:
             self.count("fp8_qdq_simulated", fp8)
-            record_precision(model, note=f"fp8 on ort-cpu is a fidelity simulation: ONNX Runtime has no fp8 CPU "
+            record_precision(self.context, note=f"fp8 on ort-cpu is a fidelity simulation: ONNX Runtime has no fp8 CPU "
                                          f"kernel, so {fp8} fp8 Q/DQ pairs run in fp32 (no speed-up, same numbers as "
                                          "an fp8 engine); the Q/DQ graph is the one TensorRT builds fp8 engines from")
         modified = any(k != "fp8_qdq_simulated" for k in self.stats)

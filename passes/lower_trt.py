@@ -31,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.core.errors import PassError
-from graphopt.passes._quant_graph import PRECISION_KEY, record_precision
+from graphopt.passes._quant_graph import record_precision
 from graphopt.passes.base import GraphoptPass
 from graphopt.plugins.flash_attention import annotate_dtypes, expand_reference, has_cache, is_flash_attention
 
@@ -39,7 +39,6 @@ DTYPES = {"float16": (ir.DataType.FLOAT16, np.float16), "bfloat16": (ir.DataType
 ATTENTION = ("standard", "plugin")
 OPSET = 24
 DEFAULT_MAX_SEQ = 4096
-PROFILES_KEY = "graphopt.trt_profiles"  # model.meta: profile ranges for graphopt.targets.trt_manifest
 _POSITION_INPUTS = ("position_ids",)
 
 
@@ -77,7 +76,7 @@ class LowerTrtPass(GraphoptPass):
         from graphopt.plugins.flash_attention_plugin import kernel_supports, wrap_as_plugin
 
         self._static_capacity(model.graph)
-        model.meta[PROFILES_KEY] = dict(self.profile_ranges)
+        self.context.results.trt_profiles = dict(self.profile_ranges)
         if self.attention == "plugin":
             self.count("plugin_attention", wrap_as_plugin(model))
             for node in model.graph:
@@ -95,8 +94,8 @@ class LowerTrtPass(GraphoptPass):
         self._positive_scales(model.graph, np_type)
         self._float_logits(model.graph)
         short = {"float16": "fp16", "bfloat16": "bf16"}[self.dtype]
-        recorded = model.meta.get(PRECISION_KEY, {})
-        record_precision(model, weights=recorded.get("weights", short), activations=recorded.get("activations", short),
+        recorded = dict(self.context.results.precision)
+        record_precision(self.context, weights=recorded.get("weights", short), activations=recorded.get("activations", short),
                          compute=short)
         return ir.passes.PassResult(model, True)
 

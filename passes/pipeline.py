@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from graphopt.core.errors import PassError, RecipeError
 from graphopt.passes import REGISTRY, pass_options
-from graphopt.passes.base import PassContext
+from graphopt.passes.base import PassContext, PipelineResults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +107,17 @@ Hook = Callable[[PassRecord], None]
 
 def run_pipeline(model: ir.Model, recipe: Recipe, *, dump_after: str | None = None, dump_path: Path | None = None,
                  verify: bool = False, on_pass: Hook | None = None, torch_model=None,
-                 context: PassContext | None = None) -> list[PassRecord]:
-    """Run the recipe's passes in order on ``model`` (in place) and return one record per pass."""
+                 context: PassContext | None = None, results: PipelineResults | None = None) -> list[PassRecord]:
+    """Run the recipe's passes in order on ``model`` (in place) and return one record per pass.
+
+    What the passes hand on (calibration, precision, trt profiles) lands in ``results`` (fresh if not given)."""
     from graphopt.passes.verify import StageChecker
 
     checker = StageChecker(model, torch_model) if verify else None
     records: list[PassRecord] = []
+    context = dataclasses.replace(context or PassContext(), results=results or PipelineResults())
     for spec in recipe.passes:
-        record = _run_one(model, spec, [r.name for r in records], context or PassContext())
+        record = _run_one(model, spec, [r.name for r in records], context)
         if checker is not None:
             record.max_abs_diff = checker.check(model, spec.name, [r.name for r in records], lossy=record.lossy)
         records.append(record)

@@ -44,7 +44,7 @@ class QuantizeFp8Pass(GraphoptPass):
         if self.calibration not in ("max", "percentile"):
             raise PassError(f"quantize-fp8: calibration {self.calibration!r} is unknown; use 'max' or 'percentile'")
         if self.activations:
-            calibration(model, self.name)
+            calibration(self.context, self.name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -65,13 +65,13 @@ class QuantizeFp8Pass(GraphoptPass):
                 quantize_group_input(graph, group, self._scale(model, name), "fp8")
                 self.count("activation_quantizers")
         drop_unused(graph, fp32)
-        record_precision(model, weights="fp8 e4m3 per-channel",
+        record_precision(self.context, weights="fp8 e4m3 per-channel",
                          activations=f"fp8 e4m3 static per-tensor ({self.calibration})" if self.activations
                          else "fp32", embedding="fp8 e4m3 per-row" if embedding else "fp32")
         return ir.passes.PassResult(model, True)
 
     def _scale(self, model: ir.Model, name: str) -> float:
-        x = calibration(model, self.name).get(name)
+        x = calibration(self.context, self.name).get(name)
         if x is None:
             raise PassError(f"quantize-fp8: no calibration statistics for {name!r}; put 'calibrate' right "
                             "before 'quantize-fp8' in the recipe")

@@ -65,7 +65,7 @@ class QuantizeInt4Pass(GraphoptPass):
         if self.embedding_bits not in (4, 8):
             raise PassError(f"quantize-int4: embedding_bits {self.embedding_bits} is not 4 or 8")
         if self.method == "awq":
-            calibration(model, self.name)
+            calibration(self.context, self.name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -76,13 +76,13 @@ class QuantizeInt4Pass(GraphoptPass):
         scaled: dict[str, np.ndarray] = {}
         with search_threads():
             if self.method == "awq":
-                scaled = self._scale_groups(graph, linears, calibration(model, self.name))
+                scaled = self._scale_groups(graph, linears, calibration(self.context, self.name))
             for lin in linears:
                 self._quantize_linear(graph, lin, model, scaled)
         if embedding is not None:
             self._quantize_embedding(graph, embedding)
         drop_unused(graph, fp32)
-        record_precision(model, weights=f"int4 block {self.block_size} symmetric ({self.method})",
+        record_precision(self.context, weights=f"int4 block {self.block_size} symmetric ({self.method})",
                          embedding=f"int{self.embedding_bits} block {self.block_size} (rtn)" if embedding else "fp32")
         return ir.passes.PassResult(model, True)
 
@@ -124,7 +124,7 @@ class QuantizeInt4Pass(GraphoptPass):
         w = lin.array
         clip = None
         if self.method == "awq":
-            x = calibration(model, self.name).get(lin.node.inputs[0].name)
+            x = calibration(self.context, self.name).get(lin.node.inputs[0].name)
             if x is not None:
                 s = scaled.get(lin.node.inputs[0].name)
                 clip = awq_clip_search(x.sample if s is None else x.sample / s, w, self.block_size)

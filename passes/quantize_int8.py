@@ -63,7 +63,7 @@ class QuantizeInt8Pass(GraphoptPass):
             raise PassError(f"quantize-int8: smoothquant_alpha {self.smoothquant_alpha} is outside [0, 1]; "
                             "0 turns SmoothQuant off, 0.5 is the usual choice")
         if self.activations == "static" or self.smoothquant_alpha > 0:
-            calibration(model, self.name)
+            calibration(self.context, self.name)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -87,7 +87,7 @@ class QuantizeInt8Pass(GraphoptPass):
         weights = f"int8 block {self.block_size} symmetric" if self.block_size else "int8 per-channel symmetric"
         activations = f"int8 {self.activations} per-tensor{smooth}" if self.activations != "none" else \
             f"fp32 in the Q/DQ graph{smooth}"
-        record_precision(model, weights=weights, activations=activations,
+        record_precision(self.context, weights=weights, activations=activations,
                          embedding=f"int8 block {self.embedding_block_size}" if embedding else "fp32")
         return ir.passes.PassResult(model, True)
 
@@ -104,7 +104,7 @@ class QuantizeInt8Pass(GraphoptPass):
         """SmoothQuant's scale for one shared input, folded into its producer; None when off or impossible."""
         if self.smoothquant_alpha <= 0:
             return None
-        x = calibration(model, self.name).get(name)
+        x = calibration(self.context, self.name).get(name)
         if x is None:
             self.note(f"quantize-int8: no calibration statistics for {name!r}; not smoothed")
             return None
@@ -119,7 +119,7 @@ class QuantizeInt8Pass(GraphoptPass):
     def _static_scale(self, model: ir.Model, name: str, smoothing: np.ndarray | None) -> float | None:
         if self.activations == "dynamic":
             return None
-        x = calibration(model, self.name).get(name)
+        x = calibration(self.context, self.name).get(name)
         if x is None:
             raise PassError(f"quantize-int8: no calibration statistics for {name!r}; put 'calibrate' right "
                             "before 'quantize-int8' in the recipe")

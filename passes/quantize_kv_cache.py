@@ -37,7 +37,7 @@ class QuantizeKVCachePass(GraphoptPass):
     def requires(self, model: ir.Model) -> None:
         if self.dtype not in ("fp8", "int8"):
             raise PassError(f"quantize-kv-cache: dtype {self.dtype!r} is unknown; use --kv-cache fp8 or int8")
-        calibration(model, self.name)
+        calibration(self.context, self.name)
         attention = [n for n in model.graph if is_flash_attention(n)]
         if not attention or any(len(n.inputs) < 6 for n in attention):
             raise ir.passes.PreconditionError(
@@ -45,7 +45,7 @@ class QuantizeKVCachePass(GraphoptPass):
                 "'insert-kv-cache' first, and put 'quantize-kv-cache' before 'lower-ort-cpu'")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        stats = calibration(model, self.name)
+        stats = calibration(self.context, self.name)
         for node in [n for n in model.graph if is_flash_attention(n)]:
             for index in (1, 2):
                 x = node.inputs[index]
@@ -57,5 +57,5 @@ class QuantizeKVCachePass(GraphoptPass):
                 node.replace_input_with(index, quantize_activation(model.graph, x, scale, self.dtype))
             self.count("layers")
         name = "fp8 e4m3" if self.dtype == "fp8" else "int8"
-        record_precision(model, kv_cache=f"{name} per-layer scales (simulated on ort-cpu: float32 buffers)")
+        record_precision(self.context, kv_cache=f"{name} per-layer scales (simulated on ort-cpu: float32 buffers)")
         return ir.passes.PassResult(model, bool(self.stats))

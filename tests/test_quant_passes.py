@@ -14,8 +14,8 @@ import pytest
 
 from graphopt import sources
 from graphopt.core.errors import PassError
-from graphopt.passes._quant_graph import PRECISION_KEY, find_embedding, find_linears, fold_input_scale
-from graphopt.passes.base import PassContext
+from graphopt.passes._quant_graph import find_embedding, find_linears, fold_input_scale
+from graphopt.passes.base import PassContext, PipelineResults
 from graphopt.passes.pipeline import load_recipe, parse_recipe, run_pipeline
 from graphopt.quant.numerics import quantize_int
 from graphopt.build.trace import trace
@@ -35,11 +35,12 @@ def canonical(tmp_path_factory) -> tuple[bytes, np.ndarray]:
     return ir.to_proto(model).SerializeToString(), run_stage(model, IDS)
 
 
-def _run(canonical, *passes: dict, verify: bool = False):
+def _run(canonical, *passes: dict, verify: bool = False, results: PipelineResults | None = None):
     import onnx
 
     model = ir.from_proto(onnx.load_from_string(canonical[0]))
-    records = run_pipeline(model, parse_recipe({"pass": list(passes)}), context=CONTEXT, verify=verify)
+    records = run_pipeline(model, parse_recipe({"pass": list(passes)}), context=CONTEXT, verify=verify,
+                           results=results)
     return model, records
 
 
@@ -52,7 +53,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_int4_puts_blocked_dq_on_every_weight_and_the_tied_embedding(canonical) -> None:
-    model, records = _run(canonical, {"name": "quantize-int4", "method": "rtn"})
+    results = PipelineResults()
+    model, records = _run(canonical, {"name": "quantize-int4", "method": "rtn"}, results=results)
     assert records[0].modified and records[0].stats == {"matmuls": 14, "embedding": 1, "tied_lm_head": 1}
     for node in model.graph:
         if node.op_type == "MatMul" and node.inputs[1].producer().op_type == "DequantizeLinear":
@@ -68,7 +70,7 @@ def test_int4_puts_blocked_dq_on_every_weight_and_the_tied_embedding(canonical) 
     matrices = [v for v in model.graph.initializers.values() if v.dtype == ir.DataType.FLOAT and len(v.shape) == 2]
     assert all(u.node.op_type == "DequantizeLinear" and u.idx == 1 for v in matrices for u in v.uses())  # scales only
     assert 0 < _rel(run_stage(model, IDS), canonical[1]) < 0.3
-    assert model.meta[PRECISION_KEY]["weights"] == "int4 block 32 symmetric (rtn)"
+    assert results.precision["weights"] == "int4 block 32 symmetric (rtn)"
 
 
 def test_int4_dequantized_weights_equal_the_math_module(canonical) -> None:
@@ -152,13 +154,14 @@ def test_int8_static_with_smoothquant(canonical) -> None:
 
 
 def test_fp8_qdq_is_kept_and_marked_simulated(canonical) -> None:
+    results = PipelineResults()
     model, records = _run(canonical, {"name": "calibrate"}, {"name": "quantize-fp8"}, {"name": "lower-ort-cpu"},
-                          {"name": "lower-quant-ort-cpu"})
+                          {"name": "lower-quant-ort-cpu"}, results=results)
     weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
     assert len(weights) == 15 and all(n.inputs[0].dtype == ir.DataType.FLOAT8E4M3FN for n in weights)
     assert records[1].stats["activation_quantizers"] == 9  # 8 shared inputs + the lm_head's
     assert not records[3].modified and records[3].stats == {"fp8_qdq_simulated": 9}
-    assert "fidelity simulation" in model.meta[PRECISION_KEY]["note"]
+    assert "fidelity simulation" in results.precision["note"]
     assert _rel(run_stage(model, IDS), canonical[1]) < 0.1
 
 

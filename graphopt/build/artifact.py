@@ -24,6 +24,7 @@ from graphopt import __version__
 from graphopt.core.artifact_files import runtime_file_names
 from graphopt.build.features import features_of
 from graphopt.core.manifest import KvCacheSpec, Manifest, SourceInfo, file_entries
+from graphopt.passes.base import PipelineResults
 from graphopt.passes.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.core.progress import Progress
 from graphopt.targets import get_target
@@ -104,9 +105,11 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
     model = _clone(loaded.model) if copy else loaded.model
     timings, started = dict(loaded.timings), time.perf_counter() - sum(loaded.timings.values())
     with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
+        results = PipelineResults()  # what the passes hand to the writer
         records = run_pipeline(model, options.recipe, dump_after=options.dump_after,
                                dump_path=options.output.with_name(f"{options.output.name}.{options.dump_after}.onnx"),
-                               verify=options.verify, on_pass=on_pass, torch_model=torch_model, context=context)
+                               verify=options.verify, on_pass=on_pass, torch_model=torch_model, context=context,
+                               results=results)
     target = get_target(options.target_name)
     target.check_graph(model, options.recipe)
     check_destination(options.output, options.force)  # again: it may have appeared while the passes ran
@@ -114,14 +117,15 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
     staging = make_staging(options.output)
     try:
         with progress.step("writing artifact"), _timed(timings, "save_s"):
-            report = _write(staging, model, source, torch_model, tokenizer, options, records, loaded.traced_ops,
+            report = _write(staging, model, source, torch_model, tokenizer, options, records, results,
+                            loaded.traced_ops,
                             timings)
         if any(r.lossy for r in records) and not target.measures_fidelity:
             report["fidelity_skipped"] = f"not measured for {target.name} artifacts (their engine needs other hardware)"
         elif any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
             report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
                                                               timings)
-        steps = target.finish(staging, options.target_options, options.output)  # post-build step, before the artifact goes live
+        steps = target.finish(staging, options.target_options, options.output)  # post-build, before going live
         report |= {"target_steps": steps} if steps else {}
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -134,18 +138,20 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
 
 
 def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, options: BuildOptions,
-           records: list[PassRecord], traced_ops: dict[str, int], timings: dict[str, float]) -> dict[str, Any]:
+           records: list[PassRecord], results: PipelineResults, traced_ops: dict[str, int],
+           timings: dict[str, float]) -> dict[str, Any]:
     from graphopt.build.quant import save_calibration
 
     ir.save(model, staging / "model.onnx", external_data="model.onnx.data")
     tokenizer.save_pretrained(staging / "tokenizer")
     torch_model.generation_config.to_json_file(staging / "generation_config.json")
-    calibration = save_calibration(model, staging)
+    calibration = save_calibration(results, staging)
     names = ["model.onnx"] + (["model.onnx.data"] if (staging / "model.onnx.data").exists() else [])
     names += [calibration["file"]] if calibration else []
     target = get_target(options.target_name)
-    manifest = _manifest(model, source, torch_model.config, torch_model.generation_config, options.recipe, target.name)
-    manifest = dataclasses.replace(manifest, **target.manifest_fields(model, manifest, options.target_options))
+    manifest = _manifest(model, results, source, torch_model.config, torch_model.generation_config, options.recipe,
+                         target.name)
+    manifest = dataclasses.replace(manifest, **target.manifest_fields(model, manifest, options.target_options, results))
     graphs = target.extra_graphs(staging, model)
     names += list(graphs.values()) + runtime_file_names(staging)  # tokenizer/, generation_config.json
     manifest = dataclasses.replace(manifest, graphs=graphs, files=file_entries(staging, names))
@@ -164,7 +170,8 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     }
 
 
-def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe, target: str) -> Manifest:
+def _manifest(model: ir.Model, results: PipelineResults, source, config, generation_config, recipe: Recipe,
+              target: str) -> Manifest:
     """The manifest's common fields (the target adds its own, the files come last)."""
     from graphopt.build.quant import precision_of
     from graphopt.core.io_contract import io_specs, model_dims
@@ -175,10 +182,11 @@ def _manifest(model: ir.Model, source, config, generation_config, recipe: Recipe
     return Manifest(
         dims=model_dims(model, config, generation_config), inputs=tuple(inputs), outputs=tuple(outputs),
         target=target, recipe=recipe.name, graphopt_version=__version__,
-        kv_cache=KvCacheSpec("slot-major [batch, kv_heads, max_seq, head_dim]", kv.dtype, kv.shape, "in-place", aliases),
+        kv_cache=KvCacheSpec("slot-major [batch, kv_heads, max_seq, head_dim]", kv.dtype, kv.shape, "in-place",
+                             aliases),
         source=SourceInfo(source.architecture, source.model_type, source.model_id, _absolute_spec(source.spec),
                           source.sha256),
-        precision=precision_of(model, kv.dtype), min_runtime={"onnxruntime": "1.22"})
+        precision=precision_of(results, kv.dtype), min_runtime={"onnxruntime": "1.22"})
 
 
 def _absolute_spec(spec: str) -> str:

@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
 
 from graphopt.quant.text import Corpus, default_corpus, read_text_file, token_stream
 from graphopt.measure.fidelity import EVAL_SEQ, artifact_logits, evaluate, torch_logits
 from graphopt.core.manifest import load_manifest
-from graphopt.passes._quant_graph import CALIBRATION_KEY, PRECISION_KEY
-from graphopt.passes.base import PassContext
+from graphopt.passes.base import PassContext, PipelineResults
 from graphopt.passes.pipeline import Recipe
 from graphopt.build.precision import PrecisionError, check_block_divides
 from graphopt.core.progress import Progress
@@ -66,16 +64,16 @@ def context_for(options, loaded, progress: Progress) -> PassContext:
     return pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
 
 
-def precision_of(model: ir.Model, kv_dtype: str) -> dict[str, str]:
+def precision_of(results: PipelineResults, kv_dtype: str) -> dict[str, str]:
     """The manifest's precision: what the quantize passes recorded, fp32 elsewhere."""
-    recorded = dict(model.meta.get(PRECISION_KEY, {}))
+    recorded = dict(results.precision)
     return {"weights": recorded.pop("weights", "fp32"), "activations": recorded.pop("activations", "fp32"),
             "kv_cache": recorded.pop("kv_cache", kv_dtype), **recorded}
 
 
-def save_calibration(model: ir.Model, staging: Path) -> dict[str, Any] | None:
+def save_calibration(results: PipelineResults, staging: Path) -> dict[str, Any] | None:
     """Write calibration.npz when the pipeline calibrated; returns its summary for the report."""
-    stats = model.meta.get(CALIBRATION_KEY)
+    stats = results.calibration
     if stats is None:
         return None
     stats.save(staging / CALIBRATION_FILE)

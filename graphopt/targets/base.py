@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
     from graphopt.core.manifest import Manifest
+    from graphopt.passes.base import PipelineResults
     from graphopt.passes.pipeline import Recipe
 
 
@@ -80,8 +81,10 @@ class Target:
     def check_graph(self, model: ir.Model, recipe: Recipe) -> None:
         """After the pipeline: refuse a graph this target's runtime cannot run (one line, with the fix)."""
 
-    def manifest_fields(self, model: ir.Model, manifest: Manifest, options: Any) -> dict[str, Any]:
-        """Manifest fields the target sets (field name -> value, applied with dataclasses.replace)."""
+    def manifest_fields(self, model: ir.Model, manifest: Manifest, options: Any,
+                        results: PipelineResults) -> dict[str, Any]:
+        """Manifest fields the target sets (field name -> value, applied with dataclasses.replace), from the
+        graph and what the passes handed on."""
         return {}
 
     def extra_graphs(self, staging: Path, model: ir.Model) -> dict[str, str]:

@@ -41,10 +41,10 @@ class Trt(Target):
         if "check-trt" not in {p.name for p in recipe.passes}:
             raise TargetError(f"recipe {recipe.name} targets trt without 'check-trt'; add it at the end of the recipe")
 
-    def manifest_fields(self, model: ir.Model, manifest, options) -> dict[str, Any]:
+    def manifest_fields(self, model: ir.Model, manifest, options, results) -> dict[str, Any]:
         from graphopt.targets.trt_manifest import trt_fields
 
-        return trt_fields(model, manifest)
+        return trt_fields(model, manifest, results.trt_profiles)
 
     def finish(self, staging: Path, options, output: Path) -> list[str]:
         from graphopt.targets.trt_aot import aot_check, build_engine, full_tensorrt, parse_archs

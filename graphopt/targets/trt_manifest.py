@@ -61,13 +61,11 @@ def profile_json(inputs: list[dict[str, Any]], ranges: ProfileRanges) -> dict[st
     return {"name": ranges.name, "dims": {k: list(v) for k, v in dims.items()}, "shapes": shapes}
 
 
-def trt_fields(model: ir.Model, manifest: Manifest) -> dict[str, Any]:
+def trt_fields(model: ir.Model, manifest: Manifest, profile_ranges: dict[str, int]) -> dict[str, Any]:
     """The trt-only manifest fields of a just-lowered model (Manifest field -> value, for dataclasses.replace)."""
-    from graphopt.passes.lower_trt import PROFILES_KEY
-
     inputs = [spec.to_json() for spec in manifest.inputs]
     plugins = plugin_nodes(model)
-    profiles = default_profiles(**model.meta.get(PROFILES_KEY, {}))
+    profiles = default_profiles(**profile_ranges)
     return {
         "trt": {"dtype": manifest.kv_dtype, "opset": model.opset_imports.get("", 0), "strongly_typed": True,
                 "cache_capacity": manifest.kv_cache.shape[2],
