@@ -5,7 +5,7 @@ Matches every node of the graph and of its model-local functions; changes nothin
     before:  any graph                after:  the same graph, or a PassError naming the first offending node
                                               ("check-trt: node 'Attention_3' (Attention): query is float32 …")
 
-Rules (TensorRT 10.x/11 ONNX parser support matrix; tests/test_trt_aot.py for what TensorRT-RTX builds here):
+Rules (TensorRT 10.x/11 ONNX parser support matrix; tests/targets/test_trt_aot.py for what TensorRT-RTX builds here):
   - opset ≤ 24 and every op in SUPPORTED_OPS at the imported opset (an op newer than 24 fails by name);
   - custom-domain nodes only as graphopt::FlashAttention plugin nodes with a model-local function
     (TensorRT without the plugin inlines it; an unregistered custom op fails "Plugin not found");

@@ -50,7 +50,7 @@ def feed(engine: Engine, slots: Seq[int], chunks: Seq[Seq[int]], costs: CostMode
     has a multi-token graph; a longer row on top of a cache (a prompt) runs alone.
     """
     out = np.empty((len(slots), engine.vocab_size), dtype=np.float32)
-    short = CATCH_UP if engine.multi_token else 1
+    short = CATCH_UP if engine.capabilities.multi_row_multi_token else 1
     start = 0
     while start < len(slots):
         stop = start + 1

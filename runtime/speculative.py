@@ -108,7 +108,8 @@ class Speculator:
         self.costs = CostModel()
         target.prepare_multi_token()  # one that will not load leaves per-row verification
         self.policy = SpecPolicy(config.num_speculative_tokens, self.costs, config.adaptive,
-                                 draft_model=config.method == "draft", batched=target.multi_token)
+                                 draft_model=config.method == "draft",
+                                 batched=target.capabilities.multi_row_multi_token)
         self.draft: DraftModel | None = None
         if config.method == "draft":
             engine = open_engine(config.draft, max_slots=target.cache.max_slots, max_seq=target.max_seq,
@@ -155,7 +156,8 @@ class Speculator:
     def _batched(self, seqs: Seq[Sequence], chunks: list[list[int]]) -> bool:
         """The artifact has a multi-token graph and every row has room for the step's longest chunk (padding)."""
         longest, cache = max(map(len, chunks)), self.target.cache
-        return self.target.multi_token and all(int(cache.lens[s.slot]) + longest <= cache.max_seq for s in seqs)
+        return self.target.capabilities.multi_row_multi_token and \
+            all(int(cache.lens[s.slot]) + longest <= cache.max_seq for s in seqs)
 
     def _propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[np.ndarray | None]]:
         if not seqs:
@@ -260,7 +262,7 @@ class Speculator:
 
     def _calibrate_batched(self, batch: int, context: int, log_to: SampleLog) -> None:
         """Time the multi-token graph on 2 and ``batch`` rows at a few draft lengths (interpolated between)."""
-        if not self.target.multi_token or batch < 2:
+        if not self.target.capabilities.multi_row_multi_token or batch < 2:
             return
         top = self.config.num_speculative_tokens
         for size in sorted({2, batch}):

@@ -53,14 +53,15 @@ def main() -> None:
             engine.cache.lens[:slots] = lens
         return run
 
-    print(f"{args.artifact}: k={args.k}, caches {lens.min()}..{lens.max()}, multi-token graph: {engine.multi_token}")
+    print(f"{args.artifact}: k={args.k}, caches {lens.min()}..{lens.max()}, multi-token graph: "
+          f"{engine.capabilities.multi_row_multi_token}")
     print(f"{'batch':>5} {'decode':>9} {'per-row':>9} {'batched':>9} {'per-row/batched':>16}")
     for batch in args.batch:
         rows = list(range(batch))
         decode = _median_ms(rolled_back(lambda: engine.decode([7] * batch)), args.repeats)
         per_row = _median_ms(rolled_back(lambda: [spec.verify(r, chunk, log) for r in rows]), args.repeats)
         batched = (_median_ms(rolled_back(lambda: spec.verify_rows(rows, [chunk] * batch, log)), args.repeats)
-                   if engine.multi_token else float("nan"))
+                   if engine.capabilities.multi_row_multi_token else float("nan"))
         print(f"{batch:>5} {decode:>9.1f} {per_row:>9.1f} {batched:>9.1f} {per_row / batched:>16.2f}")
 
 

@@ -31,7 +31,7 @@ _BASE = dict(vocab_size=MATRIX_VOCAB, hidden_size=64, intermediate_size=128, num
              eos_token_id=2, pad_token_id=0)
 _ALTERNATING = ["sliding_attention", "full_attention"]
 
-# The architecture coverage matrix (tests/test_arch_matrix.py): one tiny config per architecture, each
+# The architecture coverage matrix (tests/build/test_arch_matrix.py): one tiny config per architecture, each
 # set up to show the feature that architecture brings.
 MATRIX = {
     "llama": lambda: transformers.LlamaConfig(**_BASE),

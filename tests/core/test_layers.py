@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LAYERS = [("core", "models"), ("quant", "plugins", "sources"), ("passes",), ("targets",), ("runtime",),
           ("measure",), ("build",), ("evaluate",), ("cli",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
@@ -81,3 +81,10 @@ def test_the_rule_catches_an_upward_import(tmp_path):
     module.write_text("def f():\n    from graphopt.cli.main import main\n    import graphopt.build.artifact\n")
     assert imports_of(module) == {"graphopt.cli.main", "graphopt.build.artifact"}
     assert RANK[area("graphopt.cli.main")] > RANK["runtime"]
+
+
+def test_tests_mirror_the_layout():
+    """Each test file sits in the folder of the area it tests (tests/<area>/), helpers at tests/ top."""
+    misplaced = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
+                 if p.parent.name not in RANK or p.parent.parent != ROOT / "tests"]
+    assert misplaced == []

@@ -25,7 +25,7 @@ def test_recipes_added_passes_aligned() -> None:
 
 
 def test_changed_options_and_identical_recipes(tmp_path: Path) -> None:
-    text = (Path(__file__).resolve().parents[1] / "models" / "ort-cpu-int4.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "models" / "ort-cpu-int4.toml").read_text()
     coarse = tmp_path / "coarse.toml"
     coarse.write_text(text.replace("block_size = 32", "block_size = 128").replace('"awq"', '"rtn"'))
     result = invoke("ort-cpu-int4", str(coarse))

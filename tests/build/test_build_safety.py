@@ -19,7 +19,7 @@ from graphopt.core.progress import QUIET
 from graphopt.build.staging import MARKER, sweep_leftovers
 from tiny_models import make_tiny_model
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # the shared helpers (tiny_models, ...)
 
 
 @pytest.fixture(scope="module")

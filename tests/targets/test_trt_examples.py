@@ -12,7 +12,7 @@ from pathlib import Path
 from graphopt.targets.trt_manifest import record_engine
 from trt_helpers import built
 
-SOURCE = Path(__file__).resolve().parents[1] / "examples" / "trt_cpp" / "main.cpp"
+SOURCE = Path(__file__).resolve().parents[2] / "examples" / "trt_cpp" / "main.cpp"
 # the C++ names bound to manifest sub-objects, and where each points
 ROOTS = {"m": lambda m: [m], "engineInfo": lambda m: [m["trt"]["engine"]], "plugin": lambda m: m["plugins"],
          "spec": lambda m: m["io"]["inputs"] + m["io"]["outputs"]}

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from graphopt.cli.main import main
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tiny_model  # noqa: E402
 
 LOOSE_TIMING = ["--decode-down", "0.9", "--batch-down", "0.9", "--ttft-up", "9"]  # tiny timings are noise
