@@ -22,8 +22,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# the unit-level areas (no model builds beyond a tiny one): under 3 minutes on 2 cores
+FAST := tests/core tests/quant tests/passes tests/plugins tests/runtime tests/cli
+
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not integration" $(FAST)
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -32,6 +32,7 @@ def test_serve_refuses_bad_limits_in_one_line(flag: str, value: str) -> None:
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {flag} {value} is invalid")
 
 
+@pytest.mark.integration
 def test_int8_over_budget_says_so_in_json_and_strict_exits_1(tmp_path: Path, monkeypatch) -> None:
     hf = make_tiny_model("llama", tmp_path / "hf")
     monkeypatch.setitem(quant_build.BUDGETS, "int8", (-1.0, None))  # every KL misses a negative ceiling

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import signal
 import socket
 import subprocess
@@ -39,6 +41,7 @@ def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> 
     raise AssertionError("graphopt serve did not become healthy")
 
 
+@pytest.mark.integration
 def test_serve_answers_the_openai_client_and_stops_on_sigterm() -> None:
     port = _free_port()
     command = _graphopt() + ["serve", str(tiny_artifact()), "--port", str(port), "--api-key", "sk-cli",

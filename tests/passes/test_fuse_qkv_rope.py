@@ -37,6 +37,7 @@ def _run(artifact: Path, seed: int = 1) -> list[np.ndarray]:
     return steps
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["ort-cpu", "ort-cpu-int4"])
 def test_fused_artifact_matches_unfused(tmp_path: Path, recipe: str) -> None:
     source = make_tiny_model("llama", tmp_path / "hf")

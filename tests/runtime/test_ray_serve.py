@@ -23,6 +23,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_two_replicas_answer_the_openai_client() -> None:
     from graphopt.runtime import ray_serve  # imports ray only inside start(), after choosing loopback
 

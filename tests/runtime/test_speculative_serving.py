@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -37,6 +39,7 @@ def test_cli_generate_with_a_draft_matches_plain(monkeypatch) -> None:
     assert missing.exit_code == 2 and "is not a graphopt artifact" in missing.output
 
 
+@pytest.mark.integration
 def test_cli_draft_in_its_own_process_shares_one_thread_pool() -> None:
     """For real (a subprocess: ORT's global thread pool is process-wide), greedy tokens equal plain generate's."""
     artifact = tiny_artifact()
