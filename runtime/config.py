@@ -14,6 +14,7 @@ from graphopt.core.errors import RuntimeInputError
 if TYPE_CHECKING:  # light at import: the CLI reads the defaults below for its --help
     from graphopt.runtime.speculative import SpecConfig
 
+DEFAULT_MAX_SLOTS = 8  # sequences decoded together
 DEFAULT_MAX_SEQ = 2048  # context per slot when neither the caller nor a fixed-length graph says otherwise
 
 
@@ -29,7 +30,7 @@ class LLMConfig:
     speculative: speculative decoding (a draft artifact or n-gram lookup), or None.
     """
 
-    max_slots: int = 8
+    max_slots: int = DEFAULT_MAX_SLOTS
     max_seq: int | None = None
     max_batch_tokens: int = 256
     max_queue: int = 128

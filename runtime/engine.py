@@ -12,7 +12,6 @@ slot buffers. Without it, :meth:`OrtEngine.prefill` runs such rows one call each
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from collections.abc import Sequence
@@ -23,10 +22,10 @@ import onnxruntime as ort
 
 from graphopt.core.artifact_files import artifact_path
 from graphopt.core.io_contract import cache_pairs
-from graphopt.core.errors import ArtifactError, GraphoptError, RuntimeInputError
+from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.core.manifest import Manifest, load_manifest
-from graphopt.runtime.config import DEFAULT_MAX_SEQ
-from graphopt.runtime.engine_api import Capabilities, Engine
+from graphopt.runtime.config import DEFAULT_MAX_SEQ, DEFAULT_MAX_SLOTS
+from graphopt.runtime.engine_api import Capabilities, engine_path
 from graphopt.runtime.graph_check import check_session_io
 from graphopt.runtime.kv_cache import SlotCache
 from graphopt.runtime.ort_binding import INPUT_ROLES, BoundSession
@@ -121,13 +120,13 @@ class OrtEngine:
         spinning: let idle ORT threads spin (fastest alone; False when another session takes turns with this one).
     """
 
-    def __init__(self, artifact_dir: str | Path, max_slots: int = 8, max_seq: int | None = None,
+    def __init__(self, artifact_dir: str | Path, max_slots: int = DEFAULT_MAX_SLOTS, max_seq: int | None = None,
                  threads: int | None = None, spinning: bool = True) -> None:
         directory = Path(artifact_dir)
         self.manifest = load_manifest(directory)
         if engine_path(self.manifest.target) != ENGINE:
             raise ArtifactError(f"artifact {directory} targets {self.manifest.target!r}, which OrtEngine does not run; "
-                                "open it with graphopt.runtime.engine.open_engine, or rebuild with '--target ort-cpu'")
+                                "open it with graphopt.runtime.engine_api.open_engine, or rebuild with '--target ort-cpu'")
         dims = self.manifest.dims
         self.vocab_size = dims.vocab_size
         self.eos_token_ids = dims.eos_token_ids
@@ -290,28 +289,3 @@ class OrtEngine:
         logits = self._plain.run(0, batch)
         self.cache.advance_prefix(batch)
         return logits[:, 0]
-
-
-def engine_path(target: str) -> str:
-    """The engine class (``module:Class``) that runs artifacts of ``target``, as the target declares it."""
-    from graphopt.targets import get_target
-
-    try:
-        path = get_target(target).engine
-    except GraphoptError as exc:
-        raise ArtifactError(f"{exc} (the artifact's manifest names it)") from None
-    if not path:
-        raise ArtifactError(f"no engine runs {target!r} artifacts; build for ort-cpu or trt to run it")
-    return path
-
-
-def open_engine(artifact_dir: str | Path, max_slots: int = 8, **options) -> Engine:
-    """The engine for an artifact's target (graphopt/targets: OrtEngine for ort-cpu, TrtEngine for trt).
-
-    ``options`` are the engine's own (``max_seq``, ``threads``, ``spinning`` for OrtEngine); each engine
-    takes what it understands and refuses what cannot apply.
-    """
-    target = load_manifest(artifact_dir, verify_hashes=False).target  # the engine verifies the hashes
-    module, _, name = engine_path(target).partition(":")
-    engine_class = getattr(importlib.import_module(module), name)
-    return engine_class(artifact_dir, max_slots=max_slots, **options)

@@ -1,6 +1,7 @@
 """The engine seam: what the scheduler, LLM, speculation, benchmarks and fidelity may ask of an engine.
 
-    open_engine(artifact) ──► the target's engine (graphopt/targets: OrtEngine for ort-cpu, TrtEngine for trt)
+    open_engine(artifact) ──► the target's engine (graphopt/targets: OrtEngine for ort-cpu, TrtEngine for trt),
+                              the one way callers open an artifact
         .capabilities         what it can do in one call; callers read these, never the engine's class
         .step(...)            the contract call: B rows of S tokens over slots first..first+B-1 → logits [B, k, V]
         .prefill(chunks, slots)  append each chunk to its slot's cache → last-token logits [B, V]; the engine
@@ -15,12 +16,16 @@ Logits returned by ``step``/``decode`` are views of the engine's output buffer, 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from graphopt.core.manifest import Manifest
+from graphopt.core.errors import ArtifactError, GraphoptError
+from graphopt.core.manifest import Manifest, load_manifest
+from graphopt.runtime.config import DEFAULT_MAX_SLOTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +68,28 @@ class Engine(Protocol):
     def prefill(self, chunks: Sequence[Sequence[int]], slots: Sequence[int]) -> np.ndarray: ...
 
     def decode(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray: ...
+
+
+def engine_path(target: str) -> str:
+    """The engine class (``module:Class``) that runs artifacts of ``target``, as the target declares it."""
+    from graphopt.targets import get_target
+
+    try:
+        path = get_target(target).engine
+    except GraphoptError as exc:
+        raise ArtifactError(f"{exc} (the artifact's manifest names it)") from None
+    if not path:
+        raise ArtifactError(f"no engine runs {target!r} artifacts; build for ort-cpu or trt to run it")
+    return path
+
+
+def open_engine(artifact_dir: str | Path, max_slots: int = DEFAULT_MAX_SLOTS, **options) -> Engine:
+    """The engine for an artifact's target (graphopt/targets: OrtEngine for ort-cpu, TrtEngine for trt).
+
+    ``options`` are the engine's own (``max_seq``, ``threads``, ``spinning`` for OrtEngine); each engine
+    takes what it understands and refuses what cannot apply.
+    """
+    target = load_manifest(artifact_dir, verify_hashes=False).target  # the engine verifies the hashes
+    module, _, name = engine_path(target).partition(":")
+    engine_class = getattr(importlib.import_module(module), name)
+    return engine_class(artifact_dir, max_slots=max_slots, **options)

@@ -24,6 +24,7 @@ import numpy as np
 from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.core.io_contract import INPUT_ROLES, cache_pairs
 from graphopt.core.manifest import load_manifest
+from graphopt.runtime.config import DEFAULT_MAX_SLOTS
 from graphopt.runtime.engine_api import Capabilities
 from graphopt.runtime.kv_cache import SlotCache
 
@@ -48,7 +49,7 @@ class TrtEngine:
     multi_token = True  # TensorRT's Attention takes any rows of any tokens over the cache
     capabilities = Capabilities(multi_row_multi_token=True, device="cuda")
 
-    def __init__(self, artifact_dir: str | Path, max_slots: int = 8, max_seq: int | None = None,
+    def __init__(self, artifact_dir: str | Path, max_slots: int = DEFAULT_MAX_SLOTS, max_seq: int | None = None,
                  threads: int | None = None, spinning: bool = True) -> None:
         """``max_seq`` must be None or the engine's static cache capacity; ``threads``/``spinning`` are
         OrtEngine's CPU settings and mean nothing here."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.detokenizer import TextStream
-from graphopt.runtime.engine import open_engine
+from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.penalties import TokenLogprob, token_logprobs
 from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKind

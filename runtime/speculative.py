@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.core.errors import ArtifactError, RuntimeInputError
-from graphopt.runtime.engine import open_engine
+from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.engine_api import Engine
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import Acceptance, accept_greedy, accept_sampled, dense_probs

@@ -29,7 +29,7 @@ from tiny_models import tiny_tokenizer  # noqa: E402
 from graphopt.build.artifact import BuildOptions, build  # noqa: E402
 from graphopt.passes.pipeline import load_recipe  # noqa: E402
 from graphopt.core.progress import QUIET  # noqa: E402
-from graphopt.runtime.engine import open_engine  # noqa: E402
+from graphopt.runtime.engine_api import open_engine  # noqa: E402
 from graphopt.runtime.engine_api import Engine  # noqa: E402
 
 SHAPE = dict(vocab_size=2048, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,

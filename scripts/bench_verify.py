@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from graphopt.runtime.engine import open_engine
+from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.speculative import SampleLog, SpecConfig, Speculator
 
 

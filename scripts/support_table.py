@@ -32,7 +32,7 @@ from graphopt.build.artifact import BuildOptions, build_traced, load, trace_load
 from graphopt.build.features import describe  # noqa: E402
 from graphopt.passes.pipeline import load_recipe  # noqa: E402
 from graphopt.core.progress import QUIET  # noqa: E402
-from graphopt.runtime.engine import open_engine  # noqa: E402
+from graphopt.runtime.engine_api import open_engine  # noqa: E402
 from graphopt.runtime.llm import LLM  # noqa: E402
 from graphopt.runtime.sampler import SamplingParams  # noqa: E402
 from graphopt.runtime.speculative import SpecConfig  # noqa: E402

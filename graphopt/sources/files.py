@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from graphopt.core.errors import SourceError
+
+_MIB = 1 << 20
 
 GGUF_MIN_BYTES = 24  # magic, version, tensor count, metadata count
 
@@ -42,3 +45,18 @@ def check_gguf_header(path: Path) -> None:
         raise SourceError(f"'{path}' is not a readable GGUF file (no 'GGUF' magic and header at its start; "
                           f"{path.stat().st_size} bytes); pass a whole .gguf model file, e.g. one written by "
                           "llama.cpp's convert_hf_to_gguf.py")
+
+
+def update_with_ends(digest: Any, path: Path) -> None:
+    """Feed a file's size, its first MiB and its last MiB into ``digest``."""
+    size = path.stat().st_size
+    digest.update(size.to_bytes(8, "little"))
+    with path.open("rb") as handle:
+        digest.update(handle.read(_MIB))
+        if size > _MIB:
+            handle.seek(max(_MIB, size - _MIB))
+            digest.update(handle.read(_MIB))
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__

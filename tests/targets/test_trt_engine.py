@@ -13,7 +13,8 @@ from trt_helpers import built
 
 def test_import_safe_and_factory() -> None:
     import graphopt.runtime.engine_trt as module
-    from graphopt.runtime.engine import OrtEngine, open_engine
+    from graphopt.runtime.engine import OrtEngine
+    from graphopt.runtime.engine_api import open_engine
 
     assert module.TrtEngine.step.__doc__
     assert isinstance(open_engine(_ort_artifact()), OrtEngine)
