@@ -27,6 +27,7 @@ from graphopt.core.manifest import KvCacheSpec, Manifest, SourceInfo, file_entri
 from graphopt.passes.base import PipelineResults
 from graphopt.passes.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.core.progress import Progress
+from graphopt.quant.text import CALIB_TOKENS, EVAL_TOKENS
 from graphopt.targets import get_target
 from graphopt.build.staging import check_destination, make_staging, swap_into_place, sweep_leftovers
 
@@ -39,8 +40,8 @@ class BuildOptions:
     dump_after: str | None = None
     attn_implementation: str = "sdpa"
     calib_text: Path | None = None  # calibration text (default: prose from installed packages' docs)
-    calib_tokens: int = 4096
-    eval_tokens: int = 2048  # fidelity vs fp32, measured for every lossy (quantized) build
+    calib_tokens: int = CALIB_TOKENS
+    eval_tokens: int = EVAL_TOKENS  # fidelity vs fp32, measured for every lossy (quantized) build
     eval_text: Path | None = None  # default: the evaluation half of the installed packages' prose
     experts: str = "routed"  # how mixture-of-experts blocks are traced: graphopt/build/experts.py FORMS
     target: str | None = None  # graphopt/targets: None means the recipe's own target

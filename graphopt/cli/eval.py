@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from graphopt.core.errors import ArtifactError
+from graphopt.quant.text import EVAL_TOKENS
 
 
 def check_pair(candidate, reference) -> None:
@@ -26,7 +27,7 @@ def check_pair(candidate, reference) -> None:
               help="The artifact to compare with (the fp32 build of the same model).")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 evaluation text (default: prose from installed packages' docs, disjoint from calibration).")
-@click.option("--tokens", default=2048, show_default=True, help="Evaluation tokens (rows of 256).")
+@click.option("--tokens", default=EVAL_TOKENS, show_default=True, help="Evaluation tokens (rows of 256).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(artifact: Path, reference: Path, text: Path | None, tokens: int, as_json: bool) -> None:
     """KL divergence, top-1 agreement and perplexities of ARTIFACT against --reference."""

@@ -14,6 +14,7 @@ import click
 
 from graphopt import __version__
 from graphopt.core.errors import GraphoptError
+from graphopt.quant.text import CALIB_TOKENS
 
 
 class _Group(click.Group):
@@ -66,7 +67,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 calibration text (default: prose from installed packages' docs).")
-@click.option("--calib-tokens", default=4096, show_default=True, help="Calibration tokens to use.")
+@click.option("--calib-tokens", default=CALIB_TOKENS, show_default=True, help="Calibration tokens to use.")
 @click.option("--experts", default="routed", type=click.Choice(["routed", "dense"]), show_default=True,
               help="Mixture-of-experts blocks: gather the chosen experts' weights, or run every expert.")
 @click.option("--attention", default="standard", type=click.Choice(["standard", "plugin"]), show_default=True,

@@ -22,7 +22,6 @@ import numpy as np
 from graphopt.quant.text import rows
 
 Logits = Callable[[np.ndarray], np.ndarray]  # token ids [S] → logits [S, V]
-EVAL_TOKENS = 2048
 EVAL_SEQ = 256
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from graphopt.core.errors import GraphoptError
 
+CALIB_TOKENS = 4096  # default calibration tokens (build, compare)
+EVAL_TOKENS = 2048  # default evaluation tokens: fidelity vs fp32 (build, eval, compare)
 MIN_PARAGRAPH_CHARS = 160
 MIN_TOKENS = 64
 _CODE_START = re.compile(r"^\s*(```|>>>|\$ |\.\. |[|#=*+\-`<{\[]|\d+\.\s)")
