@@ -55,6 +55,10 @@ def test_a_new_target_is_one_small_class(tmp_path: Path, ort_cuda) -> None:
     engine.cache.allocate()
     logits = engine.prefill([[1, 5, 7]], [0])
     assert logits.shape == (1, engine.vocab_size) and np.isfinite(logits).all()
+    generated = CliRunner().invoke(main, ["generate", str(out), "--prompt-ids", "1,5,7", "--max-new-tokens", "4",
+                                          "--json"])  # the CLI opens it through the registry too
+    assert generated.exit_code == 0, generated.output
+    assert len(json.loads(generated.output)["token_ids"]) >= 1
 
 
 def test_target_flags_and_recipes_are_checked_before_loading(tmp_path: Path, ort_cuda) -> None:
