@@ -25,6 +25,7 @@ class ServingMetrics:
     def __init__(self, queue_length: Callable[[], int], slots_in_use: Callable[[], int], max_slots: int) -> None:
         disable_created_metrics()  # no *_created series: they double the page and nobody graphs them
         self.registry = CollectorRegistry()
+        self.total_prompt_tokens = self.total_generation_tokens = 0  # plain totals for the throughput log
         reg = self.registry
         self.http = Counter("graphopt_http_requests", "HTTP responses by endpoint and status code",
                             ["endpoint", "status"], registry=reg)
@@ -60,6 +61,7 @@ class ServingMetrics:
     # ---- observer hooks (AsyncLLM) -----------------------------------------------------------------------
     def on_token(self, output: RequestOutput, ttft: float | None, itl: float | None) -> None:
         self.generation_tokens.inc(len(output.token_ids))
+        self.total_generation_tokens += len(output.token_ids)
         if output.num_drafted:
             self.spec_rounds.inc()
             self.spec_drafts.inc(output.num_drafted)
@@ -69,6 +71,7 @@ class ServingMetrics:
         if ttft is not None:
             self.ttft.observe(ttft)
             self.prompt_tokens.inc(output.seq.num_prompt)
+            self.total_prompt_tokens += output.seq.num_prompt
         if itl is not None:
             self.itl.observe(itl)
 

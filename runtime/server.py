@@ -48,6 +48,7 @@ from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
 from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
 from graphopt.runtime.openai_format import Responses, error_body
 from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion, request_defaults
+from graphopt.runtime.utility_routes import ThroughputLog, detokenize, tokenize, version
 from graphopt.runtime.config import LLMConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds for a connection to deliver complete request headers
     body_timeout: float = 30.0  # seconds for the request body once the headers are in
     max_connections: int = 256  # connections open at once; one more is answered 503 and closed
+    log_interval: float = 10.0  # seconds between throughput lines in the log while serving
 
 
 class OpenAIServer:
@@ -91,7 +93,12 @@ class OpenAIServer:
             Route("/v1/models", self._endpoint("models", self.models, True), methods=["GET"]),
             Route("/health", self._endpoint("health", self.health, False), methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            Route("/tokenize", self._endpoint("tokenize", self.tokenize, True), methods=["POST"]),
+            Route("/detokenize", self._endpoint("detokenize", self.detokenize, True), methods=["POST"]),
+            Route("/version", self._endpoint("version", self.version, False), methods=["GET"]),
         ]
+        self.throughput = ThroughputLog(self.metrics, lambda: cache.num_active, lambda: len(self.llm.scheduler.waiting),
+                                        cache.max_slots, config.log_interval)
         app = Starlette(routes=routes, lifespan=self._lifespan, exception_handlers={HTTPException: self._http_exception})
         self.app = app if config.api_key is not None else LocalOnly(app, config.host)
 
@@ -99,7 +106,9 @@ class OpenAIServer:
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         self.async_llm.start()
         log.info("serving %s as %r with %d slots", self.config.artifact, self.model_name, self.config.llm.max_slots)
+        logger = asyncio.create_task(self.throughput.run())
         yield
+        logger.cancel()
         await self.async_llm.shutdown()
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
@@ -161,6 +170,18 @@ class OpenAIServer:
         card = {"id": self.model_name, "object": "model", "created": self.started, "owned_by": "graphopt",
                 "max_model_len": self.llm.max_seq}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)
+        return JSONResponse(await asyncio.get_running_loop().run_in_executor(
+            self._tokenize, tokenize, body, self.llm.tokenizer, self.model_name, self.llm.max_seq))
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)
+        return JSONResponse(detokenize(body, self.llm.tokenizer, self.model_name, self.llm.engine.vocab_size))
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse(version())
 
     async def completions(self, request: Request) -> Any:
         body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)

@@ -21,11 +21,11 @@ from graphopt.runtime.config import DEFAULTS, MAX_SEQ_HELP, LLMConfig
               help="Requests decoded together (KV slots).")
 @click.option("--max-queue", default=DEFAULTS.max_queue, show_default=True, type=int,
               help="Requests waiting for a slot; more get 429 with Retry-After.")
-@click.option("--max-seq", default=None, type=int, help=MAX_SEQ_HELP)
+@click.option("--max-seq", "--max-model-len", default=None, type=int, help=MAX_SEQ_HELP)
 @click.option("--max-batch-tokens", default=DEFAULTS.max_batch_tokens, show_default=True, type=int,
               help="Prompt tokens per prefill step; longer prompts are prefilled in chunks.")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime threads (default: physical cores).")
-@click.option("--model-name", default=None, help="Model id clients send (default: the artifact folder's name).")
+@click.option("--model-name", "--served-model-name", default=None, help="Model id clients send (default: the artifact folder's name).")
 @click.option("--max-body-bytes", default=1 << 20, show_default=True, type=int)
 @click.option("--shutdown-timeout", default=30.0, show_default=True, type=float,
               help="Seconds in-flight requests get to finish after SIGTERM before they are cancelled.")
