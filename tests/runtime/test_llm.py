@@ -137,3 +137,12 @@ def test_async_streams_interleave_and_cancel(artifact) -> None:
         await async_llm.shutdown()
 
     asyncio.run(main())
+
+
+def test_the_readme_python_api(artifact) -> None:
+    from graphopt import LLM as PublicLLM, SamplingParams as PublicParams
+
+    assert PublicLLM is LLM and PublicParams is SamplingParams
+    llm = PublicLLM(artifact, max_slots=4, threads=1)
+    completions = llm.generate(["w4 w5 w6", "w7 w8"], PublicParams(max_new_tokens=4, ignore_eos=True))
+    assert [len(c.token_ids) for c in completions] == [4, 4] and all(isinstance(c.text, str) for c in completions)
