@@ -5,18 +5,19 @@ past→present aliases, the model dims, and sha256 of every file.
 
     {
       "format": "graphopt-artifact", "format_version": 1, "graphopt_version": "0.1.0",
-      "source": {"architecture", "model_type", "id", "sha256"},
+      "source": {"architecture", "model_type", "id", "spec", "sha256"},
       "target": "ort-cpu", "precision": {"weights", "activations", "kv_cache"},
       "model": {"num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
                 "vocab_size", "max_seq", "bos_token_id", "eos_token_ids", "pad_token_id"},
       "io": {"inputs": [{"name", "dtype", "shape", "role", "layer"?}], "outputs": [...]},
-      "kv_cache": {"layout": "slot-major BHSD", "dtype", "shape", "aliases": {present: past}, "update": "in-place"},
+      "kv_cache": {"layout": "slot-major [batch, kv_heads, max_seq, head_dim]", "dtype", "shape", "update": "in-place",
+                   "aliases": {present: past}},
       "plugins": [], "optimization_profiles": [],
       "graphs": {"multi_token": "model_verify.onnx"},   (ort-cpu, optional: the same I/O contract with standard
                  TensorScatter + Attention for several multi-token rows over a cache; its weights are model.onnx.data)
       "files": {"model.onnx": {"sha256", "bytes"}, ...},  (every file the runtime reads: graphs, weights,
                  tokenizer/*, generation_config.json; paths stay inside the artifact: artifact_files.py)
-      "min_runtime": {"onnxruntime": "1.20"}
+      "min_runtime": {"onnxruntime": "1.22"}
     }
 """
 

@@ -1,7 +1,7 @@
 """The manifest fields a trt artifact adds: what a TensorRT server needs besides the I/O contract.
 
     "trt": {"dtype": "float16", "opset": 24, "strongly_typed": true, "cache_capacity": T,
-            "int64_inputs": [...], "engine": null | {"file", "tensorrt", "compute_capability", "timing_cache"}},
+            "int64_inputs": [...], "engine": null | {"file", "timing_cache", "tensorrt", "profiles"}},
     "plugins": [{"name": "FlashAttention", "namespace": "graphopt", "version": "1", "nodes": L,
                  "implementation": "aot", "fallback": "model-local function"}],
     "optimization_profiles": [{"name": "prefill", "dims": {"batch": [1, 1, 8], ...},

@@ -20,7 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = [("core", "models"), ("quant", "plugins", "sources"), ("passes",), ("targets",), ("runtime",),
-          ("measure",), ("build",), ("evaluate",), ("cli",)]
+          ("measure",), ("build",), ("evaluate",), ("cli",), ("api",)]
+PUBLIC = {"LLM", "LLMConfig", "SamplingParams"}  # graphopt's public names (loaded by name in graphopt/__init__.py)
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 FOLDERS = {"passes": ROOT / "passes", "plugins": ROOT / "plugins", "runtime": ROOT / "runtime",
            "models": ROOT / "models"}
@@ -44,8 +45,9 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name.startswith("graphopt")}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("graphopt"):
-            if node.module == "graphopt":  # from graphopt import x: a module, or __version__ from the root
-                found |= {f"graphopt.{a.name}" if a.name != "__version__" else "graphopt" for a in node.names}
+            if node.module == "graphopt":  # from graphopt import x: a module, __version__, or a public name
+                found |= {"graphopt" if a.name == "__version__" else "graphopt.api" if a.name in PUBLIC
+                          else f"graphopt.{a.name}" for a in node.names}
             else:
                 found.add(node.module)
     return found
@@ -53,7 +55,7 @@ def imports_of(path: Path) -> set[str]:
 
 def area(module: str) -> str:
     parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "core"  # the root package holds only __version__
+    return parts[1] if len(parts) > 1 else "core"  # the root: __version__ (its public names are "api")
 
 
 def import_edges() -> list[tuple[str, str]]:
@@ -78,9 +80,16 @@ def test_passes_and_runtime_never_import_the_top_layers():
 
 def test_the_rule_catches_an_upward_import(tmp_path):
     module = tmp_path / "m.py"
-    module.write_text("def f():\n    from graphopt.cli.main import main\n    import graphopt.build.artifact\n")
-    assert imports_of(module) == {"graphopt.cli.main", "graphopt.build.artifact"}
-    assert RANK[area("graphopt.cli.main")] > RANK["runtime"]
+    module.write_text("def f():\n    from graphopt.cli.main import main\n    import graphopt.build.artifact\n"
+                      "    from graphopt import LLM, __version__\n")
+    assert imports_of(module) == {"graphopt.cli.main", "graphopt.build.artifact", "graphopt.api", "graphopt"}
+    assert RANK[area("graphopt.cli.main")] > RANK["runtime"] and RANK[area("graphopt.api")] > RANK["cli"]
+
+
+def test_the_public_names_are_the_ones_the_package_exports():
+    import graphopt
+
+    assert PUBLIC == set(graphopt.__all__) - {"__version__"}
 
 
 def test_tests_mirror_the_layout():
