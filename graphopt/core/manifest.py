@@ -6,7 +6,7 @@ past→present aliases, the model dims, and sha256 of every file.
     {
       "format": "graphopt-artifact", "format_version": 1, "graphopt_version": "0.1.0",
       "source": {"architecture", "model_type", "id", "spec", "sha256"},
-      "target": "ort-cpu", "precision": {"weights", "activations", "kv_cache"},
+      "target": "ort-cpu", "recipe": "ort-cpu", "precision": {"weights", "activations", "kv_cache"},
       "model": {"num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size",
                 "vocab_size", "max_seq", "bos_token_id", "eos_token_ids", "pad_token_id"},
       "io": {"inputs": [{"name", "dtype", "shape", "role", "layer"?}], "outputs": [...]},
