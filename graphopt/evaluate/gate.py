@@ -17,9 +17,13 @@ Thresholds (defaults below) come from, lowest to highest precedence: :data:`DEFA
     batch_down = 0.1    # batch throughput relative to the reference recipe may drop by 10%
     ttft_up = 0.25      # TTFT relative to the reference recipe may grow by 25%
     size_up = 0.05      # artifact bytes may grow by 5%
+    cost_up = 0.01      # each cost-model figure (bytes / FLOPs per token, peak activations) may grow by 1%
 
 Timing metrics are never compared as absolute numbers: each run divides them by the reference recipe's
-(the first one) measured in the same run, so a slower CI machine moves both and the ratio stays.
+(the first one) measured in the same round, and reports the median ratio with its 95% interval. A timing
+regression is reported only when the whole interval lies beyond the threshold; when only the median does,
+the gate notes the line as ``inconclusive (±x%)`` and passes. The cost model (graphopt.evaluate.cost_model)
+is exact, so it is held to ``cost_up`` as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from typing import Any
 from graphopt.core.errors import GraphoptError, RecipeError
 
 FORMAT = "graphopt-compare"
+COST_KEYS = ("decode_weight_bytes", "decode_kv_bytes", "prefill_flops_per_token", "decode_flops_per_token",
+             "prefill_peak_activation_bytes", "decode_peak_activation_bytes")  # graphopt.evaluate.cost_model
 
 
 class CompareError(GraphoptError):
@@ -51,6 +57,7 @@ class Thresholds:
     batch_down: float = 0.10
     ttft_up: float = 0.25
     size_up: float = 0.05
+    cost_up: float = 0.01
 
 
 DEFAULTS = Thresholds()
@@ -64,12 +71,18 @@ class Regression:
     old: float | None
     new: float
     limit: str
+    interval: tuple[float, float] | None = None  # a timing ratio's 95% interval in this run
 
     def line(self) -> str:
         if self.old is None:
             return f"{self.recipe}: {self.metric} {self.new:.4g} over the budget {self.limit}"
         change = f"{(self.new / self.old - 1):+.1%}" if self.old else "new"
-        return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit})"
+        within = f"; 95% interval {self.interval[0]:.4g}..{self.interval[1]:.4g}" if self.interval else ""
+        return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit}{within})"
+
+    def half_width(self) -> float:
+        low, high = self.interval or (self.new, self.new)
+        return (high - low) / 2 / self.new if self.new else 0.0
 
 
 def recipe_gate(spec: str) -> dict[str, float]:
@@ -134,8 +147,11 @@ def check(baseline: dict[str, Any], current: dict[str, Any],
             notes.append(f"{entry['recipe']}: not in the baseline, nothing to compare with")
             continue
         found += fidelity_regressions(entry, old, limit) + size_regressions(entry, old, limit)
+        cost, cost_notes = cost_regressions(entry, old, limit)
+        found, notes = found + cost, notes + cost_notes
         if same_reference and entry["recipe"] != current.get("reference_recipe"):
-            found += timing_regressions(entry, old, limit)
+            timing, timing_notes = timing_regressions(entry, old, limit)
+            found, notes = found + timing, notes + timing_notes
     return found, notes
 
 
@@ -173,14 +189,38 @@ def size_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds
     return []
 
 
-def timing_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> list[Regression]:
-    """Ratios to the reference recipe (above 1 = better), each allowed to drop by its threshold."""
-    found = []
-    for key, metric, allowed in (("decode", "decode tok/s vs reference", limit.decode_down),
-                                 ("batch", "batch tok/s vs reference", limit.batch_down),
-                                 ("ttft", "TTFT speed vs reference", 1 - 1 / (1 + limit.ttft_up))):
+def timing_limits(limit: Thresholds) -> list[tuple[str, str, float, str]]:
+    """(ratio key, metric, allowed relative drop of the ratio, the threshold as shown). TTFT's threshold is on
+    time (+25%), its ratio is reference/ours, so the allowed drop of the ratio is 1 − 1/1.25."""
+    return [("decode", "decode tok/s vs reference", limit.decode_down, f"-{limit.decode_down:.0%}"),
+            ("batch", "batch tok/s vs reference", limit.batch_down, f"-{limit.batch_down:.0%}"),
+            ("ttft", "TTFT speed vs reference", 1 - 1 / (1 + limit.ttft_up), f"+{limit.ttft_up:.0%} TTFT")]
+
+
+def timing_regressions(new: dict[str, Any], old: dict[str, Any],
+                       limit: Thresholds) -> tuple[list[Regression], list[str]]:
+    """Ratios to the reference recipe (above 1 = better) whose whole interval in this run lies below the
+    baseline's median less the threshold; those whose median alone does are notes: inconclusive (±x%)."""
+    found, notes = [], []
+    for key, metric, allowed, shown in timing_limits(limit):
         a, b = old["relative"].get(key), new["relative"].get(key)
-        if a is not None and b is not None and b < a * (1 - allowed):
-            shown = f"+{limit.ttft_up:.0%} TTFT" if key == "ttft" else f"-{allowed:.0%}"
-            found.append(Regression(new["recipe"], metric, a, b, shown))
-    return found
+        if a is None or b is None or b >= a * (1 - allowed):
+            continue
+        interval = new.get("relative_interval", {}).get(key)
+        regression = Regression(new["recipe"], metric, a, b, shown, tuple(interval) if interval else None)
+        if interval is None or interval[1] < a * (1 - allowed):
+            found.append(regression)
+        else:
+            notes.append(f"{regression.line()}: inconclusive (±{regression.half_width():.1%})")
+    return found, notes
+
+
+def cost_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> tuple[list[Regression], list[str]]:
+    """Cost-model figures that grew by more than ``cost_up`` (exact figures: no interval)."""
+    a, b = old.get("cost"), new.get("cost")
+    if a is None or b is None:
+        return [], [] if b is None else [f"{new['recipe']}: cost model not gated (the baseline has none)"]
+    if a["at"] != b["at"]:
+        return [], [f"{new['recipe']}: cost model not gated (baseline counted at {a['at']}, this run at {b['at']})"]
+    return [Regression(new["recipe"], f"cost {key}", a[key], b[key], f"+{limit.cost_up:.0%}")
+            for key in COST_KEYS if b[key] > a[key] * (1 + limit.cost_up)], []
