@@ -68,8 +68,8 @@ class StopRule:
     """When interleaved timing may stop: see the module docstring."""
     precision: float = 0.03
     min_rounds: int = 5
-    max_rounds: int = 60
-    time_cap_s: float = 240.0
+    max_rounds: int = 30
+    time_cap_s: float = 120.0
 
     def reason(self, intervals: list[Interval], rounds: int, elapsed_s: float) -> str | None:
         """Why to stop after ``rounds`` rounds in ``elapsed_s`` seconds, or None to run another round."""
