@@ -21,9 +21,8 @@ Thresholds (defaults below) come from, lowest to highest precedence: :data:`DEFA
 
 Timing metrics are never compared as absolute numbers: each run divides them by the reference recipe's
 (the first one) measured in the same round, and reports the median ratio with its 95% interval. A timing
-regression is reported only when the whole interval lies beyond the threshold, counted from the low end of
-the baseline's interval; when only the median does, the gate notes the line as ``inconclusive (±x%)`` and
-passes. The cost model (graphopt.evaluate.cost_model)
+regression is reported only when the whole interval lies beyond the threshold (counted from the baseline's
+median); when only the median does, the gate notes the line as ``inconclusive (±x%)`` and passes. The cost model (graphopt.evaluate.cost_model)
 is exact, so it is held to ``cost_up`` as it is.
 """
 
@@ -201,8 +200,8 @@ def timing_limits(limit: Thresholds) -> list[tuple[str, str, float, str]]:
 def timing_regressions(new: dict[str, Any], old: dict[str, Any],
                        limit: Thresholds) -> tuple[list[Regression], list[str]]:
     """Ratios to the reference recipe (above 1 = better) whose median dropped by more than the threshold.
-    One fails when its whole interval in this run lies below the low end of the baseline's interval less the
-    threshold (so neither run's noise alone can fail it); otherwise it is a note: inconclusive (±x%)."""
+    One fails when its whole interval in this run lies below the baseline's median less the threshold;
+    otherwise it is a note: inconclusive (±x%)."""
     found, notes = [], []
     for key, metric, allowed, shown in timing_limits(limit):
         a, b = old["relative"].get(key), new["relative"].get(key)
@@ -210,8 +209,7 @@ def timing_regressions(new: dict[str, Any], old: dict[str, Any],
             continue
         interval = new.get("relative_interval", {}).get(key)
         regression = Regression(new["recipe"], metric, a, b, shown, tuple(interval) if interval else None)
-        floor = old.get("relative_interval", {}).get(key, [a])[0] * (1 - allowed)  # the baseline's low end
-        if interval is None or interval[1] < floor:
+        if interval is None or interval[1] < a * (1 - allowed):
             found.append(regression)
         else:
             notes.append(f"{regression.line()}: inconclusive (±{regression.half_width():.1%})")
