@@ -3,6 +3,7 @@
     .venv/bin/python scripts/gate_trials.py --baseline out/trials/base/compare.json --trials 10
     .venv/bin/python scripts/gate_trials.py --baseline … --variant slower-norms --trials 10
     .venv/bin/python scripts/gate_trials.py --baseline … --variant accuracy-level-1 --trials 3
+    .venv/bin/python scripts/gate_trials.py --regate [--variant …]   # gate finished trials again, run nothing
 
 Each trial is one ``graphopt compare ort-cpu <int8 recipe> --model M --baseline B`` (a fresh process, default
 thresholds and timing settings unless given after ``--``). ``--variant`` replaces the built-in ort-cpu-int8
@@ -65,6 +66,17 @@ def row(index: int, trial: dict) -> str:
             f"wall {trial['wall_s']:.0f} s\n       " + "\n       ".join(trial["lines"]))
 
 
+def regate(baseline: Path, out: Path) -> dict:
+    """A finished trial gated again, in this process, by this checkout's gate (compare.json holds everything)."""
+    from graphopt.evaluate.gate import Thresholds, check, load_baseline
+
+    current = json.loads((out / "compare.json").read_text())
+    limits = {name: Thresholds(**values) for name, values in current["thresholds"].items()}
+    found, notes = check(load_baseline(baseline), current, limits)
+    lines = [f"regression: {r.line()}" for r in found] + [f"note: {note}" for note in notes]
+    return {"exit": 1 if found else 0, "wall_s": float("nan"), "lines": lines, "result": current}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, help="compare.json to gate against (default: make one first)")
@@ -72,9 +84,18 @@ def main() -> None:
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="replace ort-cpu-int8 by this variant")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "trials")
+    parser.add_argument("--regate", action="store_true", help="run nothing: gate the trials already in --out again")
     parser.add_argument("extra", nargs="*", help="more compare options, after --")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.regate:
+        label = args.variant or "same"
+        done = sorted(args.out.glob(f"{label}-*/compare.json"), key=lambda p: int(p.parent.name.rsplit("-", 1)[1]))
+        trials = [regate(args.baseline or args.out / "base" / "compare.json", path.parent) for path in done]
+        for index, trial in enumerate(trials, 1):
+            print(row(index, trial))
+        print(f"{label}: {sum(t['exit'] == 1 for t in trials)}/{len(trials)} fail the gate (gated again now)")
+        return
     if args.baseline is None:
         base = run("ort-cpu-int8", args.model, args.out / "base", None, args.extra)
         print(row(0, base), flush=True)
