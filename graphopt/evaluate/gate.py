@@ -20,16 +20,18 @@ Thresholds (defaults below) come from, lowest to highest precedence: :data:`DEFA
     cost_up = 0.01      # each cost-model figure (bytes / FLOPs per token, peak activations) may grow by 1%
 
 Timing metrics are never compared as absolute numbers: each run divides them by the reference recipe's
-(the first one) measured in the same round, and reports the median ratio with its 95% interval. A timing
-regression is reported only when the whole interval lies beyond the threshold (counted from the baseline's
-median); when only the median does, the gate notes the line as ``inconclusive (±x%)`` and passes. The cost model (graphopt.evaluate.cost_model)
-is exact, so it is held to ``cost_up`` as it is.
+(the first one) measured in the same round, and reports the median ratio with its 95% interval. The change
+new/old of a ratio gets a 95% interval from both runs' intervals, combined in quadrature on a log scale (two
+independent measurements); a timing regression is reported only when that whole interval lies beyond the
+threshold. When only the median change does, the gate notes the line as ``inconclusive (±x%)`` and passes.
+The cost model (graphopt.evaluate.cost_model) is exact, so it is held to ``cost_up`` as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -71,18 +73,18 @@ class Regression:
     old: float | None
     new: float
     limit: str
-    interval: tuple[float, float] | None = None  # a timing ratio's 95% interval in this run
+    spread: float | None = None  # timing: the 95% half-width of log(new/old), both runs' intervals combined
 
     def line(self) -> str:
         if self.old is None:
             return f"{self.recipe}: {self.metric} {self.new:.4g} over the budget {self.limit}"
         change = f"{(self.new / self.old - 1):+.1%}" if self.old else "new"
-        within = f"; 95% interval {self.interval[0]:.4g}..{self.interval[1]:.4g}" if self.interval else ""
+        within = f"; 95% at most {self.new / self.old * math.exp(self.spread) - 1:+.1%}" if self.spread else ""
         return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit}{within})"
 
     def half_width(self) -> float:
-        low, high = self.interval or (self.new, self.new)
-        return (high - low) / 2 / self.new if self.new else 0.0
+        """The change's 95% half-width, relative (±x%)."""
+        return math.exp(self.spread or 0.0) - 1
 
 
 def recipe_gate(spec: str) -> dict[str, float]:
@@ -200,20 +202,27 @@ def timing_limits(limit: Thresholds) -> list[tuple[str, str, float, str]]:
 def timing_regressions(new: dict[str, Any], old: dict[str, Any],
                        limit: Thresholds) -> tuple[list[Regression], list[str]]:
     """Ratios to the reference recipe (above 1 = better) whose median dropped by more than the threshold.
-    One fails when its whole interval in this run lies below the baseline's median less the threshold;
-    otherwise it is a note: inconclusive (±x%)."""
+    One fails when the whole 95% interval of its change new/old lies beyond the threshold; otherwise it is a
+    note: inconclusive (±x%). Without intervals (an older baseline) the medians alone decide."""
     found, notes = [], []
     for key, metric, allowed, shown in timing_limits(limit):
         a, b = old["relative"].get(key), new["relative"].get(key)
         if a is None or b is None or b >= a * (1 - allowed):
             continue
-        interval = new.get("relative_interval", {}).get(key)
-        regression = Regression(new["recipe"], metric, a, b, shown, tuple(interval) if interval else None)
-        if interval is None or interval[1] < a * (1 - allowed):
+        spread = _spread(old.get("relative_interval", {}).get(key), a, new.get("relative_interval", {}).get(key), b)
+        regression = Regression(new["recipe"], metric, a, b, shown, spread)
+        if b / a * math.exp(spread) < 1 - allowed:
             found.append(regression)
         else:
             notes.append(f"{regression.line()}: inconclusive (±{regression.half_width():.1%})")
     return found, notes
+
+
+def _spread(old_interval: list[float] | None, a: float, new_interval: list[float] | None, b: float) -> float:
+    """Half-width of log(b/a) toward 'no regression': b's upper side and a's lower side, in quadrature."""
+    up = math.log(new_interval[1] / b) if new_interval else 0.0
+    down = math.log(a / old_interval[0]) if old_interval else 0.0
+    return math.hypot(up, down)
 
 
 def cost_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> tuple[list[Regression], list[str]]:
