@@ -20,7 +20,7 @@ from graphopt.evaluate.gate import DEFAULTS, FIELDS
 from graphopt.passes.pipeline import load_recipe
 from graphopt.sources import BUILTIN_GGUF
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 WORKFLOW = ROOT / ".github" / "workflows" / "compare.yml"
 THRESHOLD_FLAGS = re.compile("|".join(rf"--{field.replace('_', '-')}\b" for field in FIELDS))
 sys.path.insert(0, str(ROOT / "scripts"))
