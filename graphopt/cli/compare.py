@@ -12,7 +12,9 @@ from pathlib import Path
 
 import click
 
-from graphopt.evaluate.gate import FIELDS
+from graphopt.evaluate.gate import FIELDS, CompareError
+from graphopt.evaluate.intervals import StopRule
+from graphopt.quant.text import CALIB_TOKENS, EVAL_TOKENS
 
 THRESHOLD_HELP = {
     "kl_up": "Allowed relative KL growth (0.2 = +20%).", "kl_abs": "KL growth always allowed (absolute, nats).",
@@ -20,6 +22,7 @@ THRESHOLD_HELP = {
     "ppl_up": "Allowed relative perplexity growth.", "decode_down": "Allowed drop of decode tok/s vs reference.",
     "batch_down": "Allowed drop of batch throughput vs reference.", "ttft_up": "Allowed TTFT growth vs reference.",
     "size_up": "Allowed relative artifact size growth.",
+    "cost_up": "Allowed relative growth of each cost-model figure (exact: bytes, FLOPs, activations).",
 }
 
 
@@ -38,24 +41,34 @@ def threshold_options(command):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("out/compare"), show_default=True)
 @click.option("--bisect", is_flag=True, help="Evaluate the single RECIPE after every pass; blame the costly one.")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None, help="Calibration text (UTF-8).")
-@click.option("--calib-tokens", default=4096, show_default=True)
+@click.option("--calib-tokens", default=CALIB_TOKENS, show_default=True)
 @click.option("--eval-text", type=click.Path(path_type=Path), default=None, help="Evaluation text (UTF-8).")
-@click.option("--eval-tokens", default=2048, show_default=True)
+@click.option("--eval-tokens", default=EVAL_TOKENS, show_default=True)
 @click.option("--prompt-tokens", default=64, show_default=True)
 @click.option("--new-tokens", default=32, show_default=True)
 @click.option("--batch", default=8, show_default=True, help="Batch size of the throughput measurement.")
-@click.option("--repeats", default=3, show_default=True, help="Timed rounds; medians are reported.")
+@click.option("--precision", default=StopRule.precision, show_default=True,
+              help="Time until every ratio's 95% interval is within ± this fraction of its median ...")
+@click.option("--time-cap", default=StopRule.time_cap_s, show_default=True,
+              help="... or for at most this many seconds.")
+@click.option("--min-rounds", default=StopRule.min_rounds, show_default=True,
+              help="Interleaved rounds before stopping.")
+@click.option("--max-rounds", default=StopRule.max_rounds, show_default=True, help="Interleaved rounds at most.")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table.")
 @threshold_options
 def compare_command(recipes, model, target, baseline, out, bisect, calib_text, calib_tokens, eval_text, eval_tokens,
-                    prompt_tokens, new_tokens, batch, repeats, as_json, **limits) -> None:
+                    prompt_tokens, new_tokens, batch, precision, time_cap, min_rounds, max_rounds, as_json,
+                    **limits) -> None:
     """Build RECIPES of MODEL from one trace; compare fidelity, speed, size, build time and passes."""
     from graphopt.evaluate.compare import CompareOptions
     from graphopt.evaluate.compare_measure import SpeedSettings
     from graphopt.core.progress import Progress
 
-    check_speed_args(prompt_tokens, new_tokens, batch, repeats)
-    speed = SpeedSettings(prompt_tokens, new_tokens, repeats, batch)
+    check_speed_args(prompt_tokens, new_tokens, batch, min_rounds, max_rounds)
+    if not 0 < precision < 1 or time_cap <= 0:
+        raise CompareError(f"--precision {precision} / --time-cap {time_cap}: use a fraction in (0, 1), e.g. 0.03, "
+                           "and a positive number of seconds")
+    speed = SpeedSettings(prompt_tokens, new_tokens, batch, stop=StopRule(precision, min_rounds, max_rounds, time_cap))
     options = CompareOptions(tuple(recipes), model, out, target, calib_text, calib_tokens, eval_text, eval_tokens,
                              speed)
     progress = Progress(enabled=not as_json)
@@ -64,11 +77,10 @@ def compare_command(recipes, model, target, baseline, out, bisect, calib_text, c
     sys.exit(compare_main(options, limits, baseline, progress, as_json))
 
 
-def check_speed_args(prompt_tokens: int, new_tokens: int, batch: int, repeats: int) -> None:
-    from graphopt.evaluate.gate import CompareError
-
+def check_speed_args(prompt_tokens: int, new_tokens: int, batch: int, min_rounds: int, max_rounds: int) -> None:
     for flag, value, low in (("prompt-tokens", prompt_tokens, 1), ("new-tokens", new_tokens, 2),
-                             ("batch", batch, 1), ("repeats", repeats, 1)):
+                             ("batch", batch, 1), ("min-rounds", min_rounds, 3),
+                             ("max-rounds", max_rounds, min_rounds)):
         if value < low:
             raise CompareError(f"--{flag} {value} is too small; use at least {low}")
 

@@ -7,7 +7,8 @@
 
 Build time per recipe is its passes plus writing the artifact; loading and tracing happen once and are
 reported separately. The first recipe is the reference: every recipe's timings are also stored as ratios to it
-(``relative``), which is what the gate compares between runs. Artifacts go to ``OUT/artifacts/<recipe>``;
+(``relative``, with ``relative_interval``), which is what the gate compares between runs, beside the cost
+model, which is exact. Artifacts go to ``OUT/artifacts/<recipe>``;
 compare.json / compare.md / compare.png are written by the CLI once everything is measured.
 """
 
@@ -18,16 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.build.artifact import BuildOptions, Loaded, build_traced, load, trace_loaded
-from graphopt.quant.text import Corpus, default_corpus, read_text_file, token_stream
-from graphopt.evaluate.compare_measure import (ReferenceLogits, SpeedSettings, artifact_fidelity, relative,
-                                      time_artifacts)
+from graphopt.quant.text import CALIB_TOKENS, EVAL_TOKENS, Corpus, default_corpus, read_text_file, token_stream
+from graphopt.evaluate.compare_measure import ReferenceLogits, SpeedSettings, artifact_fidelity, time_artifacts
+from graphopt.evaluate.cost_model import cost_model
 from graphopt.core.errors import RecipeError
 from graphopt.evaluate.gate import FORMAT, CompareError, Thresholds, thresholds
 from graphopt.passes.pipeline import Recipe, load_recipe
 from graphopt.core.progress import Progress
 from graphopt.targets import get_target
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: speed intervals, timing rounds, cost model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +38,9 @@ class CompareOptions:
     out: Path
     target: str = "ort-cpu"
     calib_text: Path | None = None
-    calib_tokens: int = 4096
+    calib_tokens: int = CALIB_TOKENS
     eval_text: Path | None = None
-    eval_tokens: int = 2048
+    eval_tokens: int = EVAL_TOKENS
     speed: SpeedSettings = SpeedSettings()
     attn_implementation: str = "sdpa"
 
@@ -106,18 +107,19 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
         report = build_traced(loaded, built, progress, context, copy=True)
         fidelity = report.get("fidelity") or artifact_fidelity(built.output, reference, ids,
                                                                chosen.eval_corpus.source, progress)
-        entries.append(entry(recipe, built.output, report, fidelity))
+        speed = options.speed
+        cost = cost_model(built.output / "model.onnx", speed.prompt_tokens, speed.prompt_tokens + speed.new_tokens)
+        entries.append(entry(recipe, built.output, report, fidelity) | {"cost": cost})
     prompt = benchmark_prompt(loaded.tokenizer, options.speed.prompt_tokens)
-    speeds = time_artifacts({e["recipe"]: Path(e["artifact"]) for e in entries}, prompt, options.speed, progress)
+    timed = time_artifacts({e["recipe"]: Path(e["artifact"]) for e in entries}, prompt, options.speed, progress)
     for item in entries:
-        item["speed"] = speeds[item["recipe"]]
-        item["relative"] = relative(item["speed"], speeds[entries[0]["recipe"]])
+        item |= timed["recipes"][item["recipe"]]
     source = loaded.source
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": source.model_id,
             "model_sha256": source.sha256, "target": options.target, "reference_recipe": entries[0]["recipe"],
             "fidelity_reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)",
             "eval": {"tokens": int(ids.size), "text": chosen.eval_corpus.source},
-            "speed_settings": dataclasses.asdict(options.speed),
+            "speed_settings": dataclasses.asdict(options.speed), "timing": timed["timing"],
             "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
             "machine": machine_info(), "recipes": entries,
             "thresholds": {name: dataclasses.asdict(limit) for name, limit in chosen.limits.items()}}

@@ -10,15 +10,16 @@ Speed, on one engine per artifact (``max_slots`` = the batch, cache = prompt + n
     batch B   B copies of the prompt prefilled in one call, then new_tokens − 1 batched decode steps;
               throughput = B · new_tokens / wall time (prefill included)
 
-One warm-up per artifact, then ``repeats`` rounds that each time every artifact once (interleaved, with
-graphopt.measure.bench.SETTLE_S idle before each run, so background load hits all alike); medians. Ratios to the
-reference recipe of the same run are what the gate compares, never the absolute numbers.
+One warm-up per artifact, then interleaved rounds that each time every artifact once (the order alternating
+A B, B A, …, with graphopt.measure.bench.SETTLE_S idle before each run, so background load hits all alike),
+until every ratio to the reference recipe is known to the requested precision or the time cap is hit
+(graphopt.evaluate.intervals). Each figure is the median over rounds with its 95% interval; ratios to the
+reference recipe of the same round are what the gate compares, never the absolute numbers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,19 +27,22 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.evaluate.intervals import CONFIDENCE, Interval, StopRule, median_interval, round_ratios
 from graphopt.measure.fidelity import EVAL_SEQ, Logits, artifact_logits, evaluate, torch_logits
 from graphopt.core.progress import Progress
 
 SPEED_KEYS = ("ttft_ms", "decode_tokens_per_s", "batch_tokens_per_s")
+RATIO_KEYS = ("decode", "batch", "ttft")
+Runner = Callable[[], dict[str, float]]
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeedSettings:
     prompt_tokens: int = 64
     new_tokens: int = 32
-    repeats: int = 3
     batch: int = 8
     threads: int | None = None
+    stop: StopRule = StopRule()
 
 
 class ReferenceLogits:
@@ -68,25 +72,69 @@ def artifact_fidelity(artifact: Path, reference: Logits, ids: np.ndarray, text: 
 
 
 def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: SpeedSettings,
-                   progress: Progress) -> dict[str, dict[str, float]]:
-    """Medians of TTFT, decode tok/s (batch 1) and batch-B throughput per artifact, interleaved rounds."""
+                   progress: Progress) -> dict[str, Any]:
+    """Every artifact timed in interleaved rounds until the ratios are precise enough; see :func:`summarise`."""
     from graphopt.measure.bench import SETTLE_S
 
-    runners: dict[str, Callable[[], dict[str, float]]] = {}
+    runners: dict[str, Runner] = {}
     for name, path in artifacts.items():
         with progress.step(f"loading and warming up {name}"):
             runners[name] = _runner(path, prompt, settings)
             runners[name]()
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in runners}
-    rounds = f"{settings.repeats} round(s) of batch 1 and batch {settings.batch}, {settings.new_tokens} tokens"
-    with progress.bar(f"timing {len(runners)} artifact(s): {rounds}", total=settings.repeats * len(runners)) as step:
-        for _ in range(settings.repeats):
-            for name, run in runners.items():
-                time.sleep(SETTLE_S)
-                samples[name].append(run())
-                step(1)
-    return {name: {key: round(statistics.median(s[key] for s in runs), 2) for key in SPEED_KEYS}
-            for name, runs in samples.items()}
+    rule = settings.stop
+    label = (f"timing {len(runners)} artifact(s) in interleaved rounds (batch 1 and {settings.batch}, "
+             f"{settings.new_tokens} tokens) until every ratio is within ±{rule.precision:.0%}, "
+             f"at most {rule.time_cap_s:.0f} s")
+    with progress.bar(label, total=rule.max_rounds) as step:
+        samples, stopped, seconds = interleaved_rounds(runners, rule, step, settle_s=SETTLE_S)
+    return summarise(samples, stopped, seconds, rule)
+
+
+def interleaved_rounds(runners: dict[str, Runner], rule: StopRule, advance: Callable[[int], None] = lambda n: None,
+                       settle_s: float = 0.0, clock: Callable[[], float] = time.perf_counter,
+                       ) -> tuple[dict[str, list[dict[str, float]]], str, float]:
+    """Rounds of every runner once (order alternating) until ``rule`` says stop: (samples, why, seconds)."""
+    names = list(runners)
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    start = clock()
+    while True:
+        for name in names if len(samples[names[0]]) % 2 == 0 else names[::-1]:
+            time.sleep(settle_s)
+            samples[name].append(runners[name]())
+        advance(1)
+        intervals = [i for ratios in ratio_intervals(samples).values() for i in ratios.values()]
+        if stopped := rule.reason(intervals, len(samples[names[0]]), clock() - start):
+            return samples, stopped, clock() - start
+
+
+def ratio_intervals(samples: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Interval]]:
+    """Per recipe after the first (the reference): each ratio's median and interval over the rounds."""
+    names = list(samples)
+    reference = samples[names[0]]
+    out = {}
+    for name in names[1:]:
+        ratios = [round_ratios(ref, run) for ref, run in zip(reference, samples[name])]
+        out[name] = {key: median_interval([r[key] for r in ratios]) for key in RATIO_KEYS}
+    return out
+
+
+def summarise(samples: dict[str, list[dict[str, float]]], stopped: str, seconds: float,
+              rule: StopRule) -> dict[str, Any]:
+    """{"recipes": {name: speed, speed_interval, relative, relative_interval}, "timing": how it ended}."""
+    ratios = ratio_intervals(samples)
+    recipes = {}
+    for name, runs in samples.items():
+        speed = {key: median_interval([run[key] for run in runs]) for key in SPEED_KEYS}
+        relative = ratios.get(name) or {key: median_interval([1.0] * len(runs)) for key in RATIO_KEYS}
+        recipes[name] = {"speed": {k: round(i.median, 2) for k, i in speed.items()},
+                         "speed_interval": {k: [round(i.low, 2), round(i.high, 2)] for k, i in speed.items()},
+                         "relative": {k: round(i.median, 4) for k, i in relative.items()},
+                         "relative_interval": {k: [round(i.low, 4), round(i.high, 4)] for k, i in relative.items()}}
+    widest = max((i.half_width for r in ratios.values() for i in r.values()), default=0.0)
+    return {"recipes": recipes,
+            "timing": {"rounds": len(next(iter(samples.values()))), "seconds": round(seconds, 1), "stopped": stopped,
+                       "short": stopped != "precision", "widest_half_width": round(widest, 4), "confidence": CONFIDENCE,
+                       **dataclasses.asdict(rule)}}
 
 
 def _runner(artifact: Path, prompt: list[int], settings: SpeedSettings) -> Callable[[], dict[str, float]]:
@@ -121,10 +169,3 @@ def _runner(artifact: Path, prompt: list[int], settings: SpeedSettings) -> Calla
         return {"ttft_ms": ttft_ms, "decode_tokens_per_s": decode, "batch_tokens_per_s": batched()}
 
     return run
-
-
-def relative(speed: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
-    """Ratios to the reference recipe, above 1 = better: decode and batch throughput ours/ref, TTFT ref/ours."""
-    return {"decode": round(speed["decode_tokens_per_s"] / reference["decode_tokens_per_s"], 4),
-            "batch": round(speed["batch_tokens_per_s"] / reference["batch_tokens_per_s"], 4),
-            "ttft": round(reference["ttft_ms"] / speed["ttft_ms"], 4)}

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
-from graphopt.evaluate.gate import Regression
+from graphopt.evaluate.gate import COST_KEYS, Regression
 
 COLUMNS = ("recipe", "KL", "top-1", "ppl", "TTFT ms", "decode tok/s", "batch tok/s", "× decode", "size MiB",
            "build s", "nodes")
@@ -28,16 +28,26 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
         f, s = e["fidelity"], e["speed"]
         out.append([e["recipe"], f"{f['kl_mean']:.2e}", f"{f['top1_agreement']:.1%}", f"{f['ppl_candidate']:.3f}",
                     f"{s['ttft_ms']:.1f}", f"{s['decode_tokens_per_s']:.1f}", f"{s['batch_tokens_per_s']:.1f}",
-                    f"{e['relative']['decode']:.2f}", f"{e['artifact_bytes'] / 2**20:.1f}", f"{e['build_s']:.1f}",
+                    _ratio(e, "decode"), f"{e['artifact_bytes'] / 2**20:.1f}", f"{e['build_s']:.1f}",
                     str(e["nodes"]["final"])])
     return out
 
 
+def _ratio(entry: dict[str, Any], key: str) -> str:
+    """A ratio's median and its 95% interval as ± half-width (relative)."""
+    median, (low, high) = entry["relative"][key], entry["relative_interval"][key]
+    return f"{median:.2f} ±{(high - low) / 2 / median:.1%}"
+
+
 def title(result: dict[str, Any]) -> str:
-    s, t = result["speed_settings"], result["timings"]
+    s, t, timing = result["speed_settings"], result["timings"], result["timing"]
+    stopped = ("precision reached" if not timing["short"] else
+               f"{timing['stopped']} hit before ±{timing['precision']:.0%}: "
+               f"widest ±{timing['widest_half_width']:.1%}")
     return (f"{result['model']} on {result['target']}: fidelity vs fp32 on {result['eval']['tokens']} tokens; "
             f"speed: {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens, batch 1 and {s['batch']}, "
-            f"median of {s['repeats']}; × decode = ratio to {result['reference_recipe']}; build s = passes + "
+            f"median of {timing['rounds']} interleaved rounds in {timing['seconds']:.0f} s ({stopped}); "
+            f"× decode = ratio to {result['reference_recipe']} ± its 95% interval; build s = passes + "
             f"writing (load {t.get('load_s', 0):.1f} s and trace {t.get('trace_s', 0):.1f} s shared by all)")
 
 
@@ -68,6 +78,18 @@ def markdown(result: dict[str, Any], regressions: list[Regression] | None = None
                          f"{p['nodes_after'] - p['nodes_before']:+d} | {p['seconds'] * 1e3:.0f} | {stats} |")
         lines.append("")
     lines += ["</details>", "", "<details><summary>op counts</summary>", "", _ops_table(result), "", "</details>", ""]
+    lines += [_cost_table(result), ""]
+    return "\n".join(lines)
+
+
+def _cost_table(result: dict[str, Any]) -> str:
+    """The cost model (graphopt.evaluate.cost_model) per recipe: exact figures, gated at +cost_up."""
+    at = result["recipes"][0]["cost"]["at"]
+    lines = [f"**cost model** (from each graph; batch 1, {at['prompt_tokens']}-token prefill, decode at context "
+             f"{at['context']})", "", "| figure | " + " | ".join(e["recipe"] for e in result["recipes"]) + " |",
+             "|" + "---|" * (len(result["recipes"]) + 1)]
+    lines += [f"| {key} | " + " | ".join(f"{e['cost'][key]:,.0f}" for e in result["recipes"]) + " |"
+              for key in COST_KEYS]
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 A and B are each an artifact directory (manifest.json + build-report.json) or a recipe (a built-in name or
 a TOML path). The pass lists are aligned (difflib), so an inserted pass shows as one ``+`` line rather
 than every later pass differing; aligned passes show their differing options. Op counts, node counts,
-precision and size are compared when both sides are artifacts.
+precision and size are compared when both sides are artifacts, and so is the cost model
+(graphopt.evaluate.cost_model: bytes and FLOPs per token, peak activations; at compare's default 64-token
+prompt and 96-token context), each figure in total and by op type.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from graphopt.evaluate.gate import CompareError
+from graphopt.evaluate.gate import COST_KEYS, CompareError
+
+COST_AT = (64, 96)  # prompt tokens, context: compare's defaults (--prompt-tokens 64, --new-tokens 32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +26,7 @@ class Side:
     label: str
     pipeline: list[dict[str, Any]]  # [{"name": pass, **options}]; options unknown -> {"name", "options?": True}
     report: dict[str, Any] | None  # build-report.json of an artifact
+    graph: Path | None = None  # the artifact's model.onnx, when there is one
 
 
 def load_side(spec: str) -> Side:
@@ -46,7 +51,8 @@ def _artifact(path: Path) -> Side:
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CompareError(f"{report_path} is unreadable ({type(exc).__name__}: {exc}); rebuild the artifact") \
             from None
-    return Side(f"artifact {path} ({report.get('recipe')})", pipeline, report)
+    graph = path / "model.onnx"
+    return Side(f"artifact {path} ({report.get('recipe')})", pipeline, report, graph if graph.is_file() else None)
 
 
 def diff(a: Side, b: Side) -> dict[str, Any]:
@@ -64,7 +70,22 @@ def diff(a: Side, b: Side) -> dict[str, Any]:
     out: dict[str, Any] = {"a": a.label, "b": b.label, "passes": passes}
     if a.report is not None and b.report is not None:
         out |= artifact_changes(a.report, b.report)
+    if a.graph is not None and b.graph is not None:
+        out["cost"] = cost_changes(a.graph, b.graph)
     return out
+
+
+def cost_changes(a: Path, b: Path) -> dict[str, Any]:
+    """Each cost-model figure as [A, B], and by op type where it differs."""
+    from graphopt.evaluate.cost_model import cost_model
+
+    cost_a, cost_b = cost_model(a, *COST_AT), cost_model(b, *COST_AT)
+    by_op = {}
+    for key in COST_KEYS:
+        ops = sorted(set(cost_a["by_op"]) | set(cost_b["by_op"]))
+        pairs = {op: [cost_a["by_op"].get(op, {}).get(key, 0), cost_b["by_op"].get(op, {}).get(key, 0)] for op in ops}
+        by_op[key] = {op: pair for op, pair in pairs.items() if pair[0] != pair[1]}
+    return {"at": cost_a["at"], "totals": {key: [cost_a[key], cost_b[key]] for key in COST_KEYS}, "by_op": by_op}
 
 
 def option_changes(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[Any]]:
@@ -103,4 +124,16 @@ def lines(result: dict[str, Any]) -> list[str]:
         out.append(f"  nodes {x} -> {y} ({y - x:+d}); size {result['artifact_bytes'][0] / 2**20:.2f} -> "
                    f"{result['artifact_bytes'][1] / 2**20:.2f} MiB")
         out += [f"~ precision {k}: {v[0]} -> {v[1]}" for k, v in result["precision"].items()]
+    if "cost" in result:
+        out += cost_lines(result["cost"])
+    return out
+
+
+def cost_lines(cost: dict[str, Any]) -> list[str]:
+    at = cost["at"]
+    out = [f"  cost model (batch 1, {at['prompt_tokens']}-token prefill, decode at context {at['context']}):"]
+    for key, (x, y) in cost["totals"].items():
+        change = f"{y / x - 1:+.1%}" if x else "new"
+        out.append(f"{'~' if x != y else ' '} cost {key}: {x:,.0f} -> {y:,.0f}" + (f" ({change})" if x != y else ""))
+        out += [f"~   {op}: {p:,.0f} -> {q:,.0f}" for op, (p, q) in cost["by_op"][key].items()]
     return out

@@ -17,15 +17,21 @@ Thresholds (defaults below) come from, lowest to highest precedence: :data:`DEFA
     batch_down = 0.1    # batch throughput relative to the reference recipe may drop by 10%
     ttft_up = 0.25      # TTFT relative to the reference recipe may grow by 25%
     size_up = 0.05      # artifact bytes may grow by 5%
+    cost_up = 0.01      # each cost-model figure (bytes / FLOPs per token, peak activations) may grow by 1%
 
 Timing metrics are never compared as absolute numbers: each run divides them by the reference recipe's
-(the first one) measured in the same run, so a slower CI machine moves both and the ratio stays.
+(the first one) measured in the same round, and reports the median ratio with its 95% interval. The change
+new/old of a ratio gets a 95% interval from both runs' intervals, combined in quadrature on a log scale (two
+independent measurements); a timing regression is reported only when that whole interval lies beyond the
+threshold. When only the median change does, the gate notes the line as ``inconclusive (±x%)`` and passes.
+The cost model (graphopt.evaluate.cost_model) is exact, so it is held to ``cost_up`` as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -34,6 +40,8 @@ from typing import Any
 from graphopt.core.errors import GraphoptError, RecipeError
 
 FORMAT = "graphopt-compare"
+COST_KEYS = ("decode_weight_bytes", "decode_kv_bytes", "prefill_flops_per_token", "decode_flops_per_token",
+             "prefill_peak_activation_bytes", "decode_peak_activation_bytes")  # graphopt.evaluate.cost_model
 
 
 class CompareError(GraphoptError):
@@ -51,6 +59,7 @@ class Thresholds:
     batch_down: float = 0.10
     ttft_up: float = 0.25
     size_up: float = 0.05
+    cost_up: float = 0.01
 
 
 DEFAULTS = Thresholds()
@@ -64,12 +73,18 @@ class Regression:
     old: float | None
     new: float
     limit: str
+    spread: float | None = None  # timing: the 95% half-width of log(new/old), both runs' intervals combined
 
     def line(self) -> str:
         if self.old is None:
             return f"{self.recipe}: {self.metric} {self.new:.4g} over the budget {self.limit}"
         change = f"{(self.new / self.old - 1):+.1%}" if self.old else "new"
-        return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit})"
+        within = f"; 95% at most {self.new / self.old * math.exp(self.spread) - 1:+.1%}" if self.spread else ""
+        return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit}{within})"
+
+    def half_width(self) -> float:
+        """The change's 95% half-width, relative (±x%)."""
+        return math.exp(self.spread or 0.0) - 1
 
 
 def recipe_gate(spec: str) -> dict[str, float]:
@@ -134,8 +149,11 @@ def check(baseline: dict[str, Any], current: dict[str, Any],
             notes.append(f"{entry['recipe']}: not in the baseline, nothing to compare with")
             continue
         found += fidelity_regressions(entry, old, limit) + size_regressions(entry, old, limit)
+        cost, cost_notes = cost_regressions(entry, old, limit)
+        found, notes = found + cost, notes + cost_notes
         if same_reference and entry["recipe"] != current.get("reference_recipe"):
-            found += timing_regressions(entry, old, limit)
+            timing, timing_notes = timing_regressions(entry, old, limit)
+            found, notes = found + timing, notes + timing_notes
     return found, notes
 
 
@@ -173,14 +191,46 @@ def size_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds
     return []
 
 
-def timing_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> list[Regression]:
-    """Ratios to the reference recipe (above 1 = better), each allowed to drop by its threshold."""
-    found = []
-    for key, metric, allowed in (("decode", "decode tok/s vs reference", limit.decode_down),
-                                 ("batch", "batch tok/s vs reference", limit.batch_down),
-                                 ("ttft", "TTFT speed vs reference", 1 - 1 / (1 + limit.ttft_up))):
+def timing_limits(limit: Thresholds) -> list[tuple[str, str, float, str]]:
+    """(ratio key, metric, allowed relative drop of the ratio, the threshold as shown). TTFT's threshold is on
+    time (+25%), its ratio is reference/ours, so the allowed drop of the ratio is 1 − 1/1.25."""
+    return [("decode", "decode tok/s vs reference", limit.decode_down, f"-{limit.decode_down:.0%}"),
+            ("batch", "batch tok/s vs reference", limit.batch_down, f"-{limit.batch_down:.0%}"),
+            ("ttft", "TTFT speed vs reference", 1 - 1 / (1 + limit.ttft_up), f"+{limit.ttft_up:.0%} TTFT")]
+
+
+def timing_regressions(new: dict[str, Any], old: dict[str, Any],
+                       limit: Thresholds) -> tuple[list[Regression], list[str]]:
+    """Ratios to the reference recipe (above 1 = better) whose median dropped by more than the threshold.
+    One fails when the whole 95% interval of its change new/old lies beyond the threshold; otherwise it is a
+    note: inconclusive (±x%). Without intervals (an older baseline) the medians alone decide."""
+    found, notes = [], []
+    for key, metric, allowed, shown in timing_limits(limit):
         a, b = old["relative"].get(key), new["relative"].get(key)
-        if a is not None and b is not None and b < a * (1 - allowed):
-            shown = f"+{limit.ttft_up:.0%} TTFT" if key == "ttft" else f"-{allowed:.0%}"
-            found.append(Regression(new["recipe"], metric, a, b, shown))
-    return found
+        if a is None or b is None or b >= a * (1 - allowed):
+            continue
+        spread = _spread(old.get("relative_interval", {}).get(key), a, new.get("relative_interval", {}).get(key), b)
+        regression = Regression(new["recipe"], metric, a, b, shown, spread)
+        if b / a * math.exp(spread) < 1 - allowed:
+            found.append(regression)
+        else:
+            notes.append(f"{regression.line()}: inconclusive (±{regression.half_width():.1%})")
+    return found, notes
+
+
+def _spread(old_interval: list[float] | None, a: float, new_interval: list[float] | None, b: float) -> float:
+    """Half-width of log(b/a) toward 'no regression': b's upper side and a's lower side, in quadrature."""
+    up = math.log(new_interval[1] / b) if new_interval else 0.0
+    down = math.log(a / old_interval[0]) if old_interval else 0.0
+    return math.hypot(up, down)
+
+
+def cost_regressions(new: dict[str, Any], old: dict[str, Any], limit: Thresholds) -> tuple[list[Regression], list[str]]:
+    """Cost-model figures that grew by more than ``cost_up`` (exact figures: no interval)."""
+    a, b = old.get("cost"), new.get("cost")
+    if a is None or b is None:
+        return [], [] if b is None else [f"{new['recipe']}: cost model not gated (the baseline has none)"]
+    if a["at"] != b["at"]:
+        return [], [f"{new['recipe']}: cost model not gated (baseline counted at {a['at']}, this run at {b['at']})"]
+    return [Regression(new["recipe"], f"cost {key}", a[key], b[key], f"+{limit.cost_up:.0%}")
+            for key in COST_KEYS if b[key] > a[key] * (1 + limit.cost_up)], []

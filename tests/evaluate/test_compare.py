@@ -58,7 +58,7 @@ def tiny(tmp_path_factory) -> Path:
 def compare(tiny: Path, *args: str):
     common = ["--model", str(tiny / "hf"), "--calib-text", str(tiny / "words.txt"), "--eval-text",
               str(tiny / "words.txt"), "--eval-tokens", "512", "--calib-tokens", "1024", "--prompt-tokens", "16",
-              "--new-tokens", "8", "--repeats", "1"]
+              "--new-tokens", "8", "--min-rounds", "3", "--time-cap", "1"]
     return CliRunner().invoke(main, ["compare", *args, *common])
 
 
@@ -84,6 +84,11 @@ def test_compare_writes_every_metric(first: Path) -> None:
         assert all("stats" in p and "seconds" in p for p in entry["passes"])
     assert fp32["fidelity"]["kl_mean"] < 1e-5 < int8["fidelity"]["kl_mean"] < 0.01
     assert fp32["relative"] == {"decode": 1.0, "batch": 1.0, "ttft": 1.0}
+    timing = data["timing"]
+    assert timing["rounds"] >= 3 and timing["stopped"] in ("precision", "time cap") and timing["confidence"] == 0.95
+    for key, (low, high) in int8["relative_interval"].items():
+        assert 0 < low <= int8["relative"][key] <= high, (key, low, high)
+    assert "interleaved rounds" in (first / "compare.md").read_text()
     assert int8["artifact_bytes"] < fp32["artifact_bytes"] / 2
     assert int8["ops"]["com.microsoft::MatMulNBits"] > 0 and "com.microsoft::MatMulNBits" not in fp32["ops"]
     markdown = (first / "compare.md").read_text()
@@ -91,6 +96,31 @@ def test_compare_writes_every_metric(first: Path) -> None:
     png = (first / "compare.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     assert not list(first.glob(".compare.*"))  # no staging left behind
+
+
+def test_cost_model_of_the_tiny_artifacts_by_hand(tiny: Path, first: Path) -> None:
+    """compare.json's cost figures against counts worked out from config.json (16-token prompt, context 24)."""
+    c = json.loads((tiny / "hf" / "config.json").read_text())
+    h, i, n, heads, kv, d, v = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                                c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["vocab_size"])
+    p, t = 16, 24
+    layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * i  # q, k, v, o, gate, up, down weights
+    fp32, int8 = (e["cost"] for e in json.loads((first / "compare.json").read_text())["recipes"])
+    ops = fp32["by_op"]
+    assert ops["MatMul"]["decode_weight_bytes"] == 4 * (n * layer + v * h)  # + the tied lm_head (transposed at load)
+    assert ops["Gather"]["decode_weight_bytes"] == 4 * h  # one embedding row
+    norms = ("SimplifiedLayerNormalization", "com.microsoft::SkipSimplifiedLayerNormalization")
+    assert sum(ops[op]["decode_weight_bytes"] for op in norms) == 4 * (2 * n + 1) * h
+    assert fp32["decode_kv_bytes"] == int8["decode_kv_bytes"] == n * 2 * kv * t * d * 4
+    assert ops["MatMul"]["decode_flops_per_token"] == 2 * (n * layer + v * h)
+    assert ops["MatMul"]["prefill_flops_per_token"] == 2 * n * layer + 2 * v * h / p  # logits of the last row only
+    attention = ops["com.microsoft::GroupQueryAttention"]
+    assert attention["decode_flops_per_token"] == n * 4 * heads * d * t
+    assert attention["prefill_flops_per_token"] == n * 4 * heads * d * p
+    # int8: 8-bit MatMulNBits, blocks of 32: a byte per weight and a float32 scale per 32; the tied embedding's
+    # bytes are the lm_head's (GatherBlockQuantized reads rows of the same tensors)
+    assert int8["by_op"]["com.microsoft::MatMulNBits"]["decode_weight_bytes"] == (n * layer + v * h) * (1 + 4 / 32)
+    assert int8["by_op"]["com.microsoft::MatMulNBits"]["decode_flops_per_token"] == 2 * (n * layer + v * h)
 
 
 def test_gate_passes_against_its_own_output(tiny: Path, first: Path) -> None:

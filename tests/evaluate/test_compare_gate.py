@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,16 +17,24 @@ from graphopt.evaluate.gate import (DEFAULTS, CompareError, Thresholds, budgets_
                            thresholds)
 
 
-def entry(name: str, kl: float, decode: float, size: int = 1000) -> dict:
+COST = {"decode_weight_bytes": 1000, "decode_kv_bytes": 100, "prefill_flops_per_token": 2000.5,
+        "decode_flops_per_token": 2000, "prefill_peak_activation_bytes": 500, "decode_peak_activation_bytes": 50}
+
+
+def entry(name: str, kl: float, decode: float, size: int = 1000, spread: float = 0.01) -> dict:
+    ratio = decode / 100
     return {"recipe": name, "artifact_bytes": size,
             "fidelity": {"kl_mean": kl, "top1_agreement": 0.95, "ppl_candidate": 10.0},
             "speed": {"ttft_ms": 10.0, "decode_tokens_per_s": decode, "batch_tokens_per_s": 4 * decode},
-            "relative": {"decode": decode / 100, "batch": decode / 100, "ttft": 1.0}}
+            "relative": {"decode": ratio, "batch": ratio, "ttft": 1.0},
+            "relative_interval": {"decode": [ratio - spread, ratio + spread], "batch": [ratio - spread, ratio + spread],
+                                  "ttft": [1.0 - spread, 1.0 + spread]},
+            "cost": {"at": {"batch": 1, "prompt_tokens": 64, "context": 96}, **COST}}
 
 
-def run(kl: float = 0.01, decode: float = 150.0, size: int = 1000) -> dict:
+def run(kl: float = 0.01, decode: float = 150.0, size: int = 1000, spread: float = 0.01) -> dict:
     return {"format": "graphopt-compare", "model": "m", "model_sha256": "abc", "reference_recipe": "fp32",
-            "recipes": [entry("fp32", 0.0, 100.0, 4000), entry("int4", kl, decode, size)]}
+            "recipes": [entry("fp32", 0.0, 100.0, 4000), entry("int4", kl, decode, size, spread)]}
 
 
 LIMITS = {"fp32": DEFAULTS, "int4": DEFAULTS}
@@ -63,10 +72,46 @@ def test_timing_uses_ratios_to_the_reference_recipe() -> None:
     for item in slower_machine["recipes"]:  # everything half as fast, ratios unchanged
         item["speed"] = {key: value / 2 for key, value in item["speed"].items()}
     assert lines(run(), slower_machine) == []
-    assert lines(run(), run(decode=130.0)) == ["int4: decode tok/s vs reference 1.5 -> 1.3 (-13.3%, limit -10%)",
-                                               "int4: batch tok/s vs reference 1.5 -> 1.3 (-13.3%, limit -10%)"]
+    # the change 1.3/1.5 = -13.3%; its 95% bound: new's top (1.31/1.3) and old's bottom (1.5/1.49) in quadrature
+    bound = 1.3 / 1.5 * math.exp(math.hypot(math.log(1.31 / 1.3), math.log(1.5 / 1.49))) - 1
+    assert lines(run(), run(decode=130.0)) == [
+        f"int4: decode tok/s vs reference 1.5 -> 1.3 (-13.3%, limit -10%; 95% at most {bound:+.1%})",
+        f"int4: batch tok/s vs reference 1.5 -> 1.3 (-13.3%, limit -10%; 95% at most {bound:+.1%})"]
+    assert f"{bound:+.1%}" == "-12.4%"  # 0.8667 · e^0.0102
     loose = {"fp32": DEFAULTS, "int4": Thresholds(decode_down=0.2, batch_down=0.2)}
     assert lines(run(), run(decode=130.0), loose) == []
+
+
+def test_a_timing_interval_that_reaches_the_threshold_is_inconclusive() -> None:
+    # median change -13.3%, but with new's top at 1.36 the change may be only -9.3%: not shown beyond -10%
+    found, notes = check(run(), run(decode=130.0, spread=0.06), LIMITS)
+    spread = math.hypot(math.log(1.36 / 1.3), math.log(1.5 / 1.49))
+    assert found == [] and 1.3 / 1.5 * math.exp(spread) > 0.9
+    line = f"(-13.3%, limit -10%; 95% at most {1.3 / 1.5 * math.exp(spread) - 1:+.1%}): inconclusive (±4.7%)"
+    assert notes == [f"int4: decode tok/s vs reference 1.5 -> 1.3 {line}",
+                     f"int4: batch tok/s vs reference 1.5 -> 1.3 {line}"]
+    found, _ = check(run(), run(decode=130.0, spread=0.045), LIMITS)  # at most -10.3%: the whole interval
+    assert [r.metric for r in found] == ["decode tok/s vs reference", "batch tok/s vs reference"]
+    noisy_baseline = run()
+    noisy_baseline["recipes"][1]["relative_interval"]["decode"] = [1.40, 1.80]  # its bottom: 7% below its median
+    found, notes = check(noisy_baseline, run(decode=130.0, spread=0.045), LIMITS)
+    assert [r.metric for r in found] == ["batch tok/s vs reference"] and "decode" in notes[0]
+    old_format = run(decode=130.0)  # a document without intervals: the medians alone decide
+    del old_format["recipes"][1]["relative_interval"]
+    assert len(check(run(), old_format, LIMITS)[0]) == 2
+
+
+def test_cost_model_is_held_to_one_percent() -> None:
+    grown = run()
+    grown["recipes"][1]["cost"] |= {"decode_weight_bytes": 1011, "decode_flops_per_token": 2020}  # +1.1%, +1.0%
+    assert lines(run(), grown) == ["int4: cost decode_weight_bytes 1000 -> 1011 (+1.1%, limit +1%)"]
+    elsewhere = run()
+    elsewhere["recipes"][1]["cost"]["at"] = {"batch": 1, "prompt_tokens": 32, "context": 48}
+    elsewhere["recipes"][1]["cost"]["decode_kv_bytes"] = 50_000
+    found, notes = check(run(), elsewhere, LIMITS)
+    assert found == [] and notes == [
+        "int4: cost model not gated (baseline counted at {'batch': 1, 'prompt_tokens': 64, 'context': 96}, "
+        "this run at {'batch': 1, 'prompt_tokens': 32, 'context': 48})"]
 
 
 def test_timing_is_not_gated_when_the_reference_recipe_changed() -> None:
@@ -113,7 +158,9 @@ def test_bad_baselines(tmp_path: Path, content: str | None, message: str) -> Non
     (["ort-cpu", "--baseline", "{malformed}"], "not valid JSON"),
     (["ort-cpu", "ort-cpu"], "repeat a name"),
     (["--bisect", "ort-cpu", "ort-cpu-int8"], "exactly one recipe"),
-    (["ort-cpu", "--repeats", "0"], "--repeats 0 is too small"),
+    (["ort-cpu", "--min-rounds", "2"], "--min-rounds 2 is too small"),
+    (["ort-cpu", "--min-rounds", "8", "--max-rounds", "6"], "--max-rounds 6 is too small; use at least 8"),
+    (["ort-cpu", "--precision", "0"], "--precision 0.0 / --time-cap"),
     ([], "at least one recipe"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, args: list[str], message: str) -> None:

@@ -65,3 +65,34 @@ def test_bad_input(tmp_path: Path) -> None:
     (tmp_path / "broken" / "build-report.json").write_text("{")
     result = invoke(str(tmp_path / "broken"), "ort-cpu")
     assert result.exit_code == 2 and "unreadable" in result.output and result.output.count("\n") == 1
+
+
+def graph(directory: Path, weight_type: int) -> None:
+    """model.onnx: logits = Gather(emb, ids) @ W, W [8, 16] of ``weight_type``."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    emb = numpy_helper.from_array(np.ones((16, 8), np.float32), "emb")
+    w = numpy_helper.from_array(np.ones((8, 16), helper.tensor_dtype_to_np_dtype(weight_type)), "w")
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+             helper.make_node("Cast", ["x"], ["xc"], to=weight_type),
+             helper.make_node("MatMul", ["xc", "w"], ["logits"])]
+    io = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+          helper.make_tensor_value_info("logits", weight_type, ["batch", "seq", 16])]
+    model = helper.make_model(helper.make_graph(nodes, "g", io[:1], io[1:], [emb, w]))
+    onnx.save(model, directory / "model.onnx")
+
+
+def test_artifacts_cost_model(tmp_path: Path) -> None:
+    a = fake_artifact(tmp_path / "a", "x", {"MatMul": 1}, "fp32")
+    b = fake_artifact(tmp_path / "b", "y", {"MatMul": 1}, "fp16")
+    graph(a, 1)  # float32
+    graph(b, 10)  # float16: the MatMul reads half the bytes; the Gather still reads one float32 row of emb
+    result = diff(load_side(str(a)), load_side(str(b)))
+    assert result["cost"]["totals"]["decode_weight_bytes"] == [4 * 8 + 4 * 8 * 16, 4 * 8 + 2 * 8 * 16]
+    assert result["cost"]["by_op"]["decode_weight_bytes"] == {"MatMul": [4 * 8 * 16, 2 * 8 * 16]}
+    assert result["cost"]["totals"]["decode_flops_per_token"] == [2 * 8 * 16] * 2
+    out = invoke(str(a), str(b)).output.splitlines()
+    assert "~ cost decode_weight_bytes: 544 -> 288 (-47.1%)" in out and "~   MatMul: 512 -> 256" in out
+    assert "  cost decode_flops_per_token: 256 -> 256" in out
