@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from graphopt.core.errors import GraphoptError
 from graphopt.targets.base import Target, TargetError
+
+if TYPE_CHECKING:  # the registry imports every target when the runtime opens an artifact: keep it light
+    import onnx_ir as ir
 
 log = logging.getLogger(__name__)
 

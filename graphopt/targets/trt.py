@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING, Any
 
 from graphopt.targets.base import Target, TargetError
 from graphopt.targets.trt_options import TrtOptions, apply_trt_options, check_no_kv_quant, check_trt_options
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 
 class Trt(Target):

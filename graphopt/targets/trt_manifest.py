@@ -15,13 +15,13 @@ Profiles give every dynamic input dimension a (min, opt, max) range by its symbo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING, Any
 
 from graphopt.core.errors import ArtifactError
 from graphopt.core.manifest import Manifest
-from graphopt.plugins.flash_attention_plugin import PLUGIN_NAMESPACE, PLUGIN_VERSION, plugin_nodes
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 MIN_TENSORRT = "10.13"  # first TensorRT whose ONNX parser imports Attention-23/TensorScatter-24
 MIN_TENSORRT_RTX = "1.7"
@@ -63,6 +63,8 @@ def profile_json(inputs: list[dict[str, Any]], ranges: ProfileRanges) -> dict[st
 
 def trt_fields(model: ir.Model, manifest: Manifest, profile_ranges: dict[str, int]) -> dict[str, Any]:
     """The trt-only manifest fields of a just-lowered model (Manifest field -> value, for dataclasses.replace)."""
+    from graphopt.plugins.flash_attention_plugin import PLUGIN_NAMESPACE, PLUGIN_VERSION, plugin_nodes
+
     inputs = [spec.to_json() for spec in manifest.inputs]
     plugins = plugin_nodes(model)
     profiles = default_profiles(**profile_ranges)

@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 from graphopt.core.errors import GraphoptError
-from graphopt.passes.pipeline import PassSpec, Recipe
+
+if TYPE_CHECKING:  # imported by the target registry, which the runtime loads: no passes at import
+    from graphopt.passes.pipeline import Recipe
 
 
 class TrtOptionError(GraphoptError):
@@ -50,6 +53,8 @@ def check_no_kv_quant(recipe: Recipe) -> None:
 
 def apply_trt_options(recipe: Recipe, options: TrtOptions) -> Recipe:
     """The recipe with every ``lower-trt`` pass set to ``options``; an error if it has none."""
+    from graphopt.passes.pipeline import PassSpec
+
     if not any(spec.name == "lower-trt" for spec in recipe.passes):
         raise TrtOptionError(f"recipe {recipe.name} targets trt but has no 'lower-trt' pass; add one before "
                              "'check-trt'")
