@@ -57,9 +57,6 @@ class Engine(Protocol):
     @property
     def capabilities(self) -> Capabilities: ...
 
-    @property
-    def multi_token(self) -> bool: ...
-
     def prepare_multi_token(self) -> bool: ...
 
     def step(self, input_ids: np.ndarray, position_ids: np.ndarray, cache_lens: np.ndarray,

@@ -46,8 +46,7 @@ class DeviceSlotCache(SlotCache):
 class TrtEngine:
     """Runs a trt artifact's engine.plan with a slot KV cache bound in place (see the module docstring)."""
 
-    multi_token = True  # TensorRT's Attention takes any rows of any tokens over the cache
-    capabilities = Capabilities(multi_row_multi_token=True, device="cuda")
+    capabilities = Capabilities(multi_row_multi_token=True, device="cuda")  # Attention takes any rows of any tokens
 
     def __init__(self, artifact_dir: str | Path, max_slots: int = DEFAULT_MAX_SLOTS, max_seq: int | None = None,
                  threads: int | None = None, spinning: bool = True) -> None:

@@ -28,7 +28,7 @@ from graphopt.passes.base import PipelineResults
 from graphopt.passes.pipeline import PassRecord, Recipe, run_pipeline
 from graphopt.core.progress import Progress
 from graphopt.quant.text import CALIB_TOKENS, EVAL_TOKENS
-from graphopt.targets import get_target
+from graphopt.targets import Target, get_target
 from graphopt.build.staging import check_destination, make_staging, swap_into_place, sweep_leftovers
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +118,8 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
     staging = make_staging(options.output)
     try:
         with progress.step("writing artifact"), _timed(timings, "save_s"):
-            report = _write(staging, model, source, torch_model, tokenizer, options, records, results,
-                            loaded.traced_ops,
-                            timings)
+            report = _write(staging, model, source, torch_model, tokenizer, options, target, records, results,
+                            loaded.traced_ops, timings)
         if any(r.lossy for r in records) and not target.measures_fidelity:
             report["fidelity_skipped"] = f"not measured for {target.name} artifacts (their engine needs other hardware)"
         elif any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
@@ -138,7 +137,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
     return report
 
 
-def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, options: BuildOptions,
+def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, options: BuildOptions, target: Target,
            records: list[PassRecord], results: PipelineResults, traced_ops: dict[str, int],
            timings: dict[str, float]) -> dict[str, Any]:
     from graphopt.build.quant import save_calibration
@@ -149,7 +148,6 @@ def _write(staging: Path, model: ir.Model, source, torch_model, tokenizer, optio
     calibration = save_calibration(results, staging)
     names = ["model.onnx"] + (["model.onnx.data"] if (staging / "model.onnx.data").exists() else [])
     names += [calibration["file"]] if calibration else []
-    target = get_target(options.target_name)
     manifest = _manifest(model, results, source, torch_model.config, torch_model.generation_config, options.recipe,
                          target.name)
     manifest = dataclasses.replace(manifest, **target.manifest_fields(model, manifest, options.target_options, results))

@@ -90,10 +90,9 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
 
     flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
     chosen_target = build_target(target, recipe)
-    target_flags = {name: value for name, value in (("attention", attention), ("dtype", dtype),
-                    ("max_seq", trt_max_seq), ("max_batch", trt_max_batch), ("max_prefill", trt_max_prefill),
-                    ("aot_check", aot_check)) if _given(name if name in ("attention", "dtype", "aot_check")
-                                                         else f"trt_{name}")}
+    values = {"attention": attention, "dtype": dtype, "trt_max_seq": trt_max_seq, "trt_max_batch": trt_max_batch,
+              "trt_max_prefill": trt_max_prefill, "aot_check": aot_check}
+    target_flags = {TARGET_OPTIONS[param]: value for param, value in values.items() if _given(param)}
     chosen, target_options = chosen_target.configure(precision_recipe(flags, recipe, chosen_target),  # before loading
                                                      target_flags)
     suffix = f"-{flags.weights}" if flags.weights else ""
@@ -118,6 +117,10 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
         click.echo(f"error: {output} is over its fidelity budget ({'; '.join(budget['misses'])}); the artifact was "
                    "written, drop --strict to accept it or use a wider precision", err=True)
         sys.exit(1)
+
+
+TARGET_OPTIONS = {"attention": "attention", "dtype": "dtype", "trt_max_seq": "max_seq", "trt_max_batch": "max_batch",
+                  "trt_max_prefill": "max_prefill", "aot_check": "aot_check"}  # build's parameter -> target option
 
 
 def _given(parameter: str) -> bool:

@@ -193,9 +193,10 @@ def load_manifest(artifact: str | Path, verify_hashes: bool = True) -> Manifest:
             f"{path}: format {raw.get('format')!r} v{raw.get('format_version')!r} is not {FORMAT!r} v{FORMAT_VERSION}; "
             "rebuild the artifact with this graphopt version"
         )
-    check_entries(directory, raw.get("files"))  # shape, and every path inside the artifact, hashes or not
-    if verify_hashes:
+    if verify_hashes:  # shape, every path inside the artifact, then sizes and sha256
         verify_files(directory, raw.get("files"))
+    else:  # shape and paths only
+        check_entries(directory, raw.get("files"))
     manifest = parse_manifest(raw)
     for key, name in manifest.graphs.items():
         artifact_path(directory, name, f"graphs.{key}")
