@@ -28,6 +28,7 @@ class LLMConfig:
     max_queue: requests waiting for a slot; more are refused as overloaded.
     threads: ONNX Runtime intra-op threads; None is the number of physical cores.
     speculative: speculative decoding (a draft artifact or n-gram lookup), or None.
+    prefix_cache: start each request from the longest prefix whose KV a slot holds (runtime/prefix_cache.py).
     """
 
     max_slots: int = DEFAULT_MAX_SLOTS
@@ -36,6 +37,7 @@ class LLMConfig:
     max_queue: int = 128
     threads: int | None = None
     speculative: SpecConfig | None = None
+    prefix_cache: bool = True
 
     def with_settings(self, **settings) -> LLMConfig:
         """This config with ``settings`` replaced; an unknown name is a one-line error."""

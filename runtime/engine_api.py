@@ -36,7 +36,9 @@ class Capabilities:
         speculative verification, batched catch-up). ORT's GroupQueryAttention cannot; an ort-cpu artifact
         with a multi-token graph can, once ``prepare_multi_token`` has loaded it.
     in_place_cache: the graph writes the new K/V into the bound cache buffers (present aliases past).
-    row_copy: ``cache.move(src, dst)`` copies a slot's K/V rows inside the bound buffers (no graph call).
+    row_copy: the cache copies and swaps row ranges between slots in place in the bound buffers, with no graph
+        call (``cache.move``, ``cache.copy_rows(src, dst, length)``, ``cache.swap(a, b, length)``: numpy slices
+        on the CPU, device copies for a CUDA cache); the prefix cache and slot compaction rely on it.
     device: where the cache lives ("cpu", "cuda").
     """
 

@@ -89,9 +89,28 @@ class SlotCache:
         self.check_active(src)
         self.check_active(dst)
         length = int(self.lens[src])
+        self.copy_rows(src, dst, length)
+        self.lens[dst] = length
+
+    def copy_rows(self, src: int, dst: int, length: int) -> None:
+        """Copy cache positions ``0..length-1`` of slot ``src`` over slot ``dst``, in place in every layer's K and
+        V buffer (free slots included: the prefix cache keeps finished sequences there). Lengths are the caller's."""
+        self._check_rows(src, dst, length)
         for buf in (*self.keys, *self.values):
             buf[dst, :, :length] = buf[src, :, :length]
-        self.lens[dst] = length
+
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchange positions ``0..length-1`` of slots ``a`` and ``b`` (lengths are the caller's to swap)."""
+        self._check_rows(a, b, length)
+        for buf in (*self.keys, *self.values):
+            held = _clone(buf[a, :, :length])
+            buf[a, :, :length] = buf[b, :, :length]
+            buf[b, :, :length] = held
+
+    def _check_rows(self, src: int, dst: int, length: int) -> None:
+        if not (0 <= src < self.max_slots and 0 <= dst < self.max_slots and 0 <= length <= self.max_seq):
+            raise RuntimeInputError(f"cannot copy {length} cache rows from slot {src} to slot {dst}: the cache has "
+                                    f"{self.max_slots} slots of {self.max_seq} positions")
 
     def free_all(self) -> None:
         self.lens[: self.num_active] = 0
@@ -146,3 +165,8 @@ class SlotCache:
                 f"slot {slot} is not active ({self.num_active} active slots: 0..{self.num_active - 1}); "
                 "allocate it first"
             )
+
+
+def _clone(rows):
+    """A copy of a buffer slice: numpy's ``copy`` or torch's ``clone`` (the device cache's buffers)."""
+    return rows.copy() if isinstance(rows, np.ndarray) else rows.clone()

@@ -96,7 +96,8 @@ class LLM:
                                                                       config.threads)
         spec = self.speculator
         self.scheduler = Scheduler(self.engine.cache, SchedulerConfig(config.max_batch_tokens, config.max_queue),
-                                   planner=spec.plan if spec else None, mirrors=tuple(spec.mirrors) if spec else ())
+                                   planner=spec.plan if spec else None, mirrors=tuple(spec.mirrors) if spec else (),
+                                   prefix_cache=config.prefix_cache and self.engine.capabilities.row_copy)
         self._requests: dict[str, tuple[Sequence, TextStream]] = {}
         self._lock = threading.Lock()
 

@@ -32,8 +32,11 @@ import dataclasses
 import enum
 from collections.abc import Callable
 
+import numpy as np
+
 from graphopt.core.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.kv_cache import SlotCache
+from graphopt.runtime.prefix_cache import PrefixCache, common_prefix
 from graphopt.runtime.sequence import Sequence, Status
 
 
@@ -83,11 +86,12 @@ class Scheduler:
 
     def __init__(self, cache: SlotCache, config: SchedulerConfig = SchedulerConfig(),
                  planner: Callable[[list[Sequence]], list[int]] | None = None,
-                 mirrors: tuple[SlotCache, ...] = ()) -> None:
+                 mirrors: tuple[SlotCache, ...] = (), prefix_cache: bool = False) -> None:
         self.cache = cache
         self.config = config
         self.planner = planner  # drafts per decoding sequence (speculative decoding), or None
         self.mirrors = tuple(mirrors)
+        self.prefix = PrefixCache((cache, *self.mirrors)) if prefix_cache else None
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.slots: list[Sequence] = []  # slot i -> its sequence; mirrors cache.num_active
         self._cancelled = 0
@@ -173,7 +177,10 @@ class Scheduler:
         seqs: list[Sequence] = []
         width = 0
         while self.waiting and self.cache.num_free > 0:
-            width = max(width, self.waiting[0].num_prompt)
+            reusable = self._reusable(self.waiting[0])
+            if seqs and self._shares_with_step(self.waiting[0], seqs, reusable):
+                break  # admitted next step, from this step's rows once they are cached (n > 1, a common prompt)
+            width = max(width, self.waiting[0].num_prompt - reusable)
             if seqs and width * (len(seqs) + 1) > budget:
                 break
             seqs.append(self._admit(self.waiting.popleft()))
@@ -195,10 +202,26 @@ class Scheduler:
             ks[ks.index(max(ks))] -= 1
         return ks
 
+    def _reusable(self, seq: Sequence) -> int:
+        """Prompt tokens of ``seq`` the prefix cache holds now."""
+        found = self.prefix.match(seq.prompt_ids, self.slots) if self.prefix is not None else None
+        return found.length if found is not None else 0
+
+    def _shares_with_step(self, seq: Sequence, rows: list[Sequence], reusable: int) -> bool:
+        """A row this step prefills shares a longer prefix with ``seq`` than the cache holds now."""
+        if self.prefix is None:
+            return False
+        shared = max(common_prefix(np.asarray(seq.prompt_ids), np.asarray(row.prompt_ids)) for row in rows)
+        return min(shared, seq.num_prompt - 1) >= reusable + self.prefix.min_tokens
+
     def _admit(self, seq: Sequence) -> Sequence:
-        seq.slot = self.cache.allocate()
-        for mirror in self.mirrors:
-            mirror.allocate()
+        slot = self.cache.num_active
+        if self.prefix is not None:
+            self.prefix.admit(seq, self.slots)  # allocates in every cache, with the reused prefix
+        else:
+            for cache in (self.cache, *self.mirrors):
+                cache.allocate()
+        seq.slot = slot
         assert seq.slot == len(self.slots), "scheduler slots out of step with the cache"
         seq.status = Status.PREFILL
         self.slots.append(seq)
@@ -214,21 +237,31 @@ class Scheduler:
         self.release([seq for seq in self.slots if seq.cancelled])
 
     def _free(self, seq: Sequence) -> None:
-        slot, decoding = seq.slot, self.num_decoding
-        if seq.status is Status.DECODE and slot != decoding - 1:
-            self._move(decoding - 1, slot)  # the last decoding sequence fills the hole
-            slot = decoding - 1
-        move = self.cache.free(slot)  # the last active one (the prefill, if any) moves into ``slot``
-        for mirror in self.mirrors:
-            mirror.free(slot)
-        if move is not None:
-            self._move_record(move.src, move.dst)
+        """The last decoding sequence fills the hole, then the last active one (the prefill, if any) fills
+        that; with the prefix cache the moves are swaps, so ``seq``'s rows end in the first free slot."""
+        caches = (self.cache, *self.mirrors)
+        lens = [int(cache.lens[seq.slot]) for cache in caches]
+        keep = self.prefix is not None
+        slot = seq.slot
+        for filler in (self.num_decoding - 1 if seq.status is Status.DECODE else slot, len(self.slots) - 1):
+            if filler != slot:
+                self._move(filler, slot, keep)
+                slot = filler
+        for cache in caches:
+            cache.free(slot)  # the last active slot: no move
         self.slots.pop()
+        if keep:
+            self.prefix.keep(slot, seq, lens)
         seq.status, seq.slot = Status.FINISHED, -1
 
-    def _move(self, src: int, dst: int) -> None:
+    def _move(self, src: int, dst: int, swap: bool = False) -> None:
         for cache in (self.cache, *self.mirrors):
-            cache.move(src, dst)
+            if swap:
+                length = max(int(cache.lens[src]), int(cache.lens[dst]))
+                cache.swap(src, dst, length)
+                cache.lens[[src, dst]] = cache.lens[[dst, src]]
+            else:
+                cache.move(src, dst)
         self._move_record(src, dst)
 
     def _move_record(self, src: int, dst: int) -> None:

@@ -71,6 +71,7 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int = -1
     num_cached: int = 0
+    num_reused: int = 0  # prompt tokens whose KV came from the prefix cache
     finish_reason: str | None = None  # "stop" | "length" | "cancelled"
     cancelled: bool = False
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
