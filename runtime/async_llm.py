@@ -87,16 +87,18 @@ class AsyncLLM:
         return len(self._queues)
 
     # ---- requests ----------------------------------------------------------------------------------------
-    def submit(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[str], asyncio.Queue]:
-        """Queue requests now, raising at once if one is refused (none stays queued then); their outputs
-        arrive on the returned queue. Read it with :meth:`outputs`."""
+    def submit(self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]) -> tuple[list[str],
+                                                                                                asyncio.Queue]:
+        """Queue requests now (``params`` one for all, or one each), raising at once if one is refused (none
+        stays queued then); their outputs arrive on the returned queue. Read it with :meth:`outputs`."""
         if not self._accepting:
             raise OverloadedError("the server is shutting down; retry on another replica")
         queue: asyncio.Queue = asyncio.Queue()
         ids: list[str] = []
+        each = params if isinstance(params, list) else [params] * len(prompts)
         try:
-            for prompt in prompts:
-                seq = self.llm.add_request(prompt, params)
+            for prompt, one in zip(prompts, each, strict=True):
+                seq = self.llm.add_request(prompt, one)
                 ids.append(seq.request_id)
                 self._queues[seq.request_id] = queue
                 self._last_time[seq.request_id] = seq.arrival_time

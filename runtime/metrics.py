@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from graphopt.runtime.llm import RequestOutput
+from graphopt.runtime.prefix_cache import PrefixStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -93,4 +95,23 @@ class ServingMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_prefix_cache(self, stats: Callable[[], PrefixStats]) -> None:
+        """Export the prefix cache's counters (read when /metrics is scraped)."""
+        self.registry.register(_PrefixCacheCollector(stats))
+
+
+class _PrefixCacheCollector:
+    def __init__(self, stats: Callable[[], PrefixStats]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        for name, help_text, value in (
+                ("queries", "Requests admitted while the prefix cache was on", stats.lookups),
+                ("hits", "Requests that started from a cached prefix", stats.hits),
+                ("reused_tokens", "Prompt tokens whose KV came from the prefix cache", stats.tokens_reused),
+                ("evictions", "Finished sequences' cached tokens dropped to make room", stats.evictions)):
+            yield CounterMetricFamily(f"graphopt_prefix_cache_{name}", help_text, value=value)
+        yield GaugeMetricFamily("graphopt_prefix_cache_hit_rate", "Hits / queries since start", value=stats.hit_rate)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Sequence
@@ -9,11 +10,31 @@ from typing import Any
 
 from graphopt.runtime.llm import Completion, RequestOutput
 from graphopt.runtime.penalties import TokenLogprob
+from graphopt.runtime.sequence import Sequence as SeqState
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+@dataclasses.dataclass(frozen=True)
+class PromptUsage:
+    """A request's prompt tokens, each prompt counted once whatever ``n`` is, and how many of them no choice had
+    to compute (their KV came from the prefix cache): OpenAI's ``prompt_tokens_details.cached_tokens``."""
+
+    tokens: int
+    cached: int
+
+
+def prompt_usage(parsed: Any, seqs: Sequence[SeqState]) -> PromptUsage:
+    """``seqs``: the finished choices of ``parsed`` (a ParsedRequest), in choice order (prompt i: i*n..i*n+n-1)."""
+    tokens = sum(len(prompt) for prompt in parsed.prompts)
+    by_prompt: dict[int, list[int]] = {}
+    for index, seq in enumerate(seqs):
+        by_prompt.setdefault(index // parsed.n, []).append(seq.num_reused)
+    return PromptUsage(tokens, sum(min(reused) for reused in by_prompt.values()))
+
+
+def usage(prompt: PromptUsage, completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt.tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt.tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": prompt.cached}}
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -33,11 +54,11 @@ class Responses:
         self._offsets: dict[int, int] = {}
 
     # ---- whole responses ---------------------------------------------------------------------------------
-    def final(self, results: Sequence[Completion]) -> dict[str, Any]:
+    def final(self, results: Sequence[Completion], prompt: PromptUsage) -> dict[str, Any]:
         choices = [self._choice(index, r.text, r.finish_reason, r.logprobs, final=True)
                    for index, r in enumerate(results)]
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
-        body["usage"] = usage(sum(r.prompt_tokens for r in results), sum(len(r.token_ids) for r in results))
+        body["usage"] = usage(prompt, sum(len(r.token_ids) for r in results))
         return body
 
     # ---- stream chunks -----------------------------------------------------------------------------------
@@ -56,9 +77,9 @@ class Responses:
         choice = self._choice(index, out.text, out.finish_reason, out.logprobs, final=False)
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, prompt: PromptUsage, completion_tokens: int) -> dict[str, Any]:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        body["usage"] = usage(prompt_tokens, completion_tokens)
+        body["usage"] = usage(prompt, completion_tokens)
         return body
 
     # ---- pieces ------------------------------------------------------------------------------------------

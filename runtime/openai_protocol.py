@@ -22,6 +22,7 @@ from graphopt.core.errors import ArtifactError, RequestError, RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.sampler import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 
+MAX_N = 64  # choices per prompt (the queue bounds prompts x n as well)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -50,7 +51,7 @@ COMMON: dict[str, Rule] = {
     "max_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "temperature": ("a number in [0, 2]", lambda v: _num(v) and 0 <= v <= 2),
     "top_p": ("a number in (0, 1]", lambda v: _num(v) and 0 < v <= 1),
-    "n": ("1 (one choice per prompt)", lambda v: _int(v) and v == 1),
+    "n": (f"an integer in 1..{MAX_N} (choices per prompt)", lambda v: _int(v) and 1 <= v <= MAX_N),
     "stream": ("a boolean", lambda v: isinstance(v, bool)),
     "stream_options": ("an object like {\"include_usage\": true}",
                        lambda v: isinstance(v, dict) and set(v) <= {"include_usage"}
@@ -105,6 +106,14 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     logprobs: int | None  # alternatives per token, None = off
+    n: int = 1  # choices per prompt: prompt i's are choices i*n .. i*n+n-1
+
+    def requests(self) -> tuple[list[list[int]], list[SamplingParams]]:
+        """One engine request per choice. A seeded request's choices get seeds seed, seed+1, ... (as vLLM's),
+        so they differ; the n copies of a prompt share its KV through the prefix cache."""
+        params = [self.params if self.params.seed is None or j == 0 else
+                  dataclasses.replace(self.params, seed=(self.params.seed + j) % 2**63) for j in range(self.n)]
+        return [p for p in self.prompts for _ in range(self.n)], params * len(self.prompts)
 
 
 def validate(body: Any, rules: dict[str, Rule], required: str) -> dict[str, Any]:
@@ -225,7 +234,7 @@ def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int,
     logprobs = body.get("logprobs")
     return ParsedRequest(body.get("model"), prompts, sampling_params(body, max_tokens, logprobs, defaults),
                          body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
-                         logprobs)
+                         logprobs, body.get("n", 1))
 
 
 def parse_chat(body: Any, tokenizer: Any, max_seq: int, defaults: dict[str, Any] | None = None) -> ParsedRequest:
@@ -236,4 +245,4 @@ def parse_chat(body: Any, tokenizer: Any, max_seq: int, defaults: dict[str, Any]
     logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
     return ParsedRequest(body.get("model"), [prompt], sampling_params(body, max_tokens, logprobs, defaults),
                          body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
-                         logprobs)
+                         logprobs, body.get("n", 1))

@@ -45,8 +45,9 @@ from graphopt.runtime.http_guard import LocalOnly
 from graphopt.runtime.http_io import ClientGone, SSEResponse, read_json, until_disconnect
 from graphopt.runtime.http_protocol import HeaderTimeoutProtocol
 from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
+from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
-from graphopt.runtime.openai_format import Responses, error_body
+from graphopt.runtime.openai_format import Responses, error_body, prompt_usage
 from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion, request_defaults
 from graphopt.runtime.utility_routes import ThroughputLog, detokenize, tokenize, version
 from graphopt.runtime.config import LLMConfig
@@ -83,6 +84,8 @@ class OpenAIServer:
         cache = self.llm.engine.cache
         self.metrics = ServingMetrics(lambda: len(self.llm.scheduler.waiting), lambda: cache.num_active,
                                       cache.max_slots)
+        if self.llm.scheduler.prefix is not None:
+            self.metrics.watch_prefix_cache(lambda: self.llm.scheduler.prefix.stats)
         self.async_llm = AsyncLLM(self.llm, observer=self.metrics)
         self.started = int(time.time())
         self.defaults = request_defaults(Path(config.artifact))  # generation_config.json's sampling defaults
@@ -204,10 +207,12 @@ class OpenAIServer:
             raise RequestError(f"the model '{parsed.model}' does not exist; this server serves '{self.model_name}'",
                                param="model", status=404, code="model_not_found")
         limit = self.llm.scheduler.config.max_queue
-        if len(parsed.prompts) > limit:  # would be refused with 429 forever, however idle the server
-            raise RequestError(f"this request has {len(parsed.prompts)} prompts, more than the server's queue holds "
-                               f"({limit}); send at most {limit} per request", param="prompt")
-        ids, queue = self.async_llm.submit(parsed.prompts, parsed.params)
+        prompts, params = parsed.requests()
+        if len(prompts) > limit:  # would be refused with 429 forever, however idle the server
+            raise RequestError(f"this request asks for {len(prompts)} choices (prompts x n), more than the server's "
+                               f"queue holds ({limit}); send at most {limit} per request",
+                               param="n" if parsed.n > 1 else "prompt")
+        ids, queue = self.async_llm.submit(prompts, params)
         responses = Responses(chat, self.model_name, self.llm.tokenizer, parsed.logprobs)
         outputs = self.async_llm.outputs(ids, queue)
         if parsed.stream:
@@ -217,12 +222,12 @@ class OpenAIServer:
             log.info("client went away; cancelled %d request(s)", len(ids))
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         results = [collect_completion(part[-1].seq, part) for part in parts]
-        return JSONResponse(responses.final(results))
+        return JSONResponse(responses.final(results, prompt_usage(parsed, [part[-1].seq for part in parts])))
 
     async def _events(self, parsed: ParsedRequest, responses: Responses,
                       outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
-        prompt_tokens = completion_tokens = 0
-        for index in range(len(parsed.prompts)):
+        seqs: dict[int, Sequence] = {}
+        for index in range(len(parsed.prompts) * parsed.n):
             opening = responses.role_chunk(index)
             if opening is not None:
                 yield json.dumps(opening)
@@ -232,12 +237,12 @@ class OpenAIServer:
                 if chunk is not None:
                     yield json.dumps(chunk)
                 if out.finished:
-                    prompt_tokens += out.seq.num_prompt
-                    completion_tokens += len(out.seq.output_ids)
+                    seqs[index] = out.seq
         finally:
             await outputs.aclose()
         if parsed.include_usage:
-            yield json.dumps(responses.usage_chunk(prompt_tokens, completion_tokens))
+            done = [seqs[index] for index in sorted(seqs)]
+            yield json.dumps(responses.usage_chunk(prompt_usage(parsed, done), sum(len(s.output_ids) for s in done)))
 
 
 async def _gather(outputs: AsyncIterator[tuple[int, RequestOutput]], count: int) -> list[list[RequestOutput]]:

@@ -122,6 +122,11 @@ def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Runs per engine; medians are reported.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--workload", type=click.Choice(["single", "chat"]), default="single", show_default=True,
+              help="single: batch-1 TTFT and decode; chat: 8 concurrent multi-turn conversations sharing a "
+                   "512-token system prompt (prefix cache on vs off, and --vs genai).")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None,
+              help="With --workload chat: write TTFT per turn for each engine to this PNG.")
 @click.option("--concurrency", default=16, show_default=True, type=int,
               help="With speculation: also time this many concurrent requests, speculation on vs off.")
 @click.option("--task", type=click.Choice(["continue", "repeat"]), default=None,
@@ -129,13 +134,19 @@ def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict
                    "(default: repeat for --speculative ngram, continue otherwise; --prompt-tokens sets the "
                    "length of 'continue' only).")
 @spec_options
-def bench(artifact, peers, prompt_tokens, new_tokens, repeats, as_json, concurrency, task, draft, speculative,
-          num_spec, fixed_k):
+def bench(artifact, peers, prompt_tokens, new_tokens, repeats, as_json, workload, plot_path, concurrency, task, draft,
+          speculative, num_spec, fixed_k):
     """Batch-1 TTFT and decode tok/s of ARTIFACT vs peers on the same weights, in the same run.
 
-    With --draft or --speculative: speculative vs plain decoding of ARTIFACT instead (no peers)."""
+    With --draft or --speculative: speculative vs plain decoding of ARTIFACT instead (no peers).
+    With --workload chat: multi-turn chat traffic, prefix cache on vs off (and --vs genai)."""
     from graphopt.measure.bench import print_bench, run_bench
 
+    if workload == "chat":
+        _chat_bench(artifact, peers, repeats, as_json, plot_path)
+        return
+    if plot_path is not None:
+        raise RuntimeInputError("--plot draws the chat workload; add --workload chat")
     spec = spec_config(draft, speculative, num_spec, fixed_k)
     if spec is not None:
         from graphopt.measure.bench_spec import print_spec_bench, run_spec_bench
@@ -152,3 +163,22 @@ def bench(artifact, peers, prompt_tokens, new_tokens, repeats, as_json, concurre
         click.echo(json.dumps(results, indent=2))
     else:
         print_bench(results)
+
+
+def _chat_bench(artifact: Path, peers: tuple[str, ...], repeats: int, as_json: bool, plot_path: Path | None) -> None:
+    from graphopt.measure.bench_chat import plot_chat, print_chat_bench, run_chat_bench
+
+    source = click.get_current_context().get_parameter_source("peers")
+    if "hf" in peers and source is not click.core.ParameterSource.DEFAULT:
+        raise RuntimeInputError("--vs hf has no chat mode (no batching, no KV reuse across turns); use --vs genai")
+    if repeats < 1:
+        raise RuntimeInputError(f"--repeats {repeats} is too small; use at least 1")
+    results = run_chat_bench(artifact, [peer for peer in peers if peer == "genai"], repeats)
+    if plot_path is not None:
+        plot_chat(results, plot_path)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        print_chat_bench(results)
+        if plot_path is not None:
+            click.echo(f"wrote {plot_path}")

@@ -90,3 +90,30 @@ def test_timed_loop_counts_tokens_and_token_agreement() -> None:
     assert token_agreement([1, 2, 3], [1, 2, 3]) == {"match": True, "first_divergence": None, "compared": 3}
     assert token_agreement([1, 2, 3], [1, 5, 3])["first_divergence"] == 1
     assert token_agreement([1, 2], [1, 2, 3])["first_divergence"] == 2
+
+
+def test_chat_workload_bench(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                             capsys: pytest.CaptureFixture) -> None:
+    """A small chat workload: prefix cache on and off and GenAI give the same greedy answers; the structure
+    the issue names; the plot is written. No speed is asserted."""
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install onnxruntime-genai)")
+    from graphopt.measure.bench_chat import chat_workload, plot_chat, print_chat_bench, run_chat_bench
+
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
+    workload = chat_workload(64, conversations=3, system_tokens=40, turns=3, answer_tokens=6, turn_tokens=(4, 12))
+    results = run_chat_bench(artifact, ["genai"], repeats=2, threads=1, progress=QUIET, workload=workload)
+    json.dumps(results)
+    assert results["workload"] == "chat" and set(results["engines"]) == {"graphopt", "graphopt-no-prefix-cache",
+                                                                          "genai"}
+    assert set(results["ratios"]) == {"ttft_p50_vs_no_prefix_cache", "throughput_vs_no_prefix_cache",
+                                      "ttft_p50_vs_genai", "throughput_vs_genai"}
+    assert results["answers_equal_graphopt"] == {"graphopt-no-prefix-cache": 1.0, "genai": 1.0}
+    ours = results["engines"]["graphopt"]
+    # 9 turns: the two later conversations copy the system prompt, every later turn takes its slot over
+    assert ours["prefix_cache_hit_rate"] == pytest.approx(8 / 9, abs=1e-3)
+    assert len(ours["ttft_per_turn_ms"]) == 3 and all(r["tokens_per_s"] > 0 for r in ours["runs"])
+    assert "prefix_cache_hit_rate" not in results["engines"]["genai"]
+    plot_chat(results, tmp_path / "chat.png")
+    assert (tmp_path / "chat.png").stat().st_size > 1000
+    print_chat_bench(results)
+    assert "ttft_p50_vs_no_prefix_cache" in capsys.readouterr().out

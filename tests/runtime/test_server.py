@@ -108,6 +108,29 @@ def test_stop_strings_and_multiple_prompts(client: openai.OpenAI) -> None:
     assert many.usage.prompt_tokens == 5 and many.usage.completion_tokens == 6
 
 
+def test_n_choices_share_the_prompt_and_usage_counts_it_once(server, client: openai.OpenAI) -> None:
+    prompt = " ".join(f"w{i}" for i in range(4, 44))
+    hits = metric(server.port, "graphopt_prefix_cache_hits_total")
+    many = client.completions.create(model="tiny", prompt=prompt, n=3, max_tokens=5, temperature=1.0, seed=7,
+                                     extra_body={"ignore_eos": True})
+    prompt_tokens = many.usage.prompt_tokens
+    assert [c.index for c in many.choices] == [0, 1, 2] and prompt_tokens >= 40
+    assert many.usage.completion_tokens == 15 and many.usage.prompt_tokens_details.cached_tokens == 0
+    assert len({c.text for c in many.choices}) > 1  # seeds 7, 8, 9
+    assert metric(server.port, "graphopt_prefix_cache_hits_total") - hits >= 2  # the 2nd and 3rd copy the 1st
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=1.0, seed=8,
+                                      extra_body={"ignore_eos": True})
+    assert again.choices[0].text == many.choices[1].text  # seed 8 is the second choice's, its prompt now cached
+    assert again.usage.prompt_tokens_details.cached_tokens == prompt_tokens - 1
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": prompt}], n=2,
+                                          max_tokens=4, temperature=0, stream=True,
+                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    parts = list(chat)
+    texts = ["".join(p.choices[0].delta.content or "" for p in parts if p.choices and p.choices[0].index == i)
+             for i in (0, 1)]
+    assert texts[0] == texts[1] and texts[0] and parts[-1].usage.completion_tokens == 8
+
+
 def test_greedy_output_is_the_same_alone_and_among_16_concurrent(server, client: openai.OpenAI) -> None:
     prompts = [" ".join(f"w{4 + (7 * i + 3 * j) % 90}" for j in range(3 + 5 * i % 40)) for i in range(16)]
     alone = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0,
@@ -151,7 +174,8 @@ def test_bad_completion_requests_name_the_field(server, body, status: int, param
     ({"model": "tiny", "messages": [{"role": "robot", "content": "w4"}]}, "messages[0]"),
     ({"model": "tiny", "messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "w4"}], "top_logprobs": 50}, "top_logprobs"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "w4"}], "n": 2}, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "w4"}], "n": 0}, "n"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "w4"}], "n": 65}, "n"),
 ])
 def test_bad_chat_requests_name_the_field(server, body, param: str) -> None:
     code, _, payload = _post(server.port, "/v1/chat/completions", body)
