@@ -10,7 +10,9 @@ B slots, Hkv kv heads, max_seq cache positions, D head dim.
 Active sequences always occupy slots ``0..num_active-1``, so the engine binds the contiguous
 prefix ``[:n]`` of every buffer as ``past_*``/``present_*`` with no copy. Freeing slot ``i``
 moves the last active slot's contents and length into ``i`` and returns that move, so the
-caller can update its request→slot map. Pure numpy: no model needed to test it.
+caller can update its request→slot map. ``copy_rows`` and ``swap`` copy or exchange row ranges between any
+two slots (free ones included: the prefix cache keeps finished sequences there). Pure numpy: no model
+needed to test it.
 
 Buffers are allocated with ``np.zeros`` (calloc): pages are committed only when touched. ORT's
 GroupQueryAttention touches the whole bound range on its first call (measured: one 16-row prefill of

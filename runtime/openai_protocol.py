@@ -169,6 +169,20 @@ def _message(message: Any, index: int) -> dict[str, str]:
 SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def generation_defaults(artifact: Path, source: str = "auto") -> dict[str, Any]:
+    """The sampling defaults ``--generation-config`` names: "auto" (the artifact's generation_config.json),
+    "vllm" or "none" (none: the API's own, temperature 1.0 as OpenAI's), or a folder with a generation_config.json."""
+    if source == "auto":
+        return request_defaults(artifact)
+    if source in ("vllm", "none"):
+        return {}
+    folder = Path(source)
+    if not (folder / "generation_config.json").is_file():
+        raise RuntimeInputError(f"--generation-config {source!r}: no generation_config.json there; use auto, vllm, "
+                                "none, or a folder that holds one")
+    return request_defaults(folder)
+
+
 def request_defaults(artifact: Path) -> dict[str, Any]:
     """Sampling defaults from ``artifact/generation_config.json`` (see the module docstring); ArtifactError for a
     value the API itself would refuse."""

@@ -23,6 +23,11 @@ finishes in its slot. Finished requests free their slot in the step that finishe
 cancelled ones at the start of the next :meth:`schedule`. Freeing keeps the layout: the last decoding
 sequence fills the hole, then the prefill sequence (if any) takes that one's place. ``mirrors`` (a draft
 model's slot cache) get the same allocations, moves and frees, so slot i means the same request in each.
+
+With ``prefix_cache`` (runtime/prefix_cache.py) an admitted request starts from the longest prefix a slot
+holds (its reused tokens are cached from the start, so only the rest is prefilled and counted against the
+budget), moves on release are swaps (the finished rows stay in a free slot, indexed), and a request sharing
+a longer prefix with a row of the current prefill step than the cache holds waits for the next one.
 """
 
 from __future__ import annotations

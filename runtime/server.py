@@ -48,7 +48,7 @@ from graphopt.runtime.llm import LLM, RequestOutput, collect_completion
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.metrics import CONTENT_TYPE, ServingMetrics
 from graphopt.runtime.openai_format import Responses, error_body, prompt_usage
-from graphopt.runtime.openai_protocol import ParsedRequest, parse_chat, parse_completion, request_defaults
+from graphopt.runtime.openai_protocol import ParsedRequest, generation_defaults, parse_chat, parse_completion
 from graphopt.runtime.utility_routes import ThroughputLog, detokenize, tokenize, version
 from graphopt.runtime.config import LLMConfig
 
@@ -72,6 +72,7 @@ class ServerConfig:
     body_timeout: float = 30.0  # seconds for the request body once the headers are in
     max_connections: int = 256  # connections open at once; one more is answered 503 and closed
     log_interval: float = 10.0  # seconds between throughput lines in the log while serving
+    generation_config: str = "auto"  # sampling defaults: auto | vllm | none | a folder (openai_protocol.py)
 
 
 class OpenAIServer:
@@ -88,7 +89,7 @@ class OpenAIServer:
             self.metrics.watch_prefix_cache(lambda: self.llm.scheduler.prefix.stats)
         self.async_llm = AsyncLLM(self.llm, observer=self.metrics)
         self.started = int(time.time())
-        self.defaults = request_defaults(Path(config.artifact))  # generation_config.json's sampling defaults
+        self.defaults = generation_defaults(Path(config.artifact), config.generation_config)
         self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="graphopt-tokenize")
         routes = [
             Route("/v1/completions", self._endpoint("completions", self.completions, True), methods=["POST"]),

@@ -25,6 +25,9 @@ from graphopt.runtime.config import DEFAULTS, MAX_SEQ_HELP, LLMConfig
 @click.option("--max-batch-tokens", default=DEFAULTS.max_batch_tokens, show_default=True, type=int,
               help="Prompt tokens per prefill step; longer prompts are prefilled in chunks.")
 @click.option("--threads", default=None, type=int, help="ONNX Runtime threads (default: physical cores).")
+@click.option("--generation-config", default="auto", show_default=True,
+              help="Sampling defaults for fields a request leaves out: auto (the artifact's generation_config.json), "
+                   "vllm or none (the API's own), or a folder holding a generation_config.json.")
 @click.option("--no-prefix-cache", is_flag=True,
               help="Prefill every prompt from its first token (default: reuse the KV of a cached prefix).")
 @click.option("--model-name", "--served-model-name", default=None, help="Model id clients send (default: the artifact folder's name).")
@@ -41,8 +44,8 @@ from graphopt.runtime.config import DEFAULTS, MAX_SEQ_HELP, LLMConfig
 @click.option("--replicas", default=1, show_default=True, type=int, help="Ray Serve replicas (one engine each).")
 @click.option("--ray-address", default=None, help="Existing Ray cluster (default: start a local one on loopback).")
 @spec_options
-def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batch_tokens, threads, no_prefix_cache,
-          model_name, max_body_bytes, shutdown_timeout, header_timeout, body_timeout, max_connections, use_ray,
+def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batch_tokens, threads, generation_config,
+          no_prefix_cache, model_name, max_body_bytes, shutdown_timeout, header_timeout, body_timeout, max_connections, use_ray,
           replicas, ray_address, draft, speculative, num_spec, fixed_k) -> None:
     """Serve ARTIFACT with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     from graphopt.runtime.server import ServerConfig
@@ -59,7 +62,7 @@ def serve(artifact, host, port, api_key, max_slots, max_queue, max_seq, max_batc
                     threads=threads, speculative=spec_config(draft, speculative, num_spec, fixed_k, threads),
                     prefix_cache=not no_prefix_cache)
     config = ServerConfig(artifact, host, port, api_key, llm, model_name, max_body_bytes, shutdown_timeout,
-                          header_timeout, body_timeout, max_connections)
+                          header_timeout, body_timeout, max_connections, generation_config=generation_config)
     if use_ray:
         from graphopt.runtime.ray_serve import serve_ray
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from graphopt.core.errors import ArtifactError
+from graphopt.core.errors import ArtifactError, RuntimeInputError
 from graphopt.runtime.llm import LLM
-from graphopt.runtime.openai_protocol import request_defaults
+from graphopt.runtime.openai_protocol import generation_defaults, request_defaults
 from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.server import ServerConfig
 from serving_artifact import ServerThread, metric, tiny_artifact
@@ -130,6 +130,10 @@ def test_omitted_sampling_fields_follow_generation_config(open_server, tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6,
                                                                  "top_p": 0.9, "top_k": 50}))
     assert request_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9, "top_k": 50}
+    assert generation_defaults(tiny_artifact(), str(tmp_path)) == request_defaults(tmp_path)  # --generation-config DIR
+    assert generation_defaults(tiny_artifact(), "vllm") == generation_defaults(tiny_artifact(), "none") == {}
+    with pytest.raises(RuntimeInputError, match="no generation_config.json"):
+        generation_defaults(tiny_artifact(), str(tmp_path / "missing"))
     (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": "hot"}))
     with pytest.raises(ArtifactError, match="temperature"):
         request_defaults(tmp_path)
