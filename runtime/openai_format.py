@@ -27,8 +27,18 @@ def prompt_usage(parsed: Any, seqs: Sequence[SeqState]) -> PromptUsage:
     tokens = sum(len(prompt) for prompt in parsed.prompts)
     by_prompt: dict[int, list[int]] = {}
     for index, seq in enumerate(seqs):
-        by_prompt.setdefault(index // parsed.n, []).append(seq.num_reused)
+        by_prompt.setdefault(index // parsed.copies, []).append(seq.num_reused)
     return PromptUsage(tokens, sum(min(reused) for reused in by_prompt.values()))
+
+
+def best_of(results: Sequence[Completion], copies: int, n: int) -> list[Completion]:
+    """Of each prompt's ``copies`` results (consecutive), the ``n`` of highest total log-probability, in order."""
+    kept = []
+    for first in range(0, len(results), copies):
+        group = list(results[first:first + copies])
+        ranked = sorted(range(copies), key=lambda i: -sum(lp.logprob for lp in group[i].logprobs))
+        kept += [group[i] for i in sorted(ranked[:n])]
+    return kept
 
 
 def usage(prompt: PromptUsage, completion_tokens: int) -> dict[str, Any]:
@@ -54,9 +64,11 @@ class Responses:
         self._offsets: dict[int, int] = {}
 
     # ---- whole responses ---------------------------------------------------------------------------------
-    def final(self, results: Sequence[Completion], prompt: PromptUsage) -> dict[str, Any]:
-        choices = [self._choice(index, r.text, r.finish_reason, r.logprobs, final=True)
-                   for index, r in enumerate(results)]
+    def final(self, results: Sequence[Completion], prompt: PromptUsage, copies: int = 1, n: int = 1) -> dict[str, Any]:
+        """``results``: ``copies`` per prompt, in order; with ``n`` below that, each prompt's ``n`` of highest
+        total log-probability are the choices (best_of). Usage counts every generated token."""
+        kept = best_of(results, copies, n) if copies > n else results
+        choices = [self._choice(index, r.text, r.finish_reason, r.logprobs, final=True) for index, r in enumerate(kept)]
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         body["usage"] = usage(prompt, sum(len(r.token_ids) for r in results))
         return body

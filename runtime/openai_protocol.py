@@ -80,7 +80,7 @@ COMPLETIONS: dict[str, Rule] = {
                    isinstance(v, list) and bool(v) and all((isinstance(p, str) and p) or _ids(p) for p in v))),
     "logprobs": ("an integer in 0..5", lambda v: _int(v) and 0 <= v <= 5),
     "echo": ("false (echo is not supported)", lambda v: v is False),
-    "best_of": ("1", lambda v: _int(v) and v == 1),
+    "best_of": (f"an integer in 1..{MAX_N}, at least n", lambda v: _int(v) and 1 <= v <= MAX_N),
     "suffix": ("null (suffix is not supported)", lambda v: False),
 }
 CHAT: dict[str, Rule] = {
@@ -107,13 +107,22 @@ class ParsedRequest:
     include_usage: bool
     logprobs: int | None  # alternatives per token, None = off
     n: int = 1  # choices per prompt: prompt i's are choices i*n .. i*n+n-1
+    best_of: int = 1  # completions generated per prompt; the n with the highest log-probability are returned
+
+    @property
+    def copies(self) -> int:
+        """Engine requests per prompt."""
+        return max(self.n, self.best_of)
 
     def requests(self) -> tuple[list[list[int]], list[SamplingParams]]:
-        """One engine request per choice. A seeded request's choices get seeds seed, seed+1, ... (as vLLM's),
-        so they differ; the n copies of a prompt share its KV through the prefix cache."""
-        params = [self.params if self.params.seed is None or j == 0 else
-                  dataclasses.replace(self.params, seed=(self.params.seed + j) % 2**63) for j in range(self.n)]
-        return [p for p in self.prompts for _ in range(self.n)], params * len(self.prompts)
+        """``copies`` engine requests per prompt (prompt i's are i*copies ..). A seeded request's copies get seeds
+        seed, seed+1, ... (as vLLM's), so they differ; the copies share the prompt's KV through the prefix
+        cache. With best_of > n each token's log-probability is computed, to rank the copies."""
+        base = dataclasses.replace(self.params, logprobs=0) if self.best_of > self.n and \
+            self.params.logprobs is None else self.params
+        params = [base if base.seed is None or j == 0 else dataclasses.replace(base, seed=(base.seed + j) % 2**63)
+                  for j in range(self.copies)]
+        return [p for p in self.prompts for _ in range(self.copies)], params * len(self.prompts)
 
 
 def validate(body: Any, rules: dict[str, Rule], required: str) -> dict[str, Any]:
@@ -246,9 +255,12 @@ def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int,
         raise RequestError(f"prompt token ids must be in 0..{vocab_size - 1} (and prompts non-empty)", param="prompt")
     max_tokens = fit_max_tokens(prompts, body.get("max_tokens"), COMPLETIONS_DEFAULT_MAX_TOKENS, max_seq, "prompt")
     logprobs = body.get("logprobs")
+    n, best_of = body.get("n", 1), body.get("best_of", body.get("n", 1))
+    if best_of < n or (best_of > n and body.get("stream", False)):
+        raise RequestError(f"best_of {best_of} must be at least n {n}, and equal to it when streaming", param="best_of")
     return ParsedRequest(body.get("model"), prompts, sampling_params(body, max_tokens, logprobs, defaults),
                          body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
-                         logprobs, body.get("n", 1))
+                         logprobs, n, best_of)
 
 
 def parse_chat(body: Any, tokenizer: Any, max_seq: int, defaults: dict[str, Any] | None = None) -> ParsedRequest:

@@ -212,7 +212,7 @@ class OpenAIServer:
         if len(prompts) > limit:  # would be refused with 429 forever, however idle the server
             raise RequestError(f"this request asks for {len(prompts)} choices (prompts x n), more than the server's "
                                f"queue holds ({limit}); send at most {limit} per request",
-                               param="n" if parsed.n > 1 else "prompt")
+                               param="n" if parsed.copies > 1 else "prompt")
         ids, queue = self.async_llm.submit(prompts, params)
         responses = Responses(chat, self.model_name, self.llm.tokenizer, parsed.logprobs)
         outputs = self.async_llm.outputs(ids, queue)
@@ -223,12 +223,13 @@ class OpenAIServer:
             log.info("client went away; cancelled %d request(s)", len(ids))
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         results = [collect_completion(part[-1].seq, part) for part in parts]
-        return JSONResponse(responses.final(results, prompt_usage(parsed, [part[-1].seq for part in parts])))
+        return JSONResponse(responses.final(results, prompt_usage(parsed, [part[-1].seq for part in parts]),
+                                            parsed.copies, parsed.n))
 
     async def _events(self, parsed: ParsedRequest, responses: Responses,
                       outputs: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
         seqs: dict[int, Sequence] = {}
-        for index in range(len(parsed.prompts) * parsed.n):
+        for index in range(len(parsed.prompts) * parsed.copies):
             opening = responses.role_chunk(index)
             if opening is not None:
                 yield json.dumps(opening)

@@ -131,6 +131,20 @@ def test_n_choices_share_the_prompt_and_usage_counts_it_once(server, client: ope
     assert texts[0] == texts[1] and texts[0] and parts[-1].usage.completion_tokens == 8
 
 
+def test_best_of_returns_the_most_likely_of_its_samples(server, client: openai.OpenAI) -> None:
+    prompt = " ".join(f"w{i}" for i in range(10, 30))
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=4, temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    samples = client.completions.create(n=4, logprobs=0, **kwargs)  # the same four seeds best_of=4 draws
+    totals = [sum(c.logprobs.token_logprobs) for c in samples.choices]
+    best = client.completions.create(n=2, best_of=4, **kwargs)
+    ranked = sorted(range(4), key=lambda i: -totals[i])[:2]
+    assert [c.text for c in best.choices] == [samples.choices[i].text for i in sorted(ranked)]
+    assert best.choices[0].logprobs is None and best.usage.completion_tokens == 16  # all four were generated
+    body = {"model": "tiny", "prompt": prompt, "n": 2, "best_of": 4, "stream": True}
+    code, _, payload = _post(server.port, "/v1/completions", body)
+    assert (code, payload["error"]["param"]) == (400, "best_of")
+
+
 def test_greedy_output_is_the_same_alone_and_among_16_concurrent(server, client: openai.OpenAI) -> None:
     prompts = [" ".join(f"w{4 + (7 * i + 3 * j) % 90}" for j in range(3 + 5 * i % 40)) for i in range(16)]
     alone = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0,
