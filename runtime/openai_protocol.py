@@ -2,7 +2,9 @@
 
 Every field is checked against a table (kind and range); a bad one raises :class:`RequestError` naming it
 (HTTP 400, OpenAI's ``param``). Unknown fields are refused, as OpenAI does. Extensions as in vLLM:
-``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``.
+``top_k`` (-1 or 0 = off), ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, and the
+structured-output fields ``guided_json``, ``guided_regex``, ``guided_choice`` (``response_format`` is accepted
+on both endpoints; structured.py checks these fields' contents).
 
 Sampling fields a request leaves out default to the artifact's ``generation_config.json`` (as in vLLM): with
 ``do_sample`` false or absent, greedy (temperature 0); with ``do_sample`` true, its temperature, top_p, top_k,
@@ -21,6 +23,7 @@ from typing import Any
 from graphopt.core.errors import ArtifactError, RequestError, RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.sampler import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
+from graphopt.runtime.structured import GuidedSpec, parse_guided
 
 MAX_N = 64  # choices per prompt (the queue bounds prompts x n as well)
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -72,6 +75,10 @@ COMMON: dict[str, Rule] = {
                            lambda v: _num(v) and MIN_REPETITION_PENALTY <= v <= MAX_REPETITION_PENALTY),
     "ignore_eos": ("a boolean", lambda v: isinstance(v, bool)),
     "stop_token_ids": ("a list of token ids", lambda v: isinstance(v, list) and all(_int(t) and t >= 0 for t in v)),
+    "response_format": ("an object like {\"type\": \"json_object\"}", lambda v: isinstance(v, dict)),
+    "guided_json": ("a JSON schema (an object or its JSON text)", lambda v: isinstance(v, (dict, str))),
+    "guided_regex": ("a string", lambda v: isinstance(v, str)),
+    "guided_choice": ("a list of strings", lambda v: isinstance(v, list)),
 }
 COMPLETIONS: dict[str, Rule] = {
     **COMMON,
@@ -89,7 +96,6 @@ CHAT: dict[str, Rule] = {
     "max_completion_tokens": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "logprobs": ("a boolean", lambda v: isinstance(v, bool)),
     "top_logprobs": ("an integer in 0..20", lambda v: _int(v) and 0 <= v <= 20),
-    "response_format": ("{\"type\": \"text\"}", lambda v: v == {"type": "text"}),
     "tools": ("empty (tools are not supported)", lambda v: v == []),
     "tool_choice": ("\"none\"", lambda v: v == "none"),
     "parallel_tool_calls": ("a boolean", lambda v: isinstance(v, bool)),
@@ -218,6 +224,7 @@ def sampling_params(body: dict[str, Any], max_tokens: int, logprobs: int | None,
     body = {**(defaults or {}), **body}
     stop = body.get("stop", ())
     top_k = body.get("top_k", 0)
+    guided = parse_guided(body)  # RequestError naming the field; outside the try, which would lose it
     try:
         return SamplingParams(
             max_new_tokens=max_tokens, temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
@@ -225,7 +232,8 @@ def sampling_params(body: dict[str, Any], max_tokens: int, logprobs: int | None,
             repetition_penalty=body.get("repetition_penalty", 1.0),
             presence_penalty=body.get("presence_penalty", 0.0), frequency_penalty=body.get("frequency_penalty", 0.0),
             seed=body["seed"] % 2**63 if "seed" in body else None, stop=(stop,) if isinstance(stop, str) else stop,
-            stop_token_ids=body.get("stop_token_ids", ()), ignore_eos=body.get("ignore_eos", False), logprobs=logprobs)
+            stop_token_ids=body.get("stop_token_ids", ()), ignore_eos=body.get("ignore_eos", False), logprobs=logprobs,
+            guided=guided)
     except RuntimeInputError as exc:
         raise RequestError(str(exc)) from None
 
@@ -247,8 +255,15 @@ def fit_max_tokens(prompts: list[list[int]], requested: int | None, default: int
     return requested
 
 
-def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int,
-                     defaults: dict[str, Any] | None = None) -> ParsedRequest:
+def _with_grammar(params: SamplingParams, check: Callable[[GuidedSpec], None] | None) -> SamplingParams:
+    """``check`` compiles the request's grammar now (cached): one the library refuses is a 400 naming its field."""
+    if params.guided is not None and check is not None:
+        check(params.guided)
+    return params
+
+
+def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int, defaults: dict[str, Any] | None = None,
+                     check_grammar: Callable[[GuidedSpec], None] | None = None) -> ParsedRequest:
     body = validate(body, COMPLETIONS, "prompt")
     prompts = completion_prompts(body, tokenizer)
     if any(not p or max(p) >= vocab_size for p in prompts):
@@ -258,17 +273,20 @@ def parse_completion(body: Any, tokenizer: Any, max_seq: int, vocab_size: int,
     n, best_of = body.get("n", 1), body.get("best_of", body.get("n", 1))
     if best_of < n or (best_of > n and body.get("stream", False)):
         raise RequestError(f"best_of {best_of} must be at least n {n}, and equal to it when streaming", param="best_of")
-    return ParsedRequest(body.get("model"), prompts, sampling_params(body, max_tokens, logprobs, defaults),
-                         body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
+    params = _with_grammar(sampling_params(body, max_tokens, logprobs, defaults), check_grammar)
+    return ParsedRequest(body.get("model"), prompts, params, body.get("stream", False),
+                         body.get("stream_options", {}).get("include_usage", False),
                          logprobs, n, best_of)
 
 
-def parse_chat(body: Any, tokenizer: Any, max_seq: int, defaults: dict[str, Any] | None = None) -> ParsedRequest:
+def parse_chat(body: Any, tokenizer: Any, max_seq: int, defaults: dict[str, Any] | None = None,
+               check_grammar: Callable[[GuidedSpec], None] | None = None) -> ParsedRequest:
     body = validate(body, CHAT, "messages")
     prompt = chat_prompt(body, tokenizer)
     requested = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = fit_max_tokens([prompt], requested, None, max_seq, "messages")
     logprobs = body.get("top_logprobs", 0) if body.get("logprobs") else None
-    return ParsedRequest(body.get("model"), [prompt], sampling_params(body, max_tokens, logprobs, defaults),
-                         body.get("stream", False), body.get("stream_options", {}).get("include_usage", False),
+    params = _with_grammar(sampling_params(body, max_tokens, logprobs, defaults), check_grammar)
+    return ParsedRequest(body.get("model"), [prompt], params, body.get("stream", False),
+                         body.get("stream_options", {}).get("include_usage", False),
                          logprobs, body.get("n", 1))

@@ -24,6 +24,7 @@ import numpy as np
 from graphopt.core.errors import RuntimeInputError
 from graphopt.runtime.detokenizer import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from graphopt.runtime.penalties import apply_penalties
+from graphopt.runtime.structured import GuidedSpec
 
 MIN_TEMPERATURE = 1e-5  # below it (and above 0): greedy
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
@@ -39,7 +40,8 @@ class SamplingParams:
     from the logit of each token already generated (OpenAI's definition). ``stop`` strings end the text
     (matched on detokenized text by the LLM); ``stop_token_ids`` end it at those tokens. ``ignore_eos``
     keeps generating past the model's end tokens. ``logprobs``: None = off, n ≥ 0 = the chosen token's
-    log-probability and the n most likely alternatives (from the raw model distribution).
+    log-probability and the n most likely alternatives (from the raw model distribution). ``guided``: the
+    grammar the output must match (structured.py), None = free text.
     """
 
     max_new_tokens: int = 64
@@ -55,6 +57,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    guided: GuidedSpec | None = None
 
     def __post_init__(self) -> None:
         self._normalise_stops()
@@ -75,6 +78,7 @@ class SamplingParams:
             ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
             ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
              "None or an integer in 0..20"),
+            ("guided", self.guided is None or isinstance(self.guided, GuidedSpec), "None or a GuidedSpec"),
         ]
         for field, ok, valid in checks:
             if not ok:
@@ -180,17 +184,23 @@ def _nucleus_fits(kept: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p:
 
 
 def sample_rows(logits: np.ndarray, params: Sequence[SamplingParams], generators: Sequence[np.random.Generator],
-                history: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None) -> np.ndarray:
+                history: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+                allowed: np.ndarray | None = None) -> np.ndarray:
     """Next token ids [B] (int64) for ``logits`` [B, V]: row b follows ``params[b]``, draws from ``generators[b]``.
 
     ``history[b]`` = (prompt ids, generated ids) of row b, needed only when a row sets a penalty.
-    ``logits`` is never modified (penalties work on a copy).
+    ``allowed`` [B, V] bool (structured output): tokens outside it get probability 0, greedy rows included;
+    every row must allow at least one token. ``logits`` is never modified (penalties and masks work on copies).
     """
     penalised = [row for row, p in enumerate(params) if p.penalised]
     if penalised:
         if history is None:
             raise RuntimeInputError("a request sets a repetition/presence/frequency penalty; pass its token history")
         logits = apply_penalties(logits, penalised, params, history)
+    if allowed is not None:
+        if not allowed.any(axis=1).all():
+            raise RuntimeInputError("a row's token mask allows no token; end that request instead of sampling it")
+        logits = np.where(allowed, logits, np.float32(-np.inf))  # after penalties: they keep -inf at -inf
     tokens = np.argmax(logits, axis=1).astype(np.int64)
     temperature = np.array([p.temperature for p in params], dtype=np.float64)
     sampled = temperature > 0

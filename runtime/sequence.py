@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import itertools
 import time
+from typing import Any
 
 import numpy as np
 
@@ -78,6 +79,7 @@ class Sequence:
     first_token_time: float | None = None
     last_token_time: float | None = None
     spec: SpecState = dataclasses.field(default_factory=SpecState, repr=False)
+    constraint: Any = dataclasses.field(default=None, repr=False)  # structured output's matcher (structured.py)
     generator: np.random.Generator = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:

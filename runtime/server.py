@@ -190,16 +190,17 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Any:
         body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)
         parsed = await self._off_loop(parse_completion, body, self.llm.tokenizer, self.llm.max_seq,
-                                      self.llm.engine.vocab_size, self.defaults)
+                                      self.llm.engine.vocab_size, self.defaults, self.llm.grammars.check)
         return await self._generate(request, parsed, chat=False)
 
     async def chat(self, request: Request) -> Any:
         body = await read_json(request, self.config.max_body_bytes, self.config.body_timeout)
-        parsed = await self._off_loop(parse_chat, body, self.llm.tokenizer, self.llm.max_seq, self.defaults)
+        parsed = await self._off_loop(parse_chat, body, self.llm.tokenizer, self.llm.max_seq, self.defaults,
+                                      self.llm.grammars.check)
         return await self._generate(request, parsed, chat=True)
 
     async def _off_loop(self, function: Callable[..., ParsedRequest], *args: Any) -> ParsedRequest:
-        """Tokenize on the worker thread: a 1 MB prompt must not stall every other connection."""
+        """Tokenize and compile grammars on the worker thread: a 1 MB prompt must not stall every other connection."""
         return await asyncio.get_running_loop().run_in_executor(self._tokenize, function, *args)
 
     # ---- generation --------------------------------------------------------------------------------------
