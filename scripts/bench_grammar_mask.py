@@ -7,8 +7,9 @@ compiles it). ``batch`` matchers are driven through ``batch`` different schema-v
 decoding: each step fills every row's bitmask, applies it to [batch, V] float32 logits as the sampler does,
 then feeds each row its document's next token). Per library: tokenizer set-up and schema compile time
 (once), and the median over ``repeats`` of the whole run's time per token (fill + apply + advance, divided
-by the tokens emitted). Then the engine's decode step at ``batch`` rows, timed in the same run, and each
-library's cost as a share of it.
+by the tokens emitted), and whether its JSON strings admit a raw control character (invalid JSON). Then the
+engine's decode step at ``batch`` rows, timed in the same run, and each library's cost as a share of it.
+Needs both libraries: ``pip install xgrammar llguidance``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import numpy as np
 
 from graphopt.runtime.grammar_backends import make_backend
-from graphopt.runtime.structured import GuidedSpec, apply_bitmask
+from graphopt.runtime.structured import GuidedSpec, apply_bitmask, unpack_bitmask
 from graphopt.runtime.tokenizer import load_tokenizer
 
 SCHEMA = {
@@ -74,6 +75,15 @@ def run_once(backend, spec: GuidedSpec, token_docs: list[list[int]], vocab: int)
     return spent, emitted
 
 
+def admits_control_bytes(backend, spec: GuidedSpec, tokenizer) -> bool:
+    """Inside a JSON string (after '{"name":"'), may the grammar emit a raw U+0001? JSON forbids it."""
+    constraint = backend.constraint(spec)
+    for token in tokenizer('{"name":"', add_special_tokens=False)["input_ids"]:
+        constraint.advance(token)
+    control = tokenizer("\x01", add_special_tokens=False)["input_ids"][0]
+    return bool(unpack_bitmask(backend.fill([constraint]), control + 1)[0, control])
+
+
 def decode_step_ms(artifact: str, batch: int, repeats: int) -> float:
     from graphopt.runtime.engine_api import open_engine
 
@@ -117,7 +127,8 @@ def main() -> None:
         results[name] = total = fill + apply + advance
         print(f"{name:10s} tokenizer set-up {setup * 1e3:6.1f} ms, compile {compiled * 1e3:5.1f} ms; "
               f"mask cost per token at batch {args.batch}: {total:.4f} ms (fill {fill:.4f} + apply {apply:.4f} + "
-              f"advance {advance:.4f}; runs {runs[0].sum():.4f}..{runs[-1].sum():.4f})")
+              f"advance {advance:.4f}; runs {runs[0].sum():.4f}..{runs[-1].sum():.4f}); raw control characters "
+              f"in JSON strings: {'ADMITTED (invalid JSON)' if admits_control_bytes(backend, spec, tokenizer) else 'refused'}")
     if not args.no_decode:
         step = decode_step_ms(args.artifact, args.batch, args.repeats)
         print(f"decode step at batch {args.batch}: {step:.2f} ms ({step / args.batch:.2f} ms per token)")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tiny_models import make_tiny_model
 
+BYTE_VOCAB = 260  # '<pad>', '<s>', '</s>', '<unk>', then one token per byte
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}assistant{% endif %}")
 
@@ -31,6 +33,39 @@ def tiny_artifact() -> Path:
     config = json.loads(config_path.read_text())
     config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(config))
+    out = root / "artifact"
+    build(str(hf_dir), BuildOptions(load_recipe("ort-cpu"), out), QUIET)
+    return out
+
+
+def byte_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer with no merges (as GPT-2/SmolLM2 encode bytes): any text, one token per byte,
+    so grammar libraries can spell JSON with it; the chat template of :func:`tiny_artifact`."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + pre_tokenizers.ByteLevel.alphabet())}
+    backend = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+
+
+@functools.lru_cache(maxsize=1)
+def byte_artifact() -> Path:
+    """A tiny random llama with the byte-level tokenizer (structured output tests), built once per process."""
+    from graphopt.build.artifact import BuildOptions, build
+    from graphopt.passes.pipeline import load_recipe
+    from graphopt.core.progress import QUIET
+
+    root = Path(tempfile.mkdtemp(prefix="graphopt-bytes-"))
+    atexit.register(shutil.rmtree, root, True)
+    hf_dir = make_tiny_model("llama", root / "hf", vocab_size=BYTE_VOCAB)
+    byte_tokenizer(hf_dir)  # replaces the word-level one
     out = root / "artifact"
     build(str(hf_dir), BuildOptions(load_recipe("ort-cpu"), out), QUIET)
     return out
