@@ -39,6 +39,9 @@ def make_backend(name: str, tokenizer: Any, vocab_size: int, eos_token_ids: Sequ
         return cls(tokenizer, vocab_size, [int(t) for t in eos_token_ids])
     except ImportError:
         raise RuntimeInputError(f"structured output needs the '{name}' package; pip install {name}") from None
+    except (ValueError, TypeError, RuntimeError) as exc:  # e.g. a tokenizer without a byte-level/fallback decoder
+        raise RuntimeInputError(f"structured output is unavailable: {name} cannot use this artifact's tokenizer "
+                                f"({str(exc)[:160]}); send requests without response_format/guided_*") from None
 
 
 def _choice_regex(choices: list[str]) -> str:

@@ -35,7 +35,7 @@ from graphopt.runtime.scheduler import Scheduler, SchedulerConfig, Step, StepKin
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.config import LLMConfig
 from graphopt.runtime.speculative import Speculator, SpecResult
-from graphopt.runtime.structured import Grammars, grammar_ended, token_masks
+from graphopt.runtime.structured import Grammars, grammar_accepts, token_masks
 from graphopt.runtime.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
@@ -215,11 +215,13 @@ class LLM:
         emitted = []
         seq.finish_reason = None if tokens else "stop"
         for token in tokens:
+            if seq.constraint is not None and not grammar_accepts(seq, token):  # structured output (logged)
+                seq.finish_reason = "stop"
+                break
             seq.append(token, now)
             stream.push(token)
             emitted.append(token)
-            ended = seq.constraint is not None and grammar_ended(seq, token)  # structured output
-            seq.finish_reason = "stop" if ended else self._finish_reason(seq, token, stream)
+            seq.finish_reason = self._finish_reason(seq, token, stream)
             if seq.finish_reason is not None:
                 break
         if seq.finish_reason is not None:
@@ -232,7 +234,7 @@ class LLM:
         params = seq.params
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.engine.eos_token_ids):
             return "stop"
-        if stream.stopped:
+        if stream.stopped or (seq.constraint is not None and seq.constraint.is_terminated):
             return "stop"
         if len(seq.output_ids) >= params.max_new_tokens:
             return "length"

@@ -12,12 +12,12 @@ constraint, and the token masks the sampler applies.
 At most one per request. :class:`Grammars` compiles a spec (cached) through the grammar library
 (``grammar_backends.py``) built lazily from the artifact's tokenizer; a spec the library refuses is a
 :class:`RequestError` naming the field (HTTP 400). Each constrained :class:`Sequence` holds a constraint
-(``advance(token)``, ``is_terminated``, ``error``). Per decode step :func:`token_masks` fills the bitmasks of
-the constrained rows and unpacks them to ``allowed`` [B, V] bool for ``sample_rows``; a row whose grammar admits
-no token is returned as dead (the LLM ends it with finish_reason "stop", logged), never sampled from NaNs. A
-grammar in its end state allows only the end tokens, so the request stops with "stop" when one is drawn.
-Speculative decoding is off for constrained requests (``SpecPolicy.request_k``): drafts would have to be
-checked against the grammar position by position.
+(``advance(token)``, ``is_terminated``, ``error``) that the LLM advances as it emits each token. Per decode
+step :func:`token_masks` fills the bitmasks of the constrained rows and unpacks them to ``allowed`` [B, V] bool
+for ``sample_rows`` (greedy and sampled rows alike); a row whose grammar admits no token is returned as dead
+(the LLM ends it with finish_reason "stop", logged), never sampled from NaNs. A grammar in its end state
+allows only the end tokens; the request stops with "stop" once the grammar is terminated. Speculative decoding is off for constrained requests
+(``SpecPolicy.request_k``): drafts are not checked against the grammar, so they decode one token per step.
 """
 
 from __future__ import annotations
@@ -141,14 +141,14 @@ def apply_bitmask(logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
     return np.where(unpack_bitmask(bitmask, logits.shape[1]), logits, np.float32(-np.inf))
 
 
-def grammar_ended(seq: Any, token: int) -> bool:
-    """Advance ``seq``'s grammar by ``token``: True when it reached its end state, or refused the token (logged;
-    the mask makes that impossible unless a library disagrees with its own mask)."""
-    if not seq.constraint.advance(token):
-        log.warning("request %s: the grammar refused token %d (%s); ending it with finish_reason 'stop'",
-                    seq.request_id, token, seq.constraint.error or "not allowed here")
+def grammar_accepts(seq: Any, token: int) -> bool:
+    """Advance ``seq``'s grammar by ``token``; False (logged) when it refuses it, which the mask prevents unless
+    the library's mask and its parser disagree (seen with unusual tokenizers)."""
+    if seq.constraint.advance(token):
         return True
-    return seq.constraint.is_terminated
+    log.warning("request %s: the grammar refused token %d (%.200s); ending it with finish_reason 'stop'",
+                seq.request_id, token, seq.constraint.error or "not allowed here")
+    return False
 
 
 def token_masks(seqs: Sequence[Any], grammars: Grammars, vocab_size: int) -> tuple[np.ndarray | None, set[int]]:

@@ -14,7 +14,7 @@ from graphopt.runtime.grammar_backends import make_backend
 from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_policy import CostModel, SpecPolicy
-from graphopt.runtime.structured import GuidedSpec, grammar_ended, parse_guided, token_masks, unpack_bitmask
+from graphopt.runtime.structured import GuidedSpec, grammar_accepts, parse_guided, token_masks, unpack_bitmask
 from serving_artifact import BYTE_VOCAB, byte_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
@@ -104,7 +104,7 @@ def test_token_masks_finds_dead_rows(caplog: pytest.LogCaptureFixture) -> None:
     assert dead == {2} and "admits no token" in caplog.text
     assert np.flatnonzero(allowed[0]).tolist() == [1, 4] and allowed[1].all() and allowed[2].all()
     seqs[0].constraint = FakeConstraint([1], accepts=False)
-    assert grammar_ended(seqs[0], 1) and "refused token 1" in caplog.text
+    assert not grammar_accepts(seqs[0], 1) and "refused token 1" in caplog.text
 
 
 def test_speculation_is_off_for_constrained_requests() -> None:
