@@ -107,3 +107,19 @@ def test_a_grammar_the_vocabulary_cannot_spell_stops(tmp_path, caplog: pytest.Lo
     [done] = llm.generate([[5, 6]], SamplingParams(max_new_tokens=8, guided=GuidedSpec("json_object")))
     assert (done.finish_reason, done.token_ids) == ("stop", [])
     assert "ending it with finish_reason 'stop'" in caplog.text  # the mask is empty, or the parser refuses
+
+
+def test_constrained_rows_decode_plainly_beside_speculating_ones() -> None:
+    from graphopt.runtime.speculative import SpecConfig
+
+    llm = LLM(byte_artifact(), max_slots=4, threads=1,
+              speculative=SpecConfig(method="ngram", num_speculative_tokens=3, adaptive=False))
+    repeated = [40, 41, 42, 43] * 6  # n-gram lookup finds drafts in it
+    free = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    guided = [SamplingParams(max_new_tokens=MAX_TOKENS, temperature=temperature, seed=1,
+                             guided=GuidedSpec("json_schema", json.dumps(SCHEMA))) for temperature in (0.0, 1.0)]
+    done = llm.generate([repeated] * 3, [free, *guided])
+    assert done[0].speculative is not None and done[0].speculative["rounds"] > 0
+    for completion in done[1:]:
+        assert completion.speculative is None and completion.finish_reason == "stop"
+        jsonschema.validate(json.loads(completion.text), SCHEMA)
