@@ -73,6 +73,12 @@ def test_json_object_choice_and_regex(client: openai.OpenAI) -> None:
         assert isinstance(json.loads(choice.message.content), dict)
     else:
         assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+    stream = client.chat.completions.create(model="bytes", messages=[{"role": "user", "content": "hi"}], stream=True,
+                                            max_tokens=MAX_TOKENS, temperature=1.0, seed=7,
+                                            response_format=RESPONSE_FORMAT)
+    chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), SCHEMA)
     for seed in range(3):
         picked = client.completions.create(model="bytes", prompt="pick", max_tokens=10, temperature=1.0, seed=seed,
                                            extra_body={"guided_choice": ["yes", "no", "maybe"]}).choices[0]
