@@ -93,7 +93,7 @@ class LLGuidanceBackend:
         return grammar
 
     def constraint(self, spec: Any) -> "LLGuidanceConstraint":
-        return LLGuidanceConstraint(self._llg.LLMatcher(self.tokenizer, self.compile(spec), log_level=0))
+        return LLGuidanceConstraint(self._llg.LLMatcher(self.tokenizer, self.compile(spec), log_level=0), self)
 
     def fill(self, constraints: Sequence["LLGuidanceConstraint"]) -> np.ndarray:
         bitmask = self._np.allocate_token_bitmask(len(constraints), self.vocab_size)
@@ -103,11 +103,15 @@ class LLGuidanceBackend:
 
 
 class LLGuidanceConstraint:
-    def __init__(self, matcher: Any) -> None:
-        self.matcher = matcher
+    def __init__(self, matcher: Any, backend: LLGuidanceBackend) -> None:
+        self.matcher, self.backend = matcher, backend
 
     def advance(self, token: int) -> bool:
         return bool(self.matcher.consume_token(int(token)))
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.matcher.rollback(num_tokens)
 
     @property
     def is_terminated(self) -> bool:
@@ -148,7 +152,7 @@ class XGrammarBackend:
             raise _compile_error(spec, exc) from None
 
     def constraint(self, spec: Any) -> "XGrammarConstraint":
-        return XGrammarConstraint(self._xgr.GrammarMatcher(self.compile(spec)))
+        return XGrammarConstraint(self._xgr.GrammarMatcher(self.compile(spec)), self)
 
     def fill(self, constraints: Sequence["XGrammarConstraint"]) -> np.ndarray:
         bitmask = self._xgr.allocate_token_bitmask(len(constraints), self.vocab_size)
@@ -157,11 +161,15 @@ class XGrammarBackend:
 
 
 class XGrammarConstraint:
-    def __init__(self, matcher: Any) -> None:
-        self.matcher = matcher
+    def __init__(self, matcher: Any, backend: XGrammarBackend) -> None:
+        self.matcher, self.backend = matcher, backend
 
     def advance(self, token: int) -> bool:
         return bool(self.matcher.accept_token(int(token)))
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens:
+            self.matcher.rollback(num_tokens)
 
     @property
     def is_terminated(self) -> bool:

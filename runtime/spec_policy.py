@@ -139,8 +139,8 @@ class SpecPolicy:
         """This request's draft length for its next round (0: decode plainly this step)."""
         params, spec = seq.params, seq.spec
         limit = params.max_new_tokens - len(seq.output_ids) - 1  # the round's extra token must still fit
-        if params.penalised or params.guided is not None or limit < 1:
-            return 0  # penalties and grammar masks depend on each accepted token: drafts are not checked for them
+        if params.penalised or limit < 1:
+            return 0  # penalties depend on each accepted token: speculation would change the distribution
         if len(seq.output_ids) < spec.resume_at:
             return 0
         alpha = spec.alpha if spec.alpha is not None else self.alpha

@@ -6,6 +6,7 @@ One decode step with speculation (:meth:`Speculator.run`), for the rows the poli
     verify    target.step over every row of the step: [last, d_1..d_k] for speculating rows, [last] for the
               others (right-padded), logit_positions 0..k  → p_1..p_{k+1}; one call per contiguous slot range
     accept    spec_accept: greedy prefix match, or rejection sampling → accepted drafts + one target token
+              (a request with a grammar: drafts cut where the grammar refuses one, targets masked; structured.py)
     rollback  target cache: keep T + n (the prompt/output so far plus the n accepted drafts); draft cache:
               keep what matches; both are just lower ``cache_lens``
 
@@ -34,6 +35,7 @@ from graphopt.runtime.sequence import Sequence
 from graphopt.runtime.spec_accept import Acceptance, accept_greedy, accept_sampled, dense_probs
 from graphopt.runtime.spec_policy import CostModel, SpecPolicy, verify_cost_key
 from graphopt.runtime.spec_propose import DraftModel, feed, ngram_lookup
+from graphopt.runtime.structured import constrain_drafts
 
 log = logging.getLogger(__name__)
 METHODS = ("draft", "ngram")
@@ -215,10 +217,17 @@ class Speculator:
         return out
 
     def _accept(self, seq: Sequence, drafts: list[int], q: np.ndarray | None, logits: np.ndarray) -> Acceptance:
+        proposed = len(drafts)
+        if seq.constraint is not None:  # structured output: drafts checked against the grammar, targets masked
+            drafts, logits = constrain_drafts(seq, drafts, logits)
+            q = None if q is None else q[: len(drafts)]
         if seq.params.greedy:
             accepted = accept_greedy(drafts, logits.argmax(axis=1))
         else:
             accepted = accept_sampled(drafts, q, dense_probs(logits, seq.params), seq.generator.random(len(drafts) + 1))
+        if len(drafts) < proposed:  # drafts the grammar cut count as proposed and rejected (for α and k)
+            accepted = dataclasses.replace(accepted, num_proposed=proposed,
+                                           betas=accepted.betas + (0.0,) * (proposed - len(drafts)))
         self.policy.record(seq, accepted.betas, accepted.num_accepted)
         return accepted
 

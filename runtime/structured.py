@@ -12,12 +12,14 @@ constraint, and the token masks the sampler applies.
 At most one per request. :class:`Grammars` compiles a spec (cached) through the grammar library
 (``grammar_backends.py``) built lazily from the artifact's tokenizer; a spec the library refuses is a
 :class:`RequestError` naming the field (HTTP 400). Each constrained :class:`Sequence` holds a constraint
-(``advance(token)``, ``is_terminated``, ``error``) that the LLM advances as it emits each token. Per decode
+(``advance(token)``, ``rollback(n)``, ``is_terminated``, ``error``) that the LLM advances as it emits each token. Per decode
 step :func:`token_masks` fills the bitmasks of the constrained rows and unpacks them to ``allowed`` [B, V] bool
 for ``sample_rows`` (greedy and sampled rows alike); a row whose grammar admits no token is returned as dead
 (the LLM ends it with finish_reason "stop", logged), never sampled from NaNs. A grammar in its end state
-allows only the end tokens; the request stops with "stop" once the grammar is terminated. Speculative decoding is off for constrained requests
-(``SpecPolicy.request_k``): drafts are not checked against the grammar, so they decode one token per step.
+allows only the end tokens; the request stops with "stop" once the grammar is terminated. Speculative
+rows go through :func:`constrain_drafts`: drafts are cut where the grammar refuses one, and the target's
+distributions at the kept positions are masked, so acceptance (greedy or rejection sampling) emits what the
+masked target would, as for unconstrained requests.
 """
 
 from __future__ import annotations
@@ -149,6 +151,32 @@ def grammar_accepts(seq: Any, token: int) -> bool:
     log.warning("request %s: the grammar refused token %d (%.200s); ending it with finish_reason 'stop'",
                 seq.request_id, token, seq.constraint.error or "not allowed here")
     return False
+
+
+def constrain_drafts(seq: Any, drafts: list[int], logits: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """Speculative decoding under a grammar: the longest prefix of ``drafts`` the grammar accepts, and the target's
+    ``logits`` [k+1, V] cut to that prefix plus one and masked position by position, so greedy or rejection-sampled
+    acceptance emits exactly what the masked target would. The matcher is advanced over the drafts, then rolled
+    back (LLM._emit advances it over what is accepted)."""
+    constraint, masks, consumed = seq.constraint, [], 0
+    for token in drafts:
+        masks.append(constraint.backend.fill([constraint])[0])
+        if not _allows(masks[-1], token) or not constraint.advance(token):
+            break
+        consumed += 1
+    else:
+        masks.append(constraint.backend.fill([constraint])[0])
+    constraint.rollback(consumed)
+    admits = unpack_bitmask(np.stack(masks), logits.shape[1])  # [consumed + 1, V]
+    empty = np.flatnonzero(~admits.any(axis=1))
+    kept = consumed if not empty.size else int(empty[0]) - 1
+    if kept < 0:  # the grammar admits no token now: LLM._emit refuses the target's token and stops the request
+        return [], logits[:1]
+    return list(drafts[:kept]), np.where(admits[:kept + 1], logits[:kept + 1], np.float32(-np.inf))
+
+
+def _allows(bitmask_row: np.ndarray, token: int) -> bool:
+    return bool((int(bitmask_row[token // 32]) >> (token % 32)) & 1)
 
 
 def token_masks(seqs: Sequence[Any], grammars: Grammars, vocab_size: int) -> tuple[np.ndarray | None, set[int]]:

@@ -115,17 +115,20 @@ def test_a_grammar_the_vocabulary_cannot_spell_stops(tmp_path, caplog: pytest.Lo
     assert "ending it with finish_reason 'stop'" in caplog.text  # the mask is empty, or the parser refuses
 
 
-def test_constrained_rows_decode_plainly_beside_speculating_ones() -> None:
+def test_speculating_under_a_grammar_decodes_as_without() -> None:
     from graphopt.runtime.speculative import SpecConfig
 
+    prompts = [[40, 41, 42, 43] * 6, [34, 110, 97, 109, 101, 34] * 4]  # n-gram lookup finds drafts in them
+    schema = GuidedSpec("json_schema", json.dumps(SCHEMA))
+    greedy = SamplingParams(max_new_tokens=MAX_TOKENS, guided=schema)
+    plain = LLM(byte_artifact(), max_slots=4, threads=1).generate(prompts, greedy)
     llm = LLM(byte_artifact(), max_slots=4, threads=1,
               speculative=SpecConfig(method="ngram", num_speculative_tokens=3, adaptive=False))
-    repeated = [40, 41, 42, 43] * 6  # n-gram lookup finds drafts in it
-    free = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    guided = [SamplingParams(max_new_tokens=MAX_TOKENS, temperature=temperature, seed=1,
-                             guided=GuidedSpec("json_schema", json.dumps(SCHEMA))) for temperature in (0.0, 1.0)]
-    done = llm.generate([repeated] * 3, [free, *guided])
-    assert done[0].speculative is not None and done[0].speculative["rounds"] > 0
-    for completion in done[1:]:
-        assert completion.speculative is None and completion.finish_reason == "stop"
+    spec = llm.generate(prompts, greedy)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain]  # masked greedy, token for token
+    assert all(c.speculative is not None and c.speculative["rounds"] > 0 for c in spec)
+    sampled = llm.generate(prompts * 2, [SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=seed,
+                                                        guided=schema) for seed in range(4)])
+    for completion in sampled:
+        assert completion.finish_reason == "stop"
         jsonschema.validate(json.loads(completion.text), SCHEMA)

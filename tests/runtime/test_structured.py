@@ -1,5 +1,5 @@
 """Structured output without a model: request parsing (errors name the field), bitmask unpacking, masks in the
-sampler for greedy and sampled rows, dead rows, speculation off, and the grammar library on a byte-level
+sampler for greedy and sampled rows, dead rows, drafts checked against the grammar, and the grammar library on a byte-level
 tokenizer (compile errors, forced decoding to the end state). Deterministic."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from graphopt.core.errors import RequestError, RuntimeInputError
 from graphopt.runtime.grammar_backends import make_backend
 from graphopt.runtime.sampler import SamplingParams, sample_rows
 from graphopt.runtime.sequence import Sequence
-from graphopt.runtime.spec_policy import CostModel, SpecPolicy
-from graphopt.runtime.structured import GuidedSpec, grammar_accepts, parse_guided, token_masks, unpack_bitmask
+from graphopt.runtime.structured import (GuidedSpec, constrain_drafts, grammar_accepts, parse_guided, token_masks,
+                                         unpack_bitmask)
 from serving_artifact import BYTE_VOCAB, byte_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
@@ -107,13 +107,6 @@ def test_token_masks_finds_dead_rows(caplog: pytest.LogCaptureFixture) -> None:
     assert not grammar_accepts(seqs[0], 1) and "refused token 1" in caplog.text
 
 
-def test_speculation_is_off_for_constrained_requests() -> None:
-    policy = SpecPolicy(4, CostModel(), adaptive=False)
-    guided = SamplingParams(max_new_tokens=50, guided=GuidedSpec("json_object"))
-    assert policy.request_k(Sequence([1, 2], SamplingParams(max_new_tokens=50))) == 4
-    assert policy.request_k(Sequence([1, 2], guided)) == 0
-
-
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory: pytest.TempPathFactory):
     import transformers
@@ -143,3 +136,18 @@ def test_backend_forced_decoding_reaches_the_end_state(backend) -> None:
     choice = grammars.constraint(GuidedSpec("choice", json.dumps(["a.b", "c"])))
     first = np.flatnonzero(unpack_bitmask(grammars.fill([choice]), BYTE_VOCAB)[0])
     assert sorted(tokenizer.decode([int(t)]) for t in first) == ["a", "c"]
+
+
+def test_drafts_are_cut_where_the_grammar_refuses_one(backend) -> None:
+    tokenizer, grammars = backend
+    seq = Sequence([1], SamplingParams(), constraint=grammars.constraint(GuidedSpec("json_schema", json.dumps(SCHEMA))))
+    good = tokenizer('{"ok":', add_special_tokens=False)["input_ids"]
+    bad = tokenizer("x", add_special_tokens=False)["input_ids"]
+    logits = np.zeros((len(good) + 3, BYTE_VOCAB), dtype=np.float32)
+    drafts, masked = constrain_drafts(seq, good + bad + good[:1], logits)
+    assert drafts == good and masked.shape == (len(good) + 1, BYTE_VOCAB)
+    first_value = {tokenizer.decode([int(t)]) for t in np.flatnonzero(masked[-1] == 0)}
+    assert first_value == {"t", "f"}  # true / false
+    assert np.isneginf(masked[0]).sum() == BYTE_VOCAB - 1  # only '{' opens the object
+    drafts, masked = constrain_drafts(seq, good, logits[: len(good) + 1])  # rolled back: the same answer again
+    assert drafts == good and masked.shape == (len(good) + 1, BYTE_VOCAB)
