@@ -151,3 +151,12 @@ def test_drafts_are_cut_where_the_grammar_refuses_one(backend) -> None:
     assert np.isneginf(masked[0]).sum() == BYTE_VOCAB - 1  # only '{' opens the object
     drafts, masked = constrain_drafts(seq, good, logits[: len(good) + 1])  # rolled back: the same answer again
     assert drafts == good and masked.shape == (len(good) + 1, BYTE_VOCAB)
+
+
+def test_drafts_under_a_dead_grammar_are_all_cut() -> None:
+    constraint = FakeConstraint([])
+    constraint.backend, constraint.rollback = FakeGrammars.backend, lambda n: None
+    seq = Sequence([1], SamplingParams(), constraint=constraint)
+    logits = np.zeros((3, 8), dtype=np.float32)
+    drafts, kept = constrain_drafts(seq, [1, 2], logits)
+    assert drafts == [] and kept.shape == (1, 8)  # LLM._emit then refuses the target's token and stops
