@@ -1,6 +1,7 @@
 """Sampling, vectorised over the batch with numpy.
 
-Order per row, as in Hugging Face: penalties → temperature → top-k → top-p → min-p → draw.
+Order per row, as in Hugging Face: penalties → grammar mask (structured output, ``allowed``) → temperature →
+top-k → top-p → min-p → draw.
 ``temperature == 0`` is greedy (argmax of the penalised logits; top-k/top-p/min-p ignored). Values float32 cannot
 compute are kept out at construction: a temperature below ``MIN_TEMPERATURE`` (1e-5) is greedy (set to 0: 1/T
 would overflow float32 and the distribution is a point mass anyway), and ``repetition_penalty`` must lie in
