@@ -12,14 +12,14 @@ constraint, and the token masks the sampler applies.
 At most one per request. :class:`Grammars` compiles a spec (cached) through the grammar library
 (``grammar_backends.py``) built lazily from the artifact's tokenizer; a spec the library refuses is a
 :class:`RequestError` naming the field (HTTP 400). Each constrained :class:`Sequence` holds a constraint
-(``advance(token)``, ``rollback(n)``, ``is_terminated``, ``error``) that the LLM advances as it emits each token. Per decode
-step :func:`token_masks` fills the bitmasks of the constrained rows and unpacks them to ``allowed`` [B, V] bool
-for ``sample_rows`` (greedy and sampled rows alike); a row whose grammar admits no token is returned as dead
-(the LLM ends it with finish_reason "stop", logged), never sampled from NaNs. A grammar in its end state
-allows only the end tokens; the request stops with "stop" once the grammar is terminated. Speculative
-rows go through :func:`constrain_drafts`: drafts are cut where the grammar refuses one, and the target's
-distributions at the kept positions are masked, so acceptance (greedy or rejection sampling) emits what the
-masked target would, as for unconstrained requests.
+(``advance(token)``, ``rollback(n)``, ``is_terminated``, ``error``) that the LLM advances as it emits each token.
+Per decode step :func:`token_masks` fills the bitmasks of the constrained rows and unpacks them to ``allowed``
+[B, V] bool for ``sample_rows`` (greedy and sampled rows alike); a row whose grammar admits no token is returned as dead
+(the LLM ends it with finish_reason "stop", logged), never sampled from NaNs. A grammar in its end state allows only
+the end tokens; the request stops with "stop" once the grammar is terminated. Speculative rows go through
+:func:`constrain_drafts`: drafts are cut where the grammar refuses one, and the target's distributions at the kept
+positions are masked, so acceptance (greedy or rejection sampling) emits what the masked target would, as for
+unconstrained requests.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _response_format(value: Any) -> GuidedSpec:
                            "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}; "
                            f"got {value!r:.80}", param="response_format")
     inner = value.get("json_schema")
+    known = {"name", "schema", "strict", "description"}
     if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict) \
-            or not isinstance(inner.get("name", ""), str) or not set(inner) <= {"name", "schema", "strict", "description"}:
+            or not isinstance(inner.get("name", ""), str) or not set(inner) <= known:
         raise RequestError("'response_format.json_schema' must be an object with 'schema' (a JSON schema object) "
                            "and optionally 'name', 'description', 'strict'", param="response_format.json_schema")
     return GuidedSpec("json_schema", _schema_text(inner["schema"], "response_format.json_schema.schema"),

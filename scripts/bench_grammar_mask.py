@@ -6,9 +6,10 @@ Both libraries get the artifact's tokenizer and the same JSON schema (compact wh
 compiles it). ``batch`` matchers are driven through ``batch`` different schema-valid documents (forced
 decoding: each step fills every row's bitmask, applies it to [batch, V] float32 logits as the sampler does,
 then feeds each row its document's next token). Per library: tokenizer set-up and schema compile time
-(once), and the median over ``repeats`` interleaved rounds of the whole run's time per token (fill + apply + advance, divided
-by the tokens emitted), and whether its JSON strings admit a raw control character (invalid JSON). Then the
-engine's decode step at ``batch`` rows, timed in the same run, and each library's cost as a share of it.
+(once); the median over ``repeats`` interleaved rounds of the whole run's time per token (fill + apply +
+advance, divided by the tokens emitted); whether its JSON strings admit a raw control character (invalid
+JSON). Then the engine's decode step at ``batch`` rows, timed in the same run, and each library's cost as a
+share of it.
 Needs both libraries: ``pip install xgrammar llguidance``.
 """
 

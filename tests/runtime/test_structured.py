@@ -1,5 +1,5 @@
-"""Structured output without a model: request parsing (errors name the field), bitmask unpacking, masks in the
-sampler for greedy and sampled rows, dead rows, drafts checked against the grammar, and the grammar library on a byte-level
+"""Structured output without a model: request parsing (errors name the field), bitmask unpacking, masks in the sampler
+for greedy and sampled rows, dead rows, drafts checked against the grammar, and the grammar library on a byte-level
 tokenizer (compile errors, forced decoding to the end state). Deterministic."""
 
 from __future__ import annotations
