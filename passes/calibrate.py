@@ -7,7 +7,7 @@ The graph is not changed. Statistics are taken at every activation a later quant
 
 and left in the pass context's ``results.calibration`` for 'quantize-int4' (AWQ search), 'quantize-int8'
 (SmoothQuant, static scales), 'quantize-fp8' and 'quantize-kv-cache'. The token stream comes from
-the build (``--calib-text`` or prose from installed packages' docs, ``--calib-tokens``) through the
+the build (``--calib-text`` or the built-in corpus, graphopt/quant/corpus/, ``--calib-tokens``) through the
 pass context; rows of ``seq_len`` tokens run one ONNX Runtime call each, with a progress bar.
 
 Options: ``seq_len`` (default 256) tokens per row; ``sample_rows`` (default 128) token rows kept per

@@ -39,10 +39,10 @@ class BuildOptions:
     verify: bool = False
     dump_after: str | None = None
     attn_implementation: str = "sdpa"
-    calib_text: Path | None = None  # calibration text (default: prose from installed packages' docs)
+    calib_text: Path | None = None  # calibration text (default: the built-in corpus, graphopt/quant/text.py)
     calib_tokens: int = CALIB_TOKENS
     eval_tokens: int = EVAL_TOKENS  # fidelity vs fp32, measured for every lossy (quantized) build
-    eval_text: Path | None = None  # default: the evaluation half of the installed packages' prose
+    eval_text: Path | None = None  # default: the built-in corpus's evaluation split
     experts: str = "routed"  # how mixture-of-experts blocks are traced: graphopt/build/experts.py FORMS
     target: str | None = None  # graphopt/targets: None means the recipe's own target
     target_options: Any = None  # the target's options dataclass (Target.configure), None for its defaults
@@ -125,6 +125,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
         elif any(r.lossy for r in records):  # quantized: compared with fp32 before the artifact goes live
             report["fidelity"] = quant_build.measure_fidelity(staging, torch_model, tokenizer, options, progress,
                                                               timings)
+        report["text"] = quant_build.text_record(options, context, report.get("fidelity"))
         steps = target.finish(staging, options.target_options, options.output)  # post-build, before going live
         report |= {"target_steps": steps} if steps else {}
         timings["total_s"] = time.perf_counter() - started

@@ -4,7 +4,8 @@
                      here, in a second; preflight() checks the int4 block against the model config
     pipeline         pass_context() hands the token stream and the progress display to 'calibrate'
     writing          save_calibration() caches the statistics as calibration.npz in the artifact
-    after writing    measure_fidelity() compares the artifact with the fp32 model on evaluation text
+    after writing    measure_fidelity() compares the artifact with the fp32 model on evaluation text;
+                     text_record() names both texts and their sha256 in the build report
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 
-from graphopt.quant.text import Corpus, default_corpus, read_text_file, token_stream
+from graphopt.quant.text import CORPUS_NAME, Corpus, default_corpus, default_corpus_sha256, read_text_file, \
+    token_stream
 from graphopt.measure.fidelity import EVAL_SEQ, artifact_logits, evaluate, torch_logits
 from graphopt.core.manifest import load_manifest
 from graphopt.passes.base import PassContext, PipelineResults
@@ -23,7 +25,7 @@ from graphopt.build.precision import PrecisionError, check_block_divides
 from graphopt.core.progress import Progress
 
 CALIBRATION_FILE = "calibration.npz"
-# the issue's budgets (KL in nats, top-1 agreement) per weight precision
+# the budgets (KL in nats, top-1 agreement) per weight precision, measured on the built-in corpus
 BUDGETS = {"int8": (0.01, 0.97), "int4": (0.05, 0.93), "fp8": (0.01, None)}
 
 
@@ -89,15 +91,15 @@ def weight_precision(precision: dict[str, str]) -> str | None:
 def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: Progress,
                      timings: dict[str, float]) -> dict[str, Any]:
     """KL / top-1 / perplexity of the written artifact against the fp32 PyTorch model (BuildOptions
-    ``eval_text`` or the evaluation half of the default prose, ``eval_tokens`` tokens), with the budget
+    ``eval_text`` or the built-in corpus's evaluation split, ``eval_tokens`` tokens), with the budget
     of its weight precision; adds ``fidelity_s`` to ``timings``."""
     start = time.perf_counter()
-    text = options.eval_text
-    corpus = read_text_file(text, "eval_text") if text is not None else default_corpus("evaluation")
+    corpus = evaluation_corpus(options.eval_text)
     ids = token_stream(tokenizer, corpus, options.eval_tokens, "eval_tokens")
     with progress.bar(f"measuring fidelity vs fp32 on {ids.size} tokens", total=-(-ids.size // EVAL_SEQ)) as advance:
         fidelity = evaluate(artifact_logits(staging), torch_logits(torch_model), ids, corpus.source, advance=advance)
-    out = fidelity.to_json() | {"reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)"}
+    out = fidelity.to_json() | {"text_sha256": corpus.sha256,
+                                "reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)"}
     precision = load_manifest(staging, verify_hashes=False).precision
     if (kind := weight_precision(precision)) is not None:
         kl_max, top1_min = BUDGETS[kind]
@@ -107,3 +109,20 @@ def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: P
         out["budget"] = {"kl_max": kl_max, "top1_min": top1_min, "within": not misses, "misses": misses}
     timings["fidelity_s"] = time.perf_counter() - start
     return out
+
+
+def evaluation_corpus(eval_text: Path | None) -> Corpus:
+    return read_text_file(eval_text, "eval_text") if eval_text is not None else default_corpus("evaluation")
+
+
+def text_record(options, context: PassContext, fidelity: dict[str, Any] | None) -> dict[str, Any]:
+    """The build report's ``text``: the built-in corpus's sha256 per split (in every report, so two
+    reports show at a glance whether their figures came from the same text), then the calibration and
+    evaluation text this build used (source, sha256, tokens), or None where it used none."""
+    calibration = calibration_corpus(options.recipe, options.calib_text)
+    used_calibration = None if calibration is None else calibration.to_json() | {
+        "tokens": int(context.calibration_tokens.size)}
+    used_evaluation = None if not fidelity else {"source": fidelity["text"], "sha256": fidelity["text_sha256"],
+                                                 "tokens": fidelity["tokens"]}
+    return {"corpus": {"name": CORPUS_NAME, "sha256": default_corpus_sha256()},
+            "calibration": used_calibration, "evaluation": used_evaluation}

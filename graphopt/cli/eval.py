@@ -26,7 +26,7 @@ def check_pair(candidate, reference) -> None:
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="The artifact to compare with (the fp32 build of the same model).")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
-              help="UTF-8 evaluation text (default: prose from installed packages' docs, disjoint from calibration).")
+              help="UTF-8 evaluation text (default: graphopt's built-in corpus, evaluation split).")
 @click.option("--tokens", default=EVAL_TOKENS, show_default=True, help="Evaluation tokens (rows of 256).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(artifact: Path, reference: Path, text: Path | None, tokens: int, as_json: bool) -> None:

@@ -66,7 +66,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
 @click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
-              help="UTF-8 calibration text (default: prose from installed packages' docs).")
+              help="UTF-8 calibration text (default: graphopt's built-in corpus, calibration split).")
 @click.option("--calib-tokens", default=CALIB_TOKENS, show_default=True, help="Calibration tokens to use.")
 @click.option("--experts", default="routed", type=click.Choice(["routed", "dense"]), show_default=True,
               help="Mixture-of-experts blocks: gather the chosen experts' weights, or run every expert.")

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from graphopt.build.artifact import BuildOptions, Loaded, build_traced, load, trace_loaded
-from graphopt.quant.text import CALIB_TOKENS, EVAL_TOKENS, Corpus, default_corpus, read_text_file, token_stream
+from graphopt.quant.text import CALIB_TOKENS, CORPUS_NAME, EVAL_TOKENS, Corpus, default_corpus, default_corpus_sha256, \
+    read_text_file, token_stream
 from graphopt.evaluate.compare_measure import ReferenceLogits, SpeedSettings, artifact_fidelity, time_artifacts
 from graphopt.evaluate.cost_model import cost_model
 from graphopt.core.errors import RecipeError
@@ -51,6 +52,7 @@ class Plan:
     recipes: list[Recipe]
     limits: dict[str, Thresholds]
     eval_corpus: Corpus
+    calib_corpus: Corpus | None  # None: no recipe calibrates
 
 
 def plan(options: CompareOptions, overrides: dict[str, float | None]) -> Plan:
@@ -69,9 +71,10 @@ def plan(options: CompareOptions, overrides: dict[str, float | None]) -> Plan:
                            "other hardware; compare recipes of a target that runs here (ort-cpu)")
     limits = {r.name: thresholds(spec, overrides) for r, spec in zip(recipes, options.recipes)}
     corpus = read_text_file(options.eval_text, "--eval-text") if options.eval_text else default_corpus("evaluation")
-    if options.calib_text is not None:
-        read_text_file(options.calib_text, "--calib-text")  # fails now rather than after the trace
-    return Plan(recipes, limits, corpus)
+    calib = read_text_file(options.calib_text, "--calib-text") if options.calib_text is not None else \
+        default_corpus("calibration")  # a bad --calib-text fails now rather than after the trace
+    calibrates = any(spec.name == "calibrate" for recipe in recipes for spec in recipe.passes)
+    return Plan(recipes, limits, corpus, calib if calibrates else None)
 
 
 def build_options(recipe: Recipe, options: CompareOptions) -> BuildOptions:
@@ -118,7 +121,9 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": source.model_id,
             "model_sha256": source.sha256, "target": options.target, "reference_recipe": entries[0]["recipe"],
             "fidelity_reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)",
-            "eval": {"tokens": int(ids.size), "text": chosen.eval_corpus.source},
+            "eval": {"tokens": int(ids.size), "text": chosen.eval_corpus.source, "sha256": chosen.eval_corpus.sha256},
+            "calibration_text": chosen.calib_corpus.to_json() if chosen.calib_corpus else None,
+            "corpus": {"name": CORPUS_NAME, "sha256": default_corpus_sha256()},
             "speed_settings": dataclasses.asdict(options.speed), "timing": timed["timing"],
             "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
             "machine": machine_info(), "recipes": entries,

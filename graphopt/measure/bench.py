@@ -6,8 +6,13 @@ so bench drives the engine calls itself):
 
     graphopt  engine.prefill → argmax → engine.decode → argmax … (the calls generate() makes)
     hf        transformers eager PyTorch (sdpa, no torch.compile): model(ids, DynamicCache, logits_to_keep=1) …
-    genai     onnxruntime-genai's fp32 CPU model from its own builder (built once, cached): append_tokens,
+    genai     onnxruntime-genai's CPU model from its own builder at the artifact's precision (fp32, int8,
+              int4 with the same block; graphopt/measure/genai_peer.py; built once, cached): append_tokens,
               generate_next_token …; min_length = max_length, so it never stops early (eos is masked)
+
+Each peer's weight precision is in the results (``peer_precision``); where it differs from the
+artifact's (hf always runs fp32; GenAI has no fp8 or per-channel int8), ``precision_mismatch`` says so
+and print_bench prints it — a ratio is never silently a comparison across precisions.
 
 TTFT = start → first token known; decode tok/s = (new_tokens - 1) / (last token − first token). One warm-up
 run per engine, then ``repeats`` rounds each running every engine once (interleaved, so background load hits
@@ -21,9 +26,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
@@ -37,13 +39,14 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
-from graphopt.core.errors import ArtifactError, BenchError, RuntimeInputError, SourceError
+from graphopt.core.errors import ArtifactError, RuntimeInputError, SourceError
 from graphopt.core.manifest import load_manifest
 from graphopt.core.progress import Progress
 from graphopt.runtime.engine import physical_cores
 from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.tokenizer import load_tokenizer
-from graphopt.sources import default_cache_dir, load_causal_lm, resolve_source
+from graphopt.measure.genai_peer import artifact_peer_precision, genai_model
+from graphopt.sources import load_causal_lm, resolve_source
 
 PEERS = ("hf", "genai")
 SETTLE_S = 0.5  # idle before each timed run: the last engine's spinning thread pool costs the next ~25 ms TTFT
@@ -135,30 +138,6 @@ def genai_runner(model_dir: Path, threads: int) -> Runner:
     return run
 
 
-def genai_model(source: Any, progress: Progress) -> Path:
-    """onnxruntime-genai's fp32 CPU model of ``source``, built once with its own builder and cached."""
-    try:
-        import onnxruntime_genai as og
-    except ImportError:
-        raise BenchError("--vs genai needs ONNX Runtime GenAI: pip install onnxruntime-genai") from None
-    out = default_cache_dir() / "genai" / f"{source.sha256[:16]}-fp32-og{og.__version__}"
-    if (out / "genai_config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".building-") as tmp:
-        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source.model_dir),
-                   "-o", f"{tmp}/model", "-p", "fp32", "-e", "cpu", "-c", f"{tmp}/hf-cache"]
-        with progress.step(f"building the ONNX Runtime GenAI fp32 model (once, cached in {out})"):
-            proc = subprocess.run(command, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or not Path(tmp, "model", "genai_config.json").is_file():
-            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-            raise BenchError(f"onnxruntime-genai's builder failed on {source.model_dir}: {lines[-1]}; "
-                             f"run it by hand to see why: {' '.join(command[1:])}")
-        if not out.exists():  # else another process finished first
-            os.rename(f"{tmp}/model", out)  # atomic: a half-built model is never seen at `out`
-    return out
-
-
 def artifact_source(manifest: Any) -> Any:
     """The artifact's source weights, checked against the fingerprint recorded at build time."""
     recorded = manifest.source.to_json()
@@ -189,7 +168,7 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
         if "hf" in peers:
             factories["hf"] = lambda: hf_runner(source, threads)
         if "genai" in peers:
-            genai_dir = genai_model(source, progress)
+            genai_dir = genai_model(source, progress, artifact_peer_precision(Path(artifact), manifest))
             factories["genai"] = lambda: genai_runner(genai_dir, threads)
     runs, setup = measure(factories, prompt, new_tokens, repeats, progress)
     machine["other_cpu_cores"] = max(run.other_cpu_cores for engine_runs in runs.values() for run in engine_runs)
@@ -199,7 +178,24 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
     return {"model": (manifest.source.id or Path(artifact).name), "artifact": str(artifact),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
             "engines": engines, "ratios": ratios(engines), "tokens_match": agreement, "machine": machine,
-            "versions": versions(list(runs))}
+            "versions": versions(list(runs))} | peer_precisions(Path(artifact), manifest, peers)
+
+
+def peer_precisions(artifact: Path, manifest: Any, peers: list[str]) -> dict[str, Any]:
+    """The artifact's weight precision, each peer's, and a line for each difference between them."""
+    weights = manifest.precision.get("weights", "fp32")
+    out: dict[str, Any] = {"precision": weights, "peer_precision": {}, "precision_mismatch": []}
+    if "hf" in peers:
+        out["peer_precision"]["hf"] = "fp32"
+        if weights != "fp32":
+            out["precision_mismatch"].append(f"hf runs the source's fp32 weights in PyTorch; the artifact's are "
+                                             f"'{weights}' (use --vs genai for a peer at the same precision)")
+    if "genai" in peers:
+        peer = artifact_peer_precision(artifact, manifest)
+        out["peer_precision"]["genai"] = peer.precision
+        out["genai_model"] = peer.to_json()
+        out["precision_mismatch"] += [f"genai: {peer.mismatch}"] if peer.mismatch else []
+    return out
 
 
 def check_args(peers: list[str], prompt_tokens: int, new_tokens: int, repeats: int) -> None:
@@ -288,6 +284,10 @@ def print_bench(results: dict[str, Any]) -> None:
                       f"{engine['load_s']:.1f}", f"{engine['rss_added_mib']:.0f}")
     console = Console(width=max(Console().width, 100))
     console.print(table)
+    peers = ", ".join(f"{name} {kind}" for name, kind in results.get("peer_precision", {}).items())
+    console.print(f"weights: graphopt {results.get('precision', 'fp32')}" + (f"; {peers}" if peers else ""))
+    for line in results.get("precision_mismatch", []):
+        console.print(f"[yellow]precision mismatch: {line}[/]")
     for peer, agreement in results["tokens_match"].items():
         verdict = "match" if agreement["match"] else f"diverge at token {agreement['first_divergence']}"
         console.print(f"greedy tokens graphopt vs {peer}: {verdict} ({agreement['compared']} compared)")

@@ -115,15 +115,19 @@ def runtime_throughput(artifact: Path, requests: list[Request], concurrency: int
 
 
 def load_genai(artifact: Path, threads: int):
-    """ONNX Runtime GenAI's model for ``artifact``'s source (built once, cached). Load it once per process:
-    a second ``og.Model`` keeps the first one's thread pool alive and the two fight over the cores."""
+    """ONNX Runtime GenAI's model for ``artifact``'s source at the artifact's precision (built once, cached;
+    graphopt/measure/genai_peer.py). Load it once per process: a second ``og.Model`` keeps the first one's
+    thread pool alive and the two fight over the cores."""
     import onnxruntime_genai as og
 
-    from graphopt.measure.bench import artifact_source, genai_model
+    from graphopt.measure.bench import artifact_source
+    from graphopt.measure.genai_peer import artifact_peer_precision, genai_model
     from graphopt.core.manifest import load_manifest
     from graphopt.core.progress import Progress
 
-    model_dir = genai_model(artifact_source(load_manifest(artifact)), Progress(enabled=False))
+    manifest = load_manifest(artifact)
+    peer = artifact_peer_precision(Path(artifact), manifest)
+    model_dir = genai_model(artifact_source(manifest), Progress(enabled=False), peer)
     config = og.Config(str(model_dir))
     config.clear_providers()
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}

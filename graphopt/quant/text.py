@@ -1,17 +1,17 @@
-"""Text for calibration and evaluation: a user's file, or prose found on this machine at run time.
+"""Text for calibration and evaluation: a user's file, or the corpus kept in this package.
 
-The default corpus is the long descriptions (README text) in the ``METADATA`` of the Python
-packages installed here, filtered to prose paragraphs (no code, tables or headers). Paragraphs
-are split between calibration and evaluation by a hash of their text, so the two never overlap
-and the split does not depend on the order packages were installed in.
+The default corpus (``graphopt/quant/corpus/``, see its README.md) is English prose written for
+graphopt and released with it under the public-domain dedication CC0 1.0: ``calibration.txt`` (about
+4,200 SmolLM2 tokens, more than ``CALIB_TOKENS``) and ``evaluation.txt`` (about 2,270 tokens, more than
+``EVAL_TOKENS``), two disjoint sets of paragraphs on different subjects. It is a fixed file, so a
+fidelity figure (KL, top-1) does not move when an installed package changes; every build report and
+compare.json records the sha256 of the text it used (:meth:`Corpus.to_json`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
-import re
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +20,10 @@ from graphopt.core.errors import GraphoptError
 
 CALIB_TOKENS = 4096  # default calibration tokens (build, compare)
 EVAL_TOKENS = 2048  # default evaluation tokens: fidelity vs fp32 (build, eval, compare)
-MIN_PARAGRAPH_CHARS = 160
 MIN_TOKENS = 64
-_CODE_START = re.compile(r"^\s*(```|>>>|\$ |\.\. |[|#=*+\-`<{\[]|\d+\.\s)")
+CORPUS_DIR = Path(__file__).with_name("corpus")
+CORPUS_NAME = "graphopt-prose-1"  # bump the number whenever a file in corpus/ changes
+SPLITS = ("calibration", "evaluation")
 
 
 class CalibrationTextError(GraphoptError):
@@ -32,11 +33,15 @@ class CalibrationTextError(GraphoptError):
 @dataclasses.dataclass(frozen=True)
 class Corpus:
     text: str
-    source: str  # "file:PATH" or "installed-package-docs (N packages)"
+    source: str  # "file:PATH" or "graphopt-prose-1 (calibration split)"
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def to_json(self) -> dict[str, str]:
+        """What a report records about the text: where it came from and the sha256 of its UTF-8 bytes."""
+        return {"source": self.source, "sha256": self.sha256}
 
 
 def read_text_file(path: Path, flag: str) -> Corpus:
@@ -54,41 +59,19 @@ def read_text_file(path: Path, flag: str) -> Corpus:
 
 
 def default_corpus(split: str) -> Corpus:
-    """Prose from installed packages' METADATA; ``split`` is "calibration" or "evaluation"."""
-    paragraphs, packages = [], set()
-    for dist in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower()):
-        for paragraph in prose_paragraphs(_long_description(dist)):
-            if _split_of(paragraph) == split:
-                paragraphs.append(paragraph)
-                packages.add(dist.metadata.get("Name"))
-    if not paragraphs:
-        raise CalibrationTextError("found no prose in the installed packages' documentation; "
-                                   "pass --calib-text FILE (any UTF-8 prose)")
-    return Corpus("\n\n".join(paragraphs), f"installed-package-docs ({len(packages)} packages, {split} split)")
+    """A split of the corpus kept in this package; ``split`` is "calibration" or "evaluation"."""
+    if split not in SPLITS:
+        raise CalibrationTextError(f"no corpus split {split!r}; use one of {list(SPLITS)}")
+    path = CORPUS_DIR / f"{split}.txt"
+    if not path.is_file():
+        raise CalibrationTextError(f"the built-in corpus file {path} is missing; reinstall graphopt "
+                                   "(pip install -e .) or pass --calib-text / --eval-text FILE")
+    return Corpus(path.read_text(encoding="utf-8"), f"{CORPUS_NAME} ({split} split)")
 
 
-def prose_paragraphs(text: str) -> list[str]:
-    """Paragraphs that read as English sentences: long enough, mostly letters, no code or markup lines."""
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = [line for line in block.splitlines() if line.strip()]
-        if not lines or any(_CODE_START.match(line) or line.startswith("    ") for line in lines):
-            continue
-        paragraph = " ".join(line.strip() for line in lines)
-        letters = sum(ch.isalpha() or ch == " " for ch in paragraph)
-        if len(paragraph) >= MIN_PARAGRAPH_CHARS and letters >= 0.85 * len(paragraph) and ". " in paragraph:
-            out.append(paragraph)
-    return out
-
-
-def _long_description(dist: importlib.metadata.Distribution) -> str:
-    body = dist.metadata.get_payload() if hasattr(dist.metadata, "get_payload") else None
-    return str(body or dist.metadata.get("Description") or "")
-
-
-def _split_of(paragraph: str) -> str:
-    digest = hashlib.sha256(paragraph.encode("utf-8")).digest()
-    return "calibration" if digest[0] % 2 == 0 else "evaluation"
+def default_corpus_sha256() -> dict[str, str]:
+    """The sha256 of each split of the built-in corpus (recorded in every build report)."""
+    return {split: default_corpus(split).sha256 for split in SPLITS}
 
 
 def token_stream(tokenizer, corpus: Corpus, limit: int, flag: str) -> np.ndarray:

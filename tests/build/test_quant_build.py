@@ -3,6 +3,7 @@ and bad input (one line naming the fix, exit 2, nothing written)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from graphopt.core.manifest import load_manifest
 from graphopt.passes.pipeline import load_recipe
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.core.progress import QUIET
+from graphopt.quant.text import CORPUS_NAME, default_corpus_sha256
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
 from tiny_models import VOCAB, make_tiny_model
@@ -44,7 +46,7 @@ def int4(tiny) -> tuple[dict, Path]:
     return _build(tiny, "int4", PrecisionFlags(int4=True))
 
 
-def test_int4_artifact_runs_within_budget(int4) -> None:
+def test_int4_artifact_runs_within_budget(tiny, int4) -> None:
     report, out = int4
     ops = report["ops"]["final"]
     assert ops["com.microsoft::MatMulNBits"] == 2 * 5 + 1 and ops["com.microsoft::GatherBlockQuantized"] == 1
@@ -58,6 +60,13 @@ def test_int4_artifact_runs_within_budget(int4) -> None:
     assert fidelity["tokens"] == 510 and fidelity["budget"]["within"], fidelity
     assert 0 <= fidelity["kl_mean"] <= 0.05 and fidelity["top1_agreement"] >= 0.93
     assert report["calibration"]["tokens"] == 1024 and report["timings"]["fidelity_s"] > 0
+    words = hashlib.sha256(tiny["words"].read_bytes()).hexdigest()
+    text = report["text"]  # the texts used, and the built-in corpus's hashes in every report
+    assert text["calibration"] == {"source": f"file:{tiny['words']}", "sha256": words, "tokens": 1024}
+    assert text["evaluation"] == {"source": f"file:{tiny['words']}", "sha256": words, "tokens": 510}
+    assert text["corpus"] == {"name": CORPUS_NAME, "sha256": default_corpus_sha256()}
+    fp32 = json.loads((tiny["fp32"] / "build-report.json").read_text())["text"]
+    assert fp32 == text | {"calibration": None, "evaluation": None}
     (result,) = LLM(out, max_slots=1, max_seq=64).generate([[5, 6, 7]], SamplingParams(max_new_tokens=8))
     assert len(result.token_ids) == 8
     assert out.stat().st_size and (out / "model.onnx.data").stat().st_size < (out.parent / "fp32" /

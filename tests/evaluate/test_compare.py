@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -12,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.cli.main import main
+from graphopt.quant.text import CORPUS_NAME, default_corpus_sha256
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 import tiny_model  # noqa: E402
@@ -70,8 +72,11 @@ def first(tiny: Path) -> Path:
     return out
 
 
-def test_compare_writes_every_metric(first: Path) -> None:
+def test_compare_writes_every_metric(tiny: Path, first: Path) -> None:
     data = json.loads((first / "compare.json").read_text())
+    words = hashlib.sha256((tiny / "words.txt").read_bytes()).hexdigest()
+    assert data["eval"]["sha256"] == words and data["calibration_text"]["sha256"] == words
+    assert data["corpus"] == {"name": CORPUS_NAME, "sha256": default_corpus_sha256()}
     assert data["format"] == "graphopt-compare" and data["reference_recipe"] == "ort-cpu"
     assert data["timings"]["trace_s"] > 0 and data["eval"]["tokens"] == 512
     fp32, int8 = data["recipes"]

@@ -1,34 +1,34 @@
-"""Calibration/evaluation text: prose filtering, the default corpus split, token rows; fidelity metrics."""
+"""Calibration/evaluation text: the built-in corpus and its splits, token rows; fidelity metrics."""
 
 from __future__ import annotations
 
-import numpy as np
+import re
 
-from graphopt.quant.text import default_corpus, prose_paragraphs, rows
+import numpy as np
+import pytest
+
+from graphopt.quant.text import CORPUS_NAME, CalibrationTextError, default_corpus, default_corpus_sha256, rows
 from graphopt.measure.fidelity import compare, evaluate
 
-PROSE = ("This library turns graphs into fast programs. It reads a model, rewrites it with passes, and writes "
-         "an artifact that a server can load without Python. Each pass records what it changed.")
+# Pinned: changing the corpus changes every fidelity figure, so it is a deliberate act (corpus/README.md)
+SHA256 = {"calibration": "46b28bc5f72595d34497c2cdb142d302850a3a561adc06cf30c0b84257090089",
+          "evaluation": "be64d7d05c13d14e2daa80adc63d3b53f2fa5d48af17c5494a26eb575fedf32d"}
 
 
-def test_prose_filter_keeps_sentences_and_drops_code_and_markup() -> None:
-    text = "\n\n".join([
-        PROSE,
-        "# Installation",
-        "```python\nimport graphopt\ngraphopt.build.artifact('x')\n```",
-        "    indented_code = True  # a literal block with enough letters to pass the length test easily",
-        "| col | col |\n|-----|-----|\n| a | b |",
-        "Short line.",
-        "https://example.com/" + "x" * 200,
-    ])
-    assert prose_paragraphs(text) == [PROSE]
-
-
-def test_default_corpus_splits_are_disjoint_prose() -> None:
+def test_default_corpus_is_the_pinned_text_in_two_disjoint_splits() -> None:
     calibration, evaluation = default_corpus("calibration"), default_corpus("evaluation")
-    assert len(calibration.text) > 5000 and len(evaluation.text) > 5000
-    assert "calibration split" in calibration.source and calibration.sha256 != evaluation.sha256
-    assert not set(calibration.text.split("\n\n")) & set(evaluation.text.split("\n\n"))
+    assert default_corpus_sha256() == SHA256 and calibration.source == f"{CORPUS_NAME} (calibration split)"
+    assert calibration.to_json() == {"source": calibration.source, "sha256": SHA256["calibration"]}
+    # enough words for CALIB_TOKENS and EVAL_TOKENS (SmolLM2: about 1.15 tokens per word of this prose)
+    assert len(calibration.text.split()) > 3600 and len(evaluation.text.split()) > 1900
+
+    def sentences(text: str) -> set[str]:
+        return {s.strip() for s in re.split(r"(?<=[.?!])\s+", text) if len(s.split()) > 4}
+
+    assert not sentences(calibration.text) & sentences(evaluation.text)
+    assert all(ord(ch) < 128 for ch in calibration.text + evaluation.text)  # plain ASCII prose
+    with pytest.raises(CalibrationTextError, match="use one of"):
+        default_corpus("training")
 
 
 def test_rows_cut_a_stream_and_drop_a_one_token_tail() -> None:
