@@ -49,11 +49,12 @@ def eval_command(artifact: Path, reference: Path, text: Path | None, tokens: int
     with progress.bar(f"comparing next-token distributions on {ids.size} tokens", -(-ids.size // EVAL_SEQ)) as step:
         fidelity = evaluate(candidate, baseline, ids, corpus.source, advance=step)
     result = {"artifact": str(artifact), "reference": str(reference),
-              "precision": candidate_manifest.precision, **fidelity.to_json()}
+              "precision": candidate_manifest.precision, **fidelity.to_json(), "text_sha256": corpus.sha256}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    click.echo(f"{artifact} vs {reference} on {fidelity.tokens} tokens of {fidelity.text}")
+    click.echo(f"{artifact} vs {reference} on {fidelity.tokens} tokens of {fidelity.text} "
+               f"(sha256 {corpus.sha256[:16]}…)")
     click.echo(f"  KL(reference ‖ artifact)  mean {fidelity.kl_mean:.5f}  p99 {fidelity.kl_p99:.5f} nats")
     click.echo(f"  top-1 agreement           {fidelity.top1_agreement:.2%}")
     click.echo(f"  perplexity                reference {fidelity.ppl_reference:.3f}, artifact "

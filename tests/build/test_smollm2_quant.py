@@ -1,14 +1,15 @@
 """The real model quantized: SmolLM2-135M --int8 against fp32.
 
-One build (about a minute on 2 idle cores): calibration on the default prose, SmoothQuant, int8 blocks,
-MatMulNBits with int8 activations, the int8 tied embedding; the build report's fidelity is measured on
-2048 evaluation tokens disjoint from the calibration text.
+One build (a few minutes on 2 busy cores): calibration on the built-in corpus's calibration split
+(graphopt/quant/corpus/), SmoothQuant, int8 blocks, MatMulNBits with int8 activations, the int8 tied
+embedding; the build report's fidelity is measured on its evaluation split (2,040 positions, disjoint
+text).
 
-Issue 3's budget is KL ≤ 0.01 and top-1 ≥ 97%. KL is met with margin (0.003–0.004); top-1 sits on the
-line: 97.0% with one set of installed packages' prose, 96.7% with another (68 vs 61 disagreements of
-2040, within sampling noise of each other). The error is the int8 activations inside MatMulNBits
-(accuracy_level 1, fp32 activations: 98.1% but 23x slower; blocks of 16: 97.0% and 17% slower), so the
-recipe keeps the fast form and this test guards against regressions at 96% top-1, not at the budget.
+The budget is KL <= 0.01 and top-1 >= 97%. Measured on graphopt-prose-1 (fixed text, so the figure no
+longer moves with the installed packages as it did on their prose, 96.7-97.0%): KL 0.0022, top-1
+97.06% (60 disagreements of 2,040; the line is 61). The margin is one token: the error is the int8
+activations inside MatMulNBits (accuracy_level 4), whose rounding can differ on a CPU with other
+vector instructions, so a miss by a token or two elsewhere is that, not a regression.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def test_int8_build_is_within_budget_and_generates(tmp_path) -> None:
                    QUIET)
     fidelity = report["fidelity"]
     assert fidelity["kl_mean"] <= 0.01, fidelity
-    assert fidelity["top1_agreement"] >= 0.96, fidelity
+    assert fidelity["top1_agreement"] >= 0.97, fidelity
     ops = report["ops"]["final"]
     assert ops["com.microsoft::MatMulNBits"] == 30 * 5 + 1 and ops["com.microsoft::GatherBlockQuantized"] == 1
     assert report["artifact_bytes"] < 170e6  # fp32: 538 MB

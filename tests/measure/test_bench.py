@@ -64,6 +64,30 @@ def test_bench_genai(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert set(results["ratios"]) == {"decode_vs_genai", "ttft_vs_genai"}
     assert results["tokens_match"]["genai"]["compared"] == 8
     assert len(list((tmp_path / "cache" / "genai").glob("*-fp32-og*/genai_config.json"))) == 1
+    assert results["peer_precision"] == {"genai": "fp32"} and results["precision_mismatch"] == []
+
+
+@pytest.mark.integration
+def test_bench_genai_int4_runs_genai_at_int4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """An int4 artifact is timed against GenAI's int4 model (same block, same accuracy_level), not its fp32."""
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install onnxruntime-genai)")
+    from graphopt.build.artifact import BuildOptions, build
+    from graphopt.build.precision import PrecisionFlags, precision_recipe
+
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
+    hf_dir = make_tiny_model("llama", tmp_path / "hf")
+    words = tmp_path / "words.txt"  # the tiny word-level tokenizer knows w4 … w95 only
+    words.write_text(" ".join(f"w{4 + i % 90}" for i in range(600)))
+    recipe = precision_recipe(PrecisionFlags(int4=True), None, "ort-cpu")
+    build(str(hf_dir), BuildOptions(recipe, tmp_path / "int4", calib_text=words, calib_tokens=256, eval_text=words,
+                                    eval_tokens=128), QUIET)
+    results = run_bench(tmp_path / "int4", ["genai"], prompt_tokens=8, new_tokens=8, repeats=1, progress=QUIET)
+    assert results["peer_precision"] == {"genai": "int4"} and results["precision_mismatch"] == []
+    assert results["genai_model"] == {"precision": "int4", "block_size": 32, "accuracy_level": 4, "mismatch": None}
+    assert len(list((tmp_path / "cache" / "genai").glob("*-int4-b32-a4-og*/genai_config.json"))) == 1
+    print_bench(results)
+    assert "genai int4" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(("peers", "prompt_tokens", "new_tokens", "repeats"), [
