@@ -140,6 +140,10 @@ def check(baseline: dict[str, Any], current: dict[str, Any],
     if not same_reference:
         notes.append(f"timing not gated: the reference recipe changed ({baseline.get('reference_recipe')} -> "
                      f"{current.get('reference_recipe')})")
+    same_text = _eval_text(baseline) == _eval_text(current)
+    if not same_text:
+        notes.append(f"fidelity not gated: the evaluation text changed ({_eval_text(baseline)} -> "
+                     f"{_eval_text(current)}); KL and top-1 on different texts are not comparable")
     old_by_name = {entry["recipe"]: entry for entry in baseline["recipes"]}
     found: list[Regression] = []
     for entry in current["recipes"]:
@@ -148,13 +152,19 @@ def check(baseline: dict[str, Any], current: dict[str, Any],
         if (old := old_by_name.get(entry["recipe"])) is None:
             notes.append(f"{entry['recipe']}: not in the baseline, nothing to compare with")
             continue
-        found += fidelity_regressions(entry, old, limit) + size_regressions(entry, old, limit)
+        found += (fidelity_regressions(entry, old, limit) if same_text else []) + size_regressions(entry, old, limit)
         cost, cost_notes = cost_regressions(entry, old, limit)
         found, notes = found + cost, notes + cost_notes
         if same_reference and entry["recipe"] != current.get("reference_recipe"):
             timing, timing_notes = timing_regressions(entry, old, limit)
             found, notes = found + timing, notes + timing_notes
     return found, notes
+
+
+def _eval_text(data: dict[str, Any]) -> str | None:
+    """The evaluation text's sha256 (its source name in a compare.json from before the hash was recorded)."""
+    text = data.get("eval") or {}
+    return text.get("sha256") or text.get("text")
 
 
 def budgets_only(current: dict[str, Any], limits: dict[str, Thresholds]) -> list[Regression] | None:

@@ -121,6 +121,16 @@ def test_timing_is_not_gated_when_the_reference_recipe_changed() -> None:
     assert found == [] and "reference recipe changed" in notes[0]
 
 
+def test_fidelity_is_not_gated_across_evaluation_texts() -> None:
+    worse, old = run(kl=0.05, size=1100), run()
+    old["eval"], worse["eval"] = {"text": "installed-package-docs (40 packages)"}, {"sha256": "be64d7"}
+    found, notes = check(old, worse, LIMITS)
+    assert [r.metric for r in found] == ["artifact_bytes"] and "evaluation text changed" in notes[0]
+    same_text = run()
+    same_text["eval"] = worse["eval"]
+    assert [r.metric for r in check(same_text, worse, LIMITS)[0]] == ["kl_mean", "artifact_bytes"]
+
+
 def test_other_weights_are_refused() -> None:
     other = run()
     other["model_sha256"] = "def"
