@@ -55,7 +55,8 @@ def fidelity_line(fidelity: dict[str, Any]) -> str:
     budget = fidelity.get("budget")
     verdict = "" if budget is None else "  [green]within budget[/]" if budget["within"] else \
         f"  [red]over budget: {'; '.join(budget['misses'])}[/]"
-    return (f"fidelity vs fp32 on {fidelity['tokens']} tokens: KL {fidelity['kl_mean']:.4f}, "
+    text = f" of {fidelity['text']}, sha256 {fidelity['text_sha256'][:12]}…" if "text_sha256" in fidelity else ""
+    return (f"fidelity vs fp32 on {fidelity['tokens']} tokens{text}: KL {fidelity['kl_mean']:.4f}, "
             f"top-1 {fidelity['top1_agreement']:.1%}, perplexity {fidelity['ppl_reference']:.2f} → "
             f"{fidelity['ppl_candidate']:.2f}{verdict}")
 
