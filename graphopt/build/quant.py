@@ -25,7 +25,9 @@ from graphopt.build.precision import PrecisionError, check_block_divides
 from graphopt.core.progress import Progress
 
 CALIBRATION_FILE = "calibration.npz"
-# the budgets (KL in nats, top-1 agreement) per weight precision, measured on the built-in corpus
+# The budgets (KL in nats, top-1 agreement) per weight precision. SmolLM2-135M on the built-in corpus
+# (graphopt-prose-1, 2,040 positions): --int8 KL 0.0022, top-1 97.1% (within); --int4 (AWQ) KL 0.43, 63.5%;
+# --fp8 KL 0.051, 84.9% (both over: promotion by --kl-budget is what meets them, not a looser line here).
 BUDGETS = {"int8": (0.01, 0.97), "int4": (0.05, 0.93), "fp8": (0.01, None)}
 
 
