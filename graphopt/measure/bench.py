@@ -45,7 +45,7 @@ from graphopt.core.progress import Progress
 from graphopt.runtime.engine import physical_cores
 from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.tokenizer import load_tokenizer
-from graphopt.measure.genai_peer import artifact_peer_precision, genai_model
+from graphopt.measure.genai_peer import artifact_peer_precision, genai_model, peer_precisions
 from graphopt.sources import load_causal_lm, resolve_source
 
 PEERS = ("hf", "genai")
@@ -181,23 +181,6 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
             "versions": versions(list(runs))} | peer_precisions(Path(artifact), manifest, peers)
 
 
-def peer_precisions(artifact: Path, manifest: Any, peers: list[str]) -> dict[str, Any]:
-    """The artifact's weight precision, each peer's, and a line for each difference between them."""
-    weights = manifest.precision.get("weights", "fp32")
-    out: dict[str, Any] = {"precision": weights, "peer_precision": {}, "precision_mismatch": []}
-    if "hf" in peers:
-        out["peer_precision"]["hf"] = "fp32"
-        if weights != "fp32":
-            out["precision_mismatch"].append(f"hf runs the source's fp32 weights in PyTorch; the artifact's are "
-                                             f"'{weights}' (use --vs genai for a peer at the same precision)")
-    if "genai" in peers:
-        peer = artifact_peer_precision(artifact, manifest)
-        out["peer_precision"]["genai"] = peer.precision
-        out["genai_model"] = peer.to_json()
-        out["precision_mismatch"] += [f"genai: {peer.mismatch}"] if peer.mismatch else []
-    return out
-
-
 def check_args(peers: list[str], prompt_tokens: int, new_tokens: int, repeats: int) -> None:
     if unknown := sorted(set(peers) - set(PEERS)):
         raise RuntimeInputError(f"unknown peer(s) {unknown}; choose from {list(PEERS)}")
@@ -284,7 +267,11 @@ def print_bench(results: dict[str, Any]) -> None:
                       f"{engine['load_s']:.1f}", f"{engine['rss_added_mib']:.0f}")
     console = Console(width=max(Console().width, 100))
     console.print(table)
-    peers = ", ".join(f"{name} {kind}" for name, kind in results.get("peer_precision", {}).items())
+    genai = results.get("genai_model") or {}
+    detail = f" block {genai.get('block_size')}, accuracy_level {genai.get('accuracy_level')}" \
+        if genai.get("block_size") else ""
+    peers = ", ".join(f"{name} {kind}" + (detail if name == "genai" else "")
+                      for name, kind in results.get("peer_precision", {}).items())
     console.print(f"weights: graphopt {results.get('precision', 'fp32')}" + (f"; {peers}" if peers else ""))
     for line in results.get("precision_mismatch", []):
         console.print(f"[yellow]precision mismatch: {line}[/]")

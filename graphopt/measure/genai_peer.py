@@ -87,6 +87,23 @@ def artifact_peer_precision(artifact: Path, manifest: Any) -> PeerPrecision:
     return peer_precision(manifest.precision.get("weights", "fp32"), _accuracy_level(artifact))
 
 
+def peer_precisions(artifact: Path, manifest: Any, peers: list[str]) -> dict[str, Any]:
+    """The artifact's weight precision, each peer's, and a line for each difference between them."""
+    weights = manifest.precision.get("weights", "fp32")
+    out: dict[str, Any] = {"precision": weights, "peer_precision": {}, "precision_mismatch": []}
+    if "hf" in peers:
+        out["peer_precision"]["hf"] = "fp32"
+        if weights != "fp32":
+            out["precision_mismatch"].append(f"hf runs the source's fp32 weights in PyTorch; the artifact's are "
+                                             f"'{weights}' (use --vs genai for a peer at the same precision)")
+    if "genai" in peers:
+        peer = artifact_peer_precision(artifact, manifest)
+        out["peer_precision"]["genai"] = peer.precision
+        out["genai_model"] = peer.to_json()
+        out["precision_mismatch"] += [f"genai: {peer.mismatch}"] if peer.mismatch else []
+    return out
+
+
 def _accuracy_level(artifact: Path) -> int | None:
     report = Path(artifact) / "build-report.json"
     if not report.is_file():

@@ -67,7 +67,6 @@ def test_bench_genai(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert results["peer_precision"] == {"genai": "fp32"} and results["precision_mismatch"] == []
 
 
-@pytest.mark.integration
 def test_bench_genai_int4_runs_genai_at_int4(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture) -> None:
     """An int4 artifact is timed against GenAI's int4 model (same block, same accuracy_level), not its fp32."""

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from graphopt.measure.bench import peer_precisions
-from graphopt.measure.genai_peer import PeerPrecision, artifact_peer_precision, peer_precision
+from graphopt.measure.genai_peer import PeerPrecision, artifact_peer_precision, peer_precision, peer_precisions
 
 
 @pytest.mark.parametrize(("weights", "level", "expected"), [
