@@ -95,7 +95,7 @@ def peer_precisions(artifact: Path, manifest: Any, peers: list[str]) -> dict[str
         out["peer_precision"]["hf"] = "fp32"
         if weights != "fp32":
             out["precision_mismatch"].append(f"hf runs the source's fp32 weights in PyTorch; the artifact's are "
-                                             f"'{weights}' (use --vs genai for a peer at the same precision)")
+                                             f"'{weights}' (--vs genai matches fp32, int8 and int4)")
     if "genai" in peers:
         peer = artifact_peer_precision(artifact, manifest)
         out["peer_precision"]["genai"] = peer.precision
