@@ -15,6 +15,7 @@ compare.json / compare.md / compare.png are written by the CLI once everything i
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,7 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
         item |= timed["recipes"][item["recipe"]]
     source = loaded.source
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": source.model_id,
+            "model_name": model_name(source),
             "model_sha256": source.sha256, "target": options.target, "reference_recipe": entries[0]["recipe"],
             "fidelity_reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)",
             "eval": {"tokens": int(ids.size), "text": chosen.eval_corpus.source},
@@ -123,6 +125,22 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
             "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
             "machine": machine_info(), "recipes": entries,
             "thresholds": {name: dataclasses.asdict(limit) for name, limit in chosen.limits.items()}}
+
+
+def model_name(source: Any) -> str:
+    """The model's own name for titles: the hub id its config.json recorded, else its architecture and size
+    (``model`` stays the short id: the built-in name, the GGUF stem or the folder's name)."""
+    try:
+        config = json.loads((Path(source.model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return source.model_id
+    recorded = str(config.get("_name_or_path") or "")
+    if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
+        return recorded
+    if source.model_id != Path(source.model_dir).name:  # a built-in name or a GGUF file's stem
+        return source.model_id
+    size = f"{config.get('num_hidden_layers', '?')} layers x {config.get('hidden_size', '?')}"
+    return f"{source.architecture} ({size})"
 
 
 def entry(recipe: Recipe, artifact: Path, report: dict[str, Any], fidelity: dict[str, Any]) -> dict[str, Any]:

@@ -120,7 +120,8 @@ def ratio_intervals(samples: dict[str, list[dict[str, float]]]) -> dict[str, dic
 
 def summarise(samples: dict[str, list[dict[str, float]]], stopped: str, seconds: float,
               rule: StopRule) -> dict[str, Any]:
-    """{"recipes": {name: speed, speed_interval, relative, relative_interval}, "timing": how it ended}."""
+    """{"recipes": {name: speed, speed_interval, speed_range (min–max over rounds), relative, relative_interval},
+    "timing": how it ended}."""
     ratios = ratio_intervals(samples)
     recipes = {}
     for name, runs in samples.items():
@@ -128,6 +129,8 @@ def summarise(samples: dict[str, list[dict[str, float]]], stopped: str, seconds:
         relative = ratios.get(name) or {key: median_interval([1.0] * len(runs)) for key in RATIO_KEYS}
         recipes[name] = {"speed": {k: round(i.median, 2) for k, i in speed.items()},
                          "speed_interval": {k: [round(i.low, 2), round(i.high, 2)] for k, i in speed.items()},
+                         "speed_range": {k: [round(min(run[k] for run in runs), 2), round(max(run[k] for run in runs), 2)]
+                                         for k in SPEED_KEYS},
                          "relative": {k: round(i.median, 4) for k, i in relative.items()},
                          "relative_interval": {k: [round(i.low, 4), round(i.high, 4)] for k, i in relative.items()}}
     widest = max((i.half_width for r in ratios.values() for i in r.values()), default=0.0)
