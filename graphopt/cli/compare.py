@@ -94,7 +94,7 @@ def compare_main(options, limits: dict, baseline_path: Path | None, progress, as
 
     baseline = load_baseline(baseline_path) if baseline_path is not None else None  # bad input fails first
     chosen = plan(options, limits)
-    result = run_compare(options, chosen, progress)
+    result = run_compare(options, chosen, progress, baseline_path.parent if baseline_path is not None else None)
     regressions, notes = check(baseline, result, chosen.limits) if baseline is not None else \
         (budgets_only(result, chosen.limits), None)
     files = write_outputs(result, options.out, regressions, notes, baseline)

@@ -95,8 +95,10 @@ def prepare(options: CompareOptions, recipes: list[Recipe], progress: Progress) 
     return loaded, contexts
 
 
-def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> dict[str, Any]:
-    """Build and measure every recipe of ``chosen``; the compare.json document."""
+def run_compare(options: CompareOptions, chosen: Plan, progress: Progress,
+                baseline_dir: Path | None = None) -> dict[str, Any]:
+    """Build and measure every recipe of ``chosen``; the compare.json document. ``baseline_dir``: the folder of
+    a baseline compare.json, whose artifacts (if still there) are timed beside this run's."""
     from graphopt.measure.bench import benchmark_prompt, machine_info
 
     loaded, contexts = prepare(options, chosen.recipes, progress)
@@ -112,7 +114,9 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
         cost = cost_model(built.output / "model.onnx", speed.prompt_tokens, speed.prompt_tokens + speed.new_tokens)
         entries.append(entry(recipe, built.output, report, fidelity) | {"cost": cost})
     prompt = benchmark_prompt(loaded.tokenizer, options.speed.prompt_tokens)
-    timed = time_artifacts({e["recipe"]: Path(e["artifact"]) for e in entries}, prompt, options.speed, progress)
+    artifacts = {e["recipe"]: Path(e["artifact"]) for e in entries}
+    twins = baseline_artifacts(baseline_dir, artifacts) if baseline_dir is not None else {}
+    timed = time_artifacts(artifacts, prompt, options.speed, progress, twins)
     for item in entries:
         item |= timed["recipes"][item["recipe"]]
     source = loaded.source
@@ -125,6 +129,18 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
             "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
             "machine": machine_info(), "recipes": entries,
             "thresholds": {name: dataclasses.asdict(limit) for name, limit in chosen.limits.items()}}
+
+
+def baseline_artifacts(baseline_dir: Path, artifacts: dict[str, Path]) -> dict[str, Path]:
+    """The baseline run's artifact of each recipe, where compare wrote it (``BASELINE/artifacts/RECIPE``; no
+    path is taken from the file), if it is still there and is not this run's own (``--out`` = the baseline's)."""
+    root = (baseline_dir / "artifacts").resolve()
+    twins = {}
+    for name, path in artifacts.items():
+        candidate = (root / name).resolve()
+        if candidate.parent == root and (candidate / "manifest.json").is_file() and candidate != path.resolve():
+            twins[name] = candidate
+    return twins
 
 
 def model_name(source: Any) -> str:

@@ -133,6 +133,9 @@ def test_gate_passes_against_its_own_output(tiny: Path, first: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "gate: passed" in result.output and "regression" not in result.output
     assert "**gate: passed**" in (out / "compare.md").read_text()
+    for item in json.loads((out / "compare.json").read_text())["recipes"]:  # the baseline's artifacts ran beside
+        low, high = item["vs_baseline"]["relative_interval"]["decode"]
+        assert item["vs_baseline"]["rounds"] >= 3 and 0 < low <= item["vs_baseline"]["relative"]["decode"] <= high
 
 
 def test_gate_fails_on_a_more_aggressive_recipe(tiny: Path, first: Path) -> None:
