@@ -1,6 +1,6 @@
 """The real model quantized: SmolLM2-135M --int8 against fp32.
 
-One build (about a minute on 2 idle cores): calibration on the default prose, SmoothQuant, int8 blocks,
+One build from the shared trace (tests/smollm2_trace.py): calibration on the default prose, SmoothQuant, int8 blocks,
 MatMulNBits with int8 activations, the int8 tied embedding; the build report's fidelity is measured on
 2048 evaluation tokens disjoint from the calibration text.
 
@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import pytest
 
-from graphopt.build.artifact import BuildOptions, build
+from graphopt.build.artifact import BuildOptions
 from graphopt.build.precision import PrecisionFlags, precision_recipe
-from graphopt.core.progress import QUIET
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
+from smollm2_trace import build_smollm2
 
 pytestmark = pytest.mark.slow
 
 
 def test_int8_build_is_within_budget_and_generates(tmp_path) -> None:
     out = tmp_path / "int8"
-    report = build("smollm2-135m", BuildOptions(precision_recipe(PrecisionFlags(int8=True), None, "ort-cpu"), out),
-                   QUIET)
+    report = build_smollm2(BuildOptions(precision_recipe(PrecisionFlags(int8=True), None, "ort-cpu"), out))
     fidelity = report["fidelity"]
     assert fidelity["kl_mean"] <= 0.01, fidelity
     assert fidelity["top1_agreement"] >= 0.96, fidelity
