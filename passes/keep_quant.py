@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from graphopt.core.errors import PassError
-from graphopt.passes._edit import initializer, replace_uses
+from graphopt.passes._edit import initializer
 from graphopt.passes._quant_graph import Linear, dequantize_node, drop_unused, record_precision, weight_targets
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant.gguf_blocks import BlockQuant
@@ -99,8 +99,12 @@ class KeepQuantPass(GraphoptPass):
             value.dtype, value.shape = ir.DataType.FLOAT, y.shape
         correction.outputs[0].name, added.outputs[0].name = f"{y.name}_offset", f"{y.name}_exact"
         graph.insert_after(lin.node, [correction, added])
-        replace_uses(y, added.outputs[0])
+        was_output = y.is_graph_output()
+        y.replace_all_uses_with(added.outputs[0], replace_graph_outputs=True)
         added.replace_input_with(0, y)
+        if was_output:  # the exact sum keeps the output's name
+            name, y.name = y.name, f"{y.name}_main"
+            added.outputs[0].name = name
         self.count("offset_corrections")
 
     def _embedding(self, graph: ir.Graph, embedding, name: str, blocks: BlockQuant) -> None:
