@@ -1,5 +1,6 @@
 """keep-quant on hand-built graphs, one GGUF block type at a time: the Q/DQ graph reproduces the fp32 graph of
-the GGUF's dequantized weights (ORT, fp32), and so does its MatMulNBits lowering at accuracy_level 0.
+the GGUF's dequantized weights (ORT, fp32), and so does its MatMulNBits lowering at accuracy_level 1 (int8
+blocks split into two exact 4-bit halves).
 
     x [2,3,K] ─MatMul(W1 [K,N])─► h ─MatMul(W2 [N,K])─► y         W1, W2 = gguf-py's dequantized blocks
     K-quants need K a multiple of 256; the others run at K = 64.
@@ -82,9 +83,11 @@ def test_keep_quant_reproduces_the_dequantized_graph(kind: str) -> None:
     assert not any(v.dtype == ir.DataType.FLOAT and v.name in ("w1", "w2") for v in model.graph.initializers.values())
     scale = float(np.abs(reference).max())
     assert np.abs(_run(model, x) - reference).max() <= 1e-5 * scale
-    run_pipeline(model, parse_recipe({"pass": [{"name": "lower-quant-ort-cpu", "accuracy_level": 0}, {"name": "cleanup"}]}))
+    lowering = {"name": "lower-quant-ort-cpu", "accuracy_level": 1, "split_int8": True}
+    run_pipeline(model, parse_recipe({"pass": [lowering, {"name": "cleanup"}]}))
     ops = collections.Counter(node.op_type for node in model.graph)
-    assert ops["MatMulNBits"] == 2 and ops["DequantizeLinear"] == 0
+    assert ops["MatMulNBits"] == sum(1 if b.bits == 4 else 2 for b in (b1, b2))  # int8: two halves
+    assert ops["DequantizeLinear"] == 0
     assert np.abs(_run(model, x) - reference).max() <= 1e-5 * scale
 
 
