@@ -122,3 +122,23 @@ def test_needs_quantized_weights() -> None:
     with pytest.raises(PassError, match="--keep-quant"):
         run_pipeline(_graph(np.eye(32, dtype=np.float32), np.eye(32, dtype=np.float32)),
                      parse_recipe({"pass": [{"name": "keep-quant"}]}), context=PassContext())
+
+
+def test_trt_form_flips_negative_scales() -> None:
+    """Q4_0 keeps llama.cpp's signed d (d = max / -8): for TensorRT (scales > 0) lower-trt negates those
+    blocks, widening int4 to int8 where -8 would become 8; the values stay the same."""
+    from graphopt.passes.lower_trt import LowerTrtPass
+
+    (v1, b1), (v2, b2) = _gguf_tensor("Q4_0", 96, 64, 0), _gguf_tensor("Q4_0", 64, 96, 1)
+    assert (b1.scale < 0).any() and b1.bits == 4
+    weights = QuantizedWeights(Path("t.gguf"), {fingerprint(v1): ("a", b1), fingerprint(v2): ("b", b2)}, {}, 0)
+    model = _graph(v1.T.copy(), v2.T.copy())
+    run_pipeline(model, parse_recipe({"pass": [{"name": "keep-quant"}]}), context=PassContext(quantized_weights=weights))
+    x = np.random.default_rng(2).normal(size=(2, 3, 64)).astype(np.float32)
+    before = _run(model, x)
+    lowering = LowerTrtPass()
+    lowering._flip_negative_scales(model.graph)
+    dqs = [node for node in model.graph if node.op_type == "DequantizeLinear"]
+    assert all((node.inputs[1].const_value.numpy() >= 0).all() for node in dqs)
+    assert lowering.stats["negative_scales_flipped"] == 2 and lowering.stats["int4_widened_to_int8"] == 2
+    assert np.array_equal(_run(model, x), before)
