@@ -13,6 +13,7 @@ from graphopt.passes.fuse_attention import FuseAttentionPass
 from graphopt.passes.fuse_qkv_rope import FuseQkvRopePass
 from graphopt.passes.insert_kv_cache import InsertKVCachePass
 from graphopt.passes.keep_logits import KeepLogitsPass
+from graphopt.passes.keep_quant import KeepQuantPass
 from graphopt.passes.lower_ort_cpu import LowerOrtCpuPass
 from graphopt.passes.lower_quant_ort_cpu import LowerQuantOrtCpuPass
 from graphopt.passes.lower_trt import LowerTrtPass
@@ -29,7 +30,7 @@ REGISTRY: dict[str, type[GraphoptPass]] = {
 REGISTRY |= {  # quantization: calibrate → quantize-* (Q/DQ) → lower-quant-<target>
     cls.name: cls
     for cls in (CalibratePass, QuantizeInt4Pass, QuantizeInt8Pass, QuantizeFp8Pass, QuantizeKVCachePass,
-                LowerQuantOrtCpuPass, FuseQkvRopePass)
+                KeepQuantPass, LowerQuantOrtCpuPass, FuseQkvRopePass)
 }
 REGISTRY |= {cls.name: cls for cls in (LowerTrtPass, CheckTrtPass)}  # --target trt: lower, then hold to the parser
 REGISTRY[LowerVerifyPass.name] = LowerVerifyPass  # ort-cpu: the multi-token graph (the build writes it on its own)

@@ -46,6 +46,7 @@ class PassContext:
     calibration_source: str = ""
     progress: Progress | None = None
     max_positions: int | None = None  # the model's context length (config max_position_embeddings)
+    quantized_weights: Any = None  # a GGUF's pre-quantized weights for 'keep-quant' (sources.gguf_weights)
     results: PipelineResults = dataclasses.field(default_factory=PipelineResults)
 
 

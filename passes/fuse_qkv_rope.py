@@ -7,6 +7,8 @@
     after:   x ─MatMulNBits([Wq|Wk|Wv])─► GroupQueryAttention(qkv, –, –, past_k, past_v, …,
                                            cos_cache, sin_cache, position_ids)   do_rotary = 1
              cos_cache, sin_cache = cos/sin(arange(P) ⊗ inv_freq)           [P,D/2] constants
+    A projection written by 'keep-quant' as Add(MatMulNBits(x, W), MatMul(sums, O)) (its block-minimum
+    correction) packs the same way: one MatMulNBits([Wq|Wk|Wv]) + one MatMul(sums, [Oq|Ok|Ov]) + one Add.
 
 Per layer this removes two projection calls and two RoPE calls (4 of ~15 nodes): on a CPU a
 batch-1 decode step is dominated by per-node overhead of small kernels. Plain fp32 ``MatMul``
@@ -35,9 +37,24 @@ def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op_type else None
 
 
-def _projections(x_q: ir.Value, x_k: ir.Value, x_v: ir.Value) -> list[ir.Node] | str:
-    """The three projection nodes when they can be packed, else the reason they cannot."""
+def _projections(x_q: ir.Value, x_k: ir.Value, x_v: ir.Value) -> tuple[list[ir.Node], list[ir.Node]] | str:
+    """The three projection nodes (and their block-minimum corrections, see 'keep-quant') when they can be
+    packed, else the reason they cannot."""
     nodes = [x.producer() for x in (x_q, x_k, x_v)]
+    if all(n is not None and n.op_type == "Add" for n in nodes):  # keep-quant: projection + correction
+        adds, nodes = nodes, [n.inputs[0].producer() for n in nodes]
+        corrections = [n.inputs[1].producer() for n in adds]
+        if any(c is None or c.op_type != "MatMul" or const_array(c.inputs[1]) is None for c in corrections) \
+                or len({id(c.inputs[0]) for c in corrections}) != 1 \
+                or any(only_consumer(v) is None for n in (*nodes, *corrections) for v in n.outputs):
+            return "q/k/v Adds are not projection + block-minimum correction pairs"
+        reason = _packable(nodes)
+        return reason if isinstance(reason, str) else (adds + nodes, corrections)
+    reason = _packable(nodes)
+    return reason if isinstance(reason, str) else (nodes, [])
+
+
+def _packable(nodes: list[ir.Node | None]) -> list[ir.Node] | str:
     if any(n is None or n.op_type not in ("MatMulNBits", "MatMul") for n in nodes):
         return "q/k/v are not MatMul/MatMulNBits outputs"
     if len({n.op_type for n in nodes}) != 1 or len({id(n.inputs[0]) for n in nodes}) != 1:
@@ -90,29 +107,45 @@ class FuseQkvRopePass(GraphoptPass):
             return "q and k do not go through one RotaryEmbedding pair"
         if attr(q_rope, "rotary_embedding_dim", 0) or len(q_rope.inputs) > 3:
             return "partial rotary or RotaryEmbedding with position_ids"
-        nodes, inv_freq = _projections(q_rope.inputs[0], k_rope.inputs[0], gqa.inputs[2]), _inv_freq(q_rope)
-        if isinstance(nodes, str) or isinstance(inv_freq, str):
-            return nodes if isinstance(nodes, str) else inv_freq
+        found, inv_freq = _projections(q_rope.inputs[0], k_rope.inputs[0], gqa.inputs[2]), _inv_freq(q_rope)
+        if isinstance(found, str) or isinstance(inv_freq, str):
+            return found if isinstance(found, str) else inv_freq
+        nodes, corrections = found
         rows = self.max_positions or self.context.max_positions or 8192
         angles = np.arange(rows, dtype=np.float64)[:, None] * inv_freq[None, :]
         cos = initializer(graph, "rope_cos_cache", np.cos(angles).astype(np.float32))
         sin = initializer(graph, "rope_sin_cache", np.sin(angles).astype(np.float32))
-        packed = self._pack(graph, nodes, gqa.name)
-        packed.outputs[0].dtype = ir.DataType.FLOAT
+        projections = nodes[-3:]  # after the Adds when there are corrections
+        packed = [self._pack(graph, projections, gqa.name)]
+        if corrections:
+            packed += self._pack_corrections(graph, packed[0], corrections, gqa.name)
+        for node in packed:
+            node.outputs[0].dtype = ir.DataType.FLOAT
         attributes = {k: a.value for k, a in gqa.attributes.items()} | {
             "do_rotary": 1, "rotary_interleaved": int(attr(q_rope, "interleaved", 0))}
-        fused = ir.node("GroupQueryAttention", [packed.outputs[0], None, None, *gqa.inputs[3:7], cos, sin, positions],
+        fused = ir.node("GroupQueryAttention", [packed[-1].outputs[0], None, None, *gqa.inputs[3:7], cos, sin, positions],
                         domain=MS_DOMAIN, num_outputs=len(gqa.outputs), attributes=attributes, name=gqa.name)
-        graph.insert_before(gqa, [packed, fused])
+        graph.insert_before(gqa, [*packed, fused])
         for old, new in zip(gqa.outputs, fused.outputs):
             new.shape, new.dtype = old.shape, old.dtype
             old.replace_all_uses_with(new, replace_graph_outputs=True)
             new.name, old.name = old.name, f"{old.name}__fused"
-        for node in (gqa, q_rope, k_rope, *nodes):
+        for node in (gqa, q_rope, k_rope, *nodes, *corrections):
             graph.remove(node, safe=True)
-        self.count("packed_qkv_" + ("matmul_nbits" if nodes[0].op_type == "MatMulNBits" else "matmul"))
+        self.count("packed_qkv_" + ("matmul_nbits" if projections[0].op_type == "MatMulNBits" else "matmul"))
+        if corrections:
+            self.count("packed_qkv_corrections")
         self.count("rope_into_gqa")
         return None
+
+    def _pack_corrections(self, graph: ir.Graph, packed: ir.Node, corrections: list[ir.Node],
+                          name: str) -> list[ir.Node]:
+        """sums ─MatMul([Oq|Ok|Ov])─► Add(packed projection, ·): keep-quant's corrections, packed on N."""
+        offsets = initializer(graph, f"{name}_qkv_offset",
+                              np.concatenate([const_array(c.inputs[1]) for c in corrections], axis=1))
+        correction = ir.node("MatMul", [corrections[0].inputs[0], offsets], name=f"{name}_qkv_offset")
+        added = ir.node("Add", [packed.outputs[0], correction.outputs[0]], name=f"{name}_qkv_exact")
+        return [correction, added]
 
     def _pack(self, graph: ir.Graph, nodes: list[ir.Node], name: str) -> ir.Node:
         weights = [const_array(n.inputs[1]) for n in nodes]

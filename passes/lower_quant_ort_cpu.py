@@ -17,6 +17,15 @@ int8), so no zero-point tensors are written. ``accuracy_level`` is MatMulNBits' 
 4 (default) quantizes activations to int8 per block — about 3× faster on AVX2 CPUs — and 0/1
 computes in fp32 (exact w.r.t. the Q/DQ graph). Letters: K/N in/out channels, V vocab, H hidden,
 b block size.
+
+``split_int8`` (for fp32 compute): ONNX Runtime 1.32 has no fp32 kernel for 8-bit MatMulNBits and
+dequantizes the whole weight on every call (0.24 s for SmolLM2's 576×49152 lm_head), so each int8 block
+becomes two exact 4-bit halves, q = 16·hi + lo with hi = q >> 4 ∈ [-8, 7] and lo = q & 15 ∈ [0, 15]::
+
+    MatMul(x, DQ(W int8, s))  ─►  Add(MatMulNBits(x, hi, 16·s), MatMulNBits(x, lo, s, zero point 0))
+    Gather(DQ(E int8, s), ids) ─► Add(GatherBlockQuantized(hi, 16·s), GatherBlockQuantized(lo, s, zero point 0))
+
+The same bytes as int8 (two nibbles per value), both halves exact in fp32.
 """
 
 from __future__ import annotations
@@ -65,9 +74,10 @@ class LowerQuantOrtCpuPass(GraphoptPass):
 
     name = "lower-quant-ort-cpu"
 
-    def __init__(self, accuracy_level: int = 4) -> None:
+    def __init__(self, accuracy_level: int = 4, split_int8: bool = False) -> None:
         super().__init__()
         self.accuracy_level = accuracy_level
+        self.split_int8 = split_int8
         self.lossy = accuracy_level >= 2  # int8 activations inside MatMulNBits
 
     def requires(self, model: ir.Model) -> None:
@@ -110,33 +120,56 @@ class LowerQuantOrtCpuPass(GraphoptPass):
             return
         block = attr(dq, "block_size", 0)
         if block and attr(dq, "axis", 0) == 0:  # int4 or int8 blocks along K
-            bits = 4 if dq.inputs[0].dtype == ir.DataType.INT4 else 8
             q = np.ascontiguousarray(_values(dq.inputs[0]).T)  # [N, K]: MatMulNBits holds B transposed
-            b = initializer(graph, f"{dq.inputs[0].name}_nbits", _rows_to_nbits(q, bits, block))
             scales = np.ascontiguousarray(dq.inputs[1].const_value.numpy().T)  # [N, K/b]
-            s = initializer(graph, f"{dq.inputs[1].name}_nbits", scales)
-            self._replace(graph, node, self._nbits(graph, node, x, b, s, bits, block), "matmul_nbits")
+            parts = self._parts(graph, dq.inputs[0].name, q, scales, dq.inputs[0].dtype, block)
+            self._replace(graph, node, self._nbits(graph, node, x, parts, block), "matmul_nbits")
         elif dq.inputs[0].dtype == ir.DataType.INT8 and not block and attr(dq, "axis", 1) in (1, -1):
             self._int8(graph, node, x, dq)
 
-    def _rows(self, graph: ir.Graph, dq: ir.Node, shared: dict) -> tuple[ir.Value, ir.Value, int, int]:
-        """B and scales for a row-blocked table E [V, H] (axis 1), made once and shared by its readers."""
+    def _parts(self, graph: ir.Graph, name: str, q_rows: np.ndarray, scales: np.ndarray, dtype: ir.DataType,
+               block: int) -> list[tuple[ir.Value, ir.Value, ir.Value | None, int]]:
+        """(B, scales, zero points or None, bits) summing to the weight: one int4/int8 part, or the two
+        4-bit halves of int8 with ``split_int8`` (see the module docstring)."""
+        bits = 4 if dtype == ir.DataType.INT4 else 8
+        if bits == 4 or not self.split_int8:
+            return [(initializer(graph, f"{name}_nbits", _rows_to_nbits(q_rows, bits, block)),
+                     initializer(graph, f"{name}_nbits_scale", scales), None, bits)]
+        hi, lo = q_rows >> 4, q_rows & 15  # arithmetic shift: hi in [-8, 7]; lo in [0, 15]
+        zeros = np.zeros((q_rows.shape[0], -(-q_rows.shape[1] // block // 2)), np.uint8)
+        self.count("int8_split_in_two_int4")
+        return [(initializer(graph, f"{name}_hi_nbits", _rows_to_nbits(hi, 4, block)),
+                 initializer(graph, f"{name}_hi_scale", (scales * 16).astype(np.float32)), None, 4),
+                (initializer(graph, f"{name}_lo_nbits", _rows_to_nbits(lo - 8, 4, block)),  # nibble = lo
+                 initializer(graph, f"{name}_lo_scale", scales), initializer(graph, f"{name}_lo_zero", zeros), 4)]
+
+    def _rows(self, graph: ir.Graph, dq: ir.Node, shared: dict) -> tuple[list, int]:
+        """The parts of a row-blocked table E [V, H] (axis 1), made once and shared by its readers."""
         key = dq.outputs[0].name
         if key not in shared:
-            bits = 4 if dq.inputs[0].dtype == ir.DataType.INT4 else 8
             block = attr(dq, "block_size", 0)
-            packed = _rows_to_nbits(_values(dq.inputs[0]), bits, block)
-            shared[key] = (initializer(graph, f"{dq.inputs[0].name}_nbits", packed), dq.inputs[1], bits, block)
+            shared[key] = (self._parts(graph, dq.inputs[0].name, _values(dq.inputs[0]),
+                                       dq.inputs[1].const_value.numpy(), dq.inputs[0].dtype, block), block)
         return shared[key]
 
-    def _nbits(self, graph: ir.Graph, anchor: ir.Node, x: ir.Value, b: ir.Value, s: ir.Value, bits: int,
-               block: int) -> ir.Node:
-        n, k_blocks = b.shape[0], b.shape[1]
-        node = ir.node("MatMulNBits", [x, b, s], domain=MS_DOMAIN, name=anchor.name,
-                       attributes={"K": k_blocks * block, "N": n, "bits": bits, "block_size": block,
-                                   "accuracy_level": self.accuracy_level})
-        graph.insert_before(anchor, node)
-        return node
+    def _nbits(self, graph: ir.Graph, anchor: ir.Node, x: ir.Value, parts: list, block: int) -> ir.Node:
+        """One MatMulNBits per part, summed; returns the last node (its output is the product)."""
+        nodes = []
+        for b, s, zero, bits in parts:
+            n, k_blocks = b.shape[0], b.shape[1]
+            nodes.append(ir.node("MatMulNBits", [x, b, s] + ([zero] if zero is not None else []), domain=MS_DOMAIN,
+                                 name=anchor.name + (f"_part{len(nodes)}" if len(parts) > 1 else ""),
+                                 attributes={"K": k_blocks * block, "N": n, "bits": bits, "block_size": block,
+                                             "accuracy_level": self.accuracy_level}))
+        return self._summed(graph, anchor, nodes)
+
+    def _summed(self, graph: ir.Graph, anchor: ir.Node, nodes: list[ir.Node]) -> ir.Node:
+        if len(nodes) > 1:
+            nodes.append(ir.node("Add", [nodes[0].outputs[0], nodes[1].outputs[0]], name=f"{anchor.name}_sum"))
+            for node in nodes[:2]:
+                node.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(anchor, nodes)
+        return nodes[-1]
 
     def _int8(self, graph: ir.Graph, node: ir.Node, x_dq: ir.Value, w_dq: ir.Node) -> None:
         act = _dq(x_dq)
@@ -161,15 +194,19 @@ class LowerQuantOrtCpuPass(GraphoptPass):
         dq = _const_dq(node.inputs[0])
         if dq is None or attr(node, "axis", 0) != 0 or attr(dq, "axis", 0) != 1 or not attr(dq, "block_size", 0):
             return
-        b, s, bits, block = self._rows(graph, dq, shared)
-        vocab, flat = b.shape[0], b.shape[1] * b.shape[2]
-        tape = ir.tape.Tape()
-        table = tape.op("Reshape", [b, initializer(graph, f"{b.name}_rows_shape", np.array([vocab, flat], np.int64))])
-        table.dtype, table.shape = ir.DataType.UINT8, ir.Shape([vocab, flat])
-        gather = ir.node("GatherBlockQuantized", [table, node.inputs[1], s], domain=MS_DOMAIN, name=node.name,
-                         attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits})
-        graph.insert_before(node, [*tape.nodes, gather])
-        self._replace(graph, node, gather, "gather_block_quantized")
+        parts, block = self._rows(graph, dq, shared)
+        gathers = []
+        for b, s, zero, bits in parts:
+            vocab, flat = b.shape[0], b.shape[1] * b.shape[2]
+            shape = initializer(graph, f"{b.name}_rows_shape", np.array([vocab, flat], np.int64))
+            reshape = ir.node("Reshape", [b, shape], name=f"{b.name}_rows")
+            reshape.outputs[0].dtype, reshape.outputs[0].shape = ir.DataType.UINT8, ir.Shape([vocab, flat])
+            graph.insert_before(node, reshape)
+            gathers.append(ir.node("GatherBlockQuantized", [reshape.outputs[0], node.inputs[1], s]
+                                   + ([zero] if zero is not None else []), domain=MS_DOMAIN,
+                                   name=node.name + (f"_part{len(gathers)}" if len(parts) > 1 else ""),
+                                   attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}))
+        self._replace(graph, node, self._summed(graph, node, gathers), "gather_block_quantized")
 
     def _replace(self, graph: ir.Graph, old: ir.Node, new: ir.Node, counter: str) -> None:
         out, new_out = old.outputs[0], new.outputs[0]

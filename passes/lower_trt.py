@@ -88,6 +88,7 @@ class LowerTrtPass(GraphoptPass):
         model.opset_imports[""] = OPSET
         annotate_dtypes(model.graph)
         target, np_type = DTYPES[self.dtype]
+        self._flip_negative_scales(model.graph)
         self._convert(model.graph, target, np_type)
         for function in model.functions.values():
             self._convert(function, target, np_type, keep=set())
@@ -141,6 +142,31 @@ class LowerTrtPass(GraphoptPass):
                 array = attr.value.numpy().astype(np_type)
                 node.attributes[key] = ir.AttrTensor(key, ir.Tensor(array, dtype=target))
                 self.count("constants_converted")
+
+    def _flip_negative_scales(self, graph: ir.Graph) -> None:
+        """A weight DQ with negative scales (a GGUF's Q4_0/Q5_0/Q6_K keep their sign in d): negate those
+        blocks' q and scale — the same values — widening int4 to int8 where a -8 would become 8."""
+        for node in graph:
+            if node.op_type != "DequantizeLinear" or len(node.inputs) > 2 or node.inputs[0].const_value is None \
+                    or node.inputs[1].const_value is None:
+                continue
+            scale = node.inputs[1].const_value.numpy().astype(np.float32)
+            if not np.any(scale < 0):
+                continue
+            q = node.inputs[0].const_value.numpy().astype(np.int16)
+            axis, block = node.attributes["axis"].value if "axis" in node.attributes else 1, \
+                node.attributes["block_size"].value if "block_size" in node.attributes else 0
+            sign = np.repeat(np.where(scale < 0, -1, 1), block, axis=axis) if block else np.where(scale < 0, -1, 1)
+            q = q * sign
+            wide = node.inputs[0].dtype == ir.DataType.INT4 and q.max() > 7
+            dtype = ir.DataType.INT8 if wide or node.inputs[0].dtype == ir.DataType.INT8 else ir.DataType.INT4
+            name = node.inputs[0].name
+            node.inputs[0].const_value = ir.Tensor(q.astype(np.int8), dtype=dtype, name=name)
+            node.inputs[0].dtype = dtype
+            node.inputs[1].const_value = ir.tensor(np.abs(scale), name=node.inputs[1].name)
+            self.count("negative_scales_flipped")
+            if wide:
+                self.count("int4_widened_to_int8")
 
     def _positive_scales(self, graph: ir.Graph, np_type) -> None:
         """TensorRT rejects a Q/DQ scale ≤ 0: an all-zero block (the pad token's embedding row) has scale 0,

@@ -70,8 +70,10 @@ def build(spec: str, options: BuildOptions, progress: Progress,
 
     check_destination(options.output, options.force)
     corpus = quant_build.calibration_corpus(options.recipe, options.calib_text)
+    quant_build.check_keep_quant(options.recipe, spec)
     loaded = load(spec, options.attn_implementation, progress)
-    context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
+    context = quant_build.pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress,
+                                       loaded.source)
     trace_loaded(loaded, progress, options.experts)
     return build_traced(loaded, options, progress, context, on_pass)
 

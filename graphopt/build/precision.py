@@ -1,4 +1,5 @@
-"""Precision flags of ``graphopt build`` → a recipe: ``--int4 [--int4-block N] | --int8 | --fp8 [--kv-cache D]``.
+"""Precision flags of ``graphopt build`` → a recipe: ``--int4 [--int4-block N] | --int8 | --fp8 | --keep-quant
+[--kv-cache D]``.
 
 Each precision is a readable recipe in ``models/`` (``ort-cpu-int4.toml`` …); the flags only pick
 it and set the options they name, so ``--int4 --int4-block 64`` is ``models/ort-cpu-int4.toml``
@@ -29,18 +30,22 @@ class PrecisionFlags:
     int8: bool = False
     fp8: bool = False
     kv_cache: str | None = None
+    keep_quant: bool = False  # a pre-quantized GGUF's own blocks (recipe <family>-keep-quant)
 
     @property
     def weights(self) -> str | None:
+        if self.keep_quant:
+            return "keep-quant"
         return "int4" if self.int4 else "int8" if self.int8 else "fp8" if self.fp8 else None
 
 
 def check_flags(flags: PrecisionFlags, recipe: str | None) -> None:
     """One-line errors for flags that cannot go together; called before any model is loaded."""
-    chosen = [name for name, on in (("--int4", flags.int4), ("--int8", flags.int8), ("--fp8", flags.fp8)) if on]
+    chosen = [name for name, on in (("--int4", flags.int4), ("--int8", flags.int8), ("--fp8", flags.fp8),
+                                    ("--keep-quant", flags.keep_quant)) if on]
     if len(chosen) > 1:
         raise PrecisionError(f"{' and '.join(chosen)} cannot be combined: weights have one precision; "
-                             "pick one of --int4, --int8, --fp8")
+                             "pick one of --int4, --int8, --fp8, --keep-quant")
     if flags.int4_block is not None and not flags.int4:
         raise PrecisionError(f"--int4-block {flags.int4_block} only applies to --int4; add --int4 or drop it")
     if flags.int4_block is not None and flags.int4_block not in INT4_BLOCKS:

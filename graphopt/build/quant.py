@@ -1,7 +1,7 @@
 """The quantization steps of ``graphopt build``: calibration input, early checks, cached statistics, fidelity.
 
-    before tracing   calibration_corpus()  reads --calib-text (or finds the default prose) — bad text fails
-                     here, in a second; preflight() checks the int4 block against the model config
+    before tracing   calibration_corpus()  reads --calib-text (or the built-in corpus's calibration split) —
+                     bad text fails here, in a second; preflight() checks the int4 block against the model config
     pipeline         pass_context() hands the token stream and the progress display to 'calibrate'
     writing          save_calibration() caches the statistics as calibration.npz in the artifact
     after writing    measure_fidelity() compares the artifact with the fp32 model on evaluation text;
@@ -28,7 +28,8 @@ CALIBRATION_FILE = "calibration.npz"
 # The issue's budgets (KL in nats, top-1 agreement) per weight precision. SmolLM2-135M on the built-in corpus
 # (graphopt-prose-1, 2,040 positions): --int8 KL 0.0022, top-1 97.1% (within); --int4 (AWQ) KL 0.43, 63.5%;
 # --fp8 KL 0.051, 84.9% (both over: promotion by --kl-budget is what meets them, not a looser line here).
-BUDGETS = {"int8": (0.01, 0.97), "int4": (0.05, 0.93), "fp8": (0.01, None)}
+BUDGETS = {"int8": (0.01, 0.97), "int4": (0.05, 0.93), "fp8": (0.01, None),
+           "gguf": (1e-4, 0.999)}  # --keep-quant: the GGUF's own values, against their fp32 dequantization
 
 
 def calibration_corpus(recipe: Recipe, calib_text: Path | None) -> Corpus | None:
@@ -42,6 +43,25 @@ def calibration_corpus(recipe: Recipe, calib_text: Path | None) -> Corpus | None
     return read_text_file(calib_text, "--calib-text") if calib_text is not None else default_corpus("calibration")
 
 
+def _keeps_quant(recipe: Recipe) -> bool:
+    return any(spec.name == "keep-quant" for spec in recipe.passes)
+
+
+def check_keep_quant(recipe: Recipe, spec: str) -> None:
+    """Before loading: --keep-quant needs a GGUF whose quantized types all have an exact form (one line
+    naming the tensor and its type otherwise; nothing is converted or written)."""
+    if not _keeps_quant(recipe):
+        return
+    from graphopt import sources
+    from graphopt.sources import gguf_weights
+
+    path = sources.gguf_file_of(spec)
+    if path is not None:
+        gguf_weights.check_keep_quant(path)
+    elif Path(spec).expanduser().is_dir():
+        gguf_weights.refuse_unquantized_folder(Path(spec).expanduser())
+
+
 def preflight(recipe: Recipe, config) -> None:
     """Checks that need only the model config, so a bad block size fails before the long trace."""
     for spec in recipe.passes:
@@ -49,23 +69,31 @@ def preflight(recipe: Recipe, config) -> None:
             check_block_divides(int(spec.options.get("block_size", 32)), config)
 
 
-def pass_context(options, corpus: Corpus | None, config, tokenizer, progress: Progress) -> PassContext:
+def pass_context(options, corpus: Corpus | None, config, tokenizer, progress: Progress,
+                 source=None) -> PassContext:
     """After loading, before tracing: preflight checks, then what passes need from the build (the
-    calibration token stream for 'calibrate', the context length for 'fuse-qkv-rope')."""
+    calibration token stream for 'calibrate', the context length for 'fuse-qkv-rope', the GGUF's
+    quantized weights for 'keep-quant')."""
     preflight(options.recipe, config)
     max_positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    quantized = None
+    if _keeps_quant(options.recipe) and source is not None and source.gguf_path is not None:
+        from graphopt.sources.gguf_weights import read_quantized
+
+        with progress.step(f"reading the quantized blocks of {source.gguf_path.name}"):
+            quantized = read_quantized(source.gguf_path)
     if corpus is None:
-        return PassContext(progress=progress, max_positions=max_positions)
+        return PassContext(progress=progress, max_positions=max_positions, quantized_weights=quantized)
     ids = token_stream(tokenizer, corpus, options.calib_tokens, "--calib-tokens")
     return PassContext(calibration_tokens=ids, calibration_source=corpus.source, progress=progress,
-                       max_positions=max_positions)
+                       max_positions=max_positions, quantized_weights=quantized)
 
 
 def context_for(options, loaded, progress: Progress) -> PassContext:
     """The pass context of ``options.recipe`` on an already loaded model (several recipes from one trace:
     compare, the architecture matrix): its calibration text, then :func:`pass_context`."""
     corpus = calibration_corpus(options.recipe, options.calib_text)
-    return pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress)
+    return pass_context(options, corpus, loaded.torch_model.config, loaded.tokenizer, progress, loaded.source)
 
 
 def precision_of(results: PipelineResults, kv_dtype: str) -> dict[str, str]:

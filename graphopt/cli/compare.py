@@ -94,10 +94,10 @@ def compare_main(options, limits: dict, baseline_path: Path | None, progress, as
 
     baseline = load_baseline(baseline_path) if baseline_path is not None else None  # bad input fails first
     chosen = plan(options, limits)
-    result = run_compare(options, chosen, progress)
+    result = run_compare(options, chosen, progress, baseline_path.parent if baseline_path is not None else None)
     regressions, notes = check(baseline, result, chosen.limits) if baseline is not None else \
         (budgets_only(result, chosen.limits), None)
-    files = write_outputs(result, options.out, regressions, notes)
+    files = write_outputs(result, options.out, regressions, notes, baseline)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -121,8 +121,11 @@ def bisect_main(options, limits: dict, progress, as_json: bool) -> int:
     if len(options.recipes) != 1:
         raise RecipeError(f"--bisect takes exactly one recipe, got {len(options.recipes)}")
     result = run_bisect(options, limits, progress)
+    from graphopt.evaluate.compare_report import plot_bisect
+
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "bisect.json").write_text(json.dumps(result, indent=2))
+    plot_bisect(result, options.out / "bisect.png")
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

@@ -64,6 +64,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--int4-block", type=int, default=None, help="int4 block size: 32 (default), 64 or 128.")
 @click.option("--int8", is_flag=True, help="int8 weights and activations (recipe <target>-int8).")
 @click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
+@click.option("--keep-quant", is_flag=True, help="A pre-quantized GGUF's own int4/int8 blocks, exactly "
+              "(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; recipe <target>-keep-quant).")
 @click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 calibration text (default: graphopt's built-in corpus, calibration split).")
@@ -80,7 +82,7 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--aot-check", default=None, metavar="sm89,sm120",
               help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
 def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json, strict,
-          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, experts, attention, dtype, trt_max_seq,
+          int4, int4_block, int8, fp8, keep_quant, kv_cache, calib_text, calib_tokens, experts, attention, dtype, trt_max_seq,
           trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build.artifact import BuildOptions, build as run_build
@@ -88,7 +90,7 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     from graphopt.core.progress import Progress
     from graphopt.build.report import pass_table, print_build_summary
 
-    flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
+    flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache, keep_quant)
     chosen_target = build_target(target, recipe)
     values = {"attention": attention, "dtype": dtype, "trt_max_seq": trt_max_seq, "trt_max_batch": trt_max_batch,
               "trt_max_prefill": trt_max_prefill, "aot_check": aot_check}
@@ -100,6 +102,8 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
                            experts=experts, target=chosen_target.name, target_options=target_options)
     progress = Progress(enabled=not as_json)
+    if not keep_quant:
+        _keep_quant_hint(model)
     records = []
     report = run_build(model, options, progress, on_pass=records.append)
     trt_steps = report.get("target_steps", [])  # post-build step (trt: AOT check, engine.plan where possible)
@@ -117,6 +121,17 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
         click.echo(f"error: {output} is over its fidelity budget ({'; '.join(budget['misses'])}); the artifact was "
                    "written, drop --strict to accept it or use a wider precision", err=True)
         sys.exit(1)
+
+
+def _keep_quant_hint(model: str) -> None:
+    """One line when a plain build would dequantize a pre-quantized GGUF that --keep-quant could keep."""
+    from graphopt.sources import gguf_file_of
+    from graphopt.sources.gguf_weights import keep_quant_hint
+
+    path = gguf_file_of(model)
+    hint = keep_quant_hint(path) if path is not None else None
+    if hint:
+        click.echo(f"note: {hint}", err=True)
 
 
 TARGET_OPTIONS = {"attention": "attention", "dtype": "dtype", "trt_max_seq": "max_seq", "trt_max_batch": "max_batch",

@@ -15,6 +15,7 @@ compare.json / compare.md / compare.png are written by the CLI once everything i
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +98,10 @@ def prepare(options: CompareOptions, recipes: list[Recipe], progress: Progress) 
     return loaded, contexts
 
 
-def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> dict[str, Any]:
-    """Build and measure every recipe of ``chosen``; the compare.json document."""
+def run_compare(options: CompareOptions, chosen: Plan, progress: Progress,
+                baseline_dir: Path | None = None) -> dict[str, Any]:
+    """Build and measure every recipe of ``chosen``; the compare.json document. ``baseline_dir``: the folder of
+    a baseline compare.json, whose artifacts (if still there) are timed beside this run's."""
     from graphopt.measure.bench import benchmark_prompt, machine_info
 
     loaded, contexts = prepare(options, chosen.recipes, progress)
@@ -114,11 +117,14 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
         cost = cost_model(built.output / "model.onnx", speed.prompt_tokens, speed.prompt_tokens + speed.new_tokens)
         entries.append(entry(recipe, built.output, report, fidelity) | {"cost": cost})
     prompt = benchmark_prompt(loaded.tokenizer, options.speed.prompt_tokens)
-    timed = time_artifacts({e["recipe"]: Path(e["artifact"]) for e in entries}, prompt, options.speed, progress)
+    artifacts = {e["recipe"]: Path(e["artifact"]) for e in entries}
+    twins = baseline_artifacts(baseline_dir, artifacts) if baseline_dir is not None else {}
+    timed = time_artifacts(artifacts, prompt, options.speed, progress, twins)
     for item in entries:
         item |= timed["recipes"][item["recipe"]]
     source = loaded.source
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": source.model_id,
+            "model_name": model_name(source),
             "model_sha256": source.sha256, "target": options.target, "reference_recipe": entries[0]["recipe"],
             "fidelity_reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)",
             "eval": {"tokens": int(ids.size), "text": chosen.eval_corpus.source, "sha256": chosen.eval_corpus.sha256},
@@ -128,6 +134,34 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress) -> di
             "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
             "machine": machine_info(), "recipes": entries,
             "thresholds": {name: dataclasses.asdict(limit) for name, limit in chosen.limits.items()}}
+
+
+def baseline_artifacts(baseline_dir: Path, artifacts: dict[str, Path]) -> dict[str, Path]:
+    """The baseline run's artifact of each recipe, where compare wrote it (``BASELINE/artifacts/RECIPE``; no
+    path is taken from the file), if it is still there and is not this run's own (``--out`` = the baseline's)."""
+    root = (baseline_dir / "artifacts").resolve()
+    twins = {}
+    for name, path in artifacts.items():
+        candidate = (root / name).resolve()
+        if candidate.parent == root and (candidate / "manifest.json").is_file() and candidate != path.resolve():
+            twins[name] = candidate
+    return twins
+
+
+def model_name(source: Any) -> str:
+    """The model's own name for titles: the hub id its config.json recorded, else its architecture and size
+    (``model`` stays the short id: the built-in name, the GGUF stem or the folder's name)."""
+    try:
+        config = json.loads((Path(source.model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return source.model_id
+    recorded = str(config.get("_name_or_path") or "")
+    if recorded and not Path(recorded).is_absolute() and not recorded.startswith("."):
+        return recorded
+    if source.model_id != Path(source.model_dir).name:  # a built-in name or a GGUF file's stem
+        return source.model_id
+    size = f"{config.get('num_hidden_layers', '?')} layers x {config.get('hidden_size', '?')}"
+    return f"{source.architecture} ({size})"
 
 
 def entry(recipe: Recipe, artifact: Path, report: dict[str, Any], fidelity: dict[str, Any]) -> dict[str, Any]:

@@ -14,12 +14,15 @@ One warm-up per artifact, then interleaved rounds that each time every artifact 
 A B, B A, …, with graphopt.measure.bench.SETTLE_S idle before each run, so background load hits all alike),
 until every ratio to the reference recipe is known to the requested precision or the time cap is hit
 (graphopt.evaluate.intervals). Each figure is the median over rounds with its 95% interval; ratios to the
-reference recipe of the same round are what the gate compares, never the absolute numbers.
+reference recipe of the same round are what the gate compares, never the absolute numbers. Given a
+baseline run whose artifacts are still in its folder, each recipe's baseline artifact is timed in the same
+rounds too, and the gate compares the two directly (``vs_baseline``): no shift between runs enters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.core.errors import GraphoptError
 from graphopt.evaluate.intervals import CONFIDENCE, Interval, StopRule, median_interval, round_ratios
 from graphopt.measure.fidelity import EVAL_SEQ, Logits, artifact_logits, evaluate, torch_logits
 from graphopt.core.progress import Progress
 
+log = logging.getLogger(__name__)
 SPEED_KEYS = ("ttft_ms", "decode_tokens_per_s", "batch_tokens_per_s")
 RATIO_KEYS = ("decode", "batch", "ttft")
 Runner = Callable[[], dict[str, float]]
@@ -71,9 +76,13 @@ def artifact_fidelity(artifact: Path, reference: Logits, ids: np.ndarray, text: 
     return measure_fidelity(artifact_logits(artifact), reference, ids, text, progress, artifact.name)
 
 
+BASELINE = " (baseline)"  # a baseline artifact's name among the timed ones
+
+
 def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: SpeedSettings,
-                   progress: Progress) -> dict[str, Any]:
-    """Every artifact timed in interleaved rounds until the ratios are precise enough; see :func:`summarise`."""
+                   progress: Progress, twins: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Every artifact timed in interleaved rounds until the ratios are precise enough; see :func:`summarise`.
+    ``twins``: a baseline run's artifact per recipe, timed in the same rounds (see :func:`baseline_pairs`)."""
     from graphopt.measure.bench import SETTLE_S
 
     runners: dict[str, Runner] = {}
@@ -81,13 +90,40 @@ def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: Spee
         with progress.step(f"loading and warming up {name}"):
             runners[name] = _runner(path, prompt, settings)
             runners[name]()
+    for name, path in (twins or {}).items():
+        try:
+            with progress.step(f"loading and warming up {name}{BASELINE}"):
+                runners[name + BASELINE] = _runner(path, prompt, settings)
+                runners[name + BASELINE]()
+        except GraphoptError as exc:  # e.g. built by another graphopt version: timed against stored ratios
+            runners.pop(name + BASELINE, None)
+            log.warning("the baseline's artifact %s is not timed beside this run's: %s", path, exc)
     rule = settings.stop
     label = (f"timing {len(runners)} artifact(s) in interleaved rounds (batch 1 and {settings.batch}, "
              f"{settings.new_tokens} tokens) until every ratio is within ±{rule.precision:.0%}, "
              f"at most {rule.time_cap_s:.0f} s")
     with progress.bar(label, total=rule.max_rounds) as step:
         samples, stopped, seconds = interleaved_rounds(runners, rule, step, settle_s=SETTLE_S)
-    return summarise(samples, stopped, seconds, rule)
+    pairs = baseline_pairs(samples)
+    summary = summarise({name: runs for name, runs in samples.items() if not name.endswith(BASELINE)}, stopped,
+                        seconds, rule)
+    for name, paired in pairs.items():
+        summary["recipes"][name]["vs_baseline"] = paired
+    return summary
+
+
+def baseline_pairs(samples: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, Any]]:
+    """Per recipe timed beside its baseline artifact: the change new/old of each figure (above 1 = better),
+    one ratio per round (the two ran back to back under the same load), median and 95% interval. This is
+    what the gate compares when it has it: a between-run shift of the machine cancels."""
+    out = {}
+    for name in (name for name in samples if name + BASELINE in samples):
+        ratios = [round_ratios(old, new) for old, new in zip(samples[name + BASELINE], samples[name])]
+        intervals = {key: median_interval([r[key] for r in ratios]) for key in RATIO_KEYS}
+        out[name] = {"relative": {k: round(i.median, 4) for k, i in intervals.items()},
+                     "relative_interval": {k: [round(i.low, 4), round(i.high, 4)] for k, i in intervals.items()},
+                     "rounds": len(ratios)}
+    return out
 
 
 def interleaved_rounds(runners: dict[str, Runner], rule: StopRule, advance: Callable[[int], None] = lambda n: None,
@@ -120,7 +156,8 @@ def ratio_intervals(samples: dict[str, list[dict[str, float]]]) -> dict[str, dic
 
 def summarise(samples: dict[str, list[dict[str, float]]], stopped: str, seconds: float,
               rule: StopRule) -> dict[str, Any]:
-    """{"recipes": {name: speed, speed_interval, relative, relative_interval}, "timing": how it ended}."""
+    """{"recipes": {name: speed, speed_interval, speed_range (min–max over rounds), relative, relative_interval},
+    "timing": how it ended}."""
     ratios = ratio_intervals(samples)
     recipes = {}
     for name, runs in samples.items():
@@ -128,6 +165,8 @@ def summarise(samples: dict[str, list[dict[str, float]]], stopped: str, seconds:
         relative = ratios.get(name) or {key: median_interval([1.0] * len(runs)) for key in RATIO_KEYS}
         recipes[name] = {"speed": {k: round(i.median, 2) for k, i in speed.items()},
                          "speed_interval": {k: [round(i.low, 2), round(i.high, 2)] for k, i in speed.items()},
+                         "speed_range": {k: [round(min(run[k] for run in runs), 2), round(max(run[k] for run in runs), 2)]
+                                         for k in SPEED_KEYS},
                          "relative": {k: round(i.median, 4) for k, i in relative.items()},
                          "relative_interval": {k: [round(i.low, 4), round(i.high, 4)] for k, i in relative.items()}}
     widest = max((i.half_width for r in ratios.values() for i in r.values()), default=0.0)

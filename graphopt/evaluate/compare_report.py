@@ -101,37 +101,82 @@ def _ops_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Fidelity (KL vs fp32, log scale) against decode tok/s, one labelled point per recipe."""
+PANELS = (("decode_tokens_per_s", "decode tok/s (batch 1)"), ("batch_tokens_per_s", "batch tok/s (batch {batch})"))
+
+
+def plot(result: dict[str, Any], path: Path, baseline: dict[str, Any] | None = None) -> None:
+    """KL vs fp32 (log) against decode tok/s (left) and batch throughput (right), one point per recipe: the
+    median over rounds with min–max bars, marker area by artifact size, the baseline's points hollow, each KL
+    budget a dashed line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5), dpi=110)
+    figure = Figure(figsize=(11, 4.8), dpi=110)
+    FigureCanvasAgg(figure)
+    largest = max(e["artifact_bytes"] for e in result["recipes"] + (baseline or {}).get("recipes", []))
+    colours = {e["recipe"]: f"C{i % 10}" for i, e in enumerate(result["recipes"])}
+    for index, (key, label) in enumerate(PANELS):
+        axes = figure.add_subplot(1, 2, index + 1)
+        for entries, hollow in ((result["recipes"], False), ((baseline or {}).get("recipes", []), True)):
+            for e in (e for e in entries if e["recipe"] in colours):
+                _point(axes, e, key, colours[e["recipe"]], 30 + 270 * e["artifact_bytes"] / largest, hollow)
+        budgets = {t["kl_budget"] for t in result.get("thresholds", {}).values() if t.get("kl_budget")}
+        for budget in sorted(budgets):
+            axes.axhline(budget, linestyle="--", color="red", linewidth=1, label=f"KL budget {budget:g}")
+        axes.set_yscale("log")
+        axes.margins(x=0.2, y=0.3)
+        axes.set_xlabel(label.format(batch=result["speed_settings"].get("batch", "")))
+        axes.set_ylabel(f"KL(fp32 ‖ recipe), nats (floor {KL_FLOOR:g})")
+        axes.grid(True, which="both", alpha=0.3)
+        if budgets:
+            axes.legend(fontsize=7, loc="lower right")
+    hollow = "; hollow: the baseline" if baseline else ""
+    figure.suptitle(f"{result.get('model_name', result['model'])}: fidelity vs speed (median, bars min–max over "
+                    f"{result['timing']['rounds']} rounds; area: artifact size{hollow})", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def _point(axes: Any, entry: dict[str, Any], key: str, colour: str, area: float, hollow: bool) -> None:
+    x, y = entry["speed"][key], max(entry["fidelity"]["kl_mean"], KL_FLOOR)
+    low, high = entry.get("speed_range", {}).get(key, (x, x))
+    axes.errorbar([x], [y], xerr=[[x - low], [high - x]], fmt="none", ecolor=colour, alpha=0.6, capsize=3)
+    axes.scatter([x], [y], s=area, facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.5)
+    if not hollow:
+        axes.annotate(entry["recipe"], (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+
+
+def plot_bisect(result: dict[str, Any], path: Path) -> None:
+    """bisect.png: KL vs fp32 after each pass of the recipe (a step plot), the budget as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 4.5), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for e in result["recipes"]:
-        x, y = e["speed"]["decode_tokens_per_s"], max(e["fidelity"]["kl_mean"], KL_FLOOR)
-        axes.scatter([x], [y], s=40)
-        axes.annotate(e["recipe"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    stages = result["stages"]
+    kls = [max(s["fidelity"]["kl_mean"], KL_FLOOR) for s in stages]
+    axes.step(range(len(stages)), kls, where="post", marker="o")
+    axes.axhline(result["kl_budget"], linestyle="--", color="red", linewidth=1, label=f"KL budget {result['kl_budget']:g}")
+    axes.set_xticks(range(len(stages)), [s["name"] for s in stages], rotation=45, ha="right", fontsize=7)
     axes.set_yscale("log")
-    axes.margins(x=0.2, y=0.3)
-    axes.set_xlabel("decode tok/s (batch 1)")
-    axes.set_ylabel(f"KL(fp32 ‖ recipe), nats (floor {KL_FLOOR:g})")
-    axes.set_title(f"{result['model']}: fidelity vs speed", fontsize=10)
+    axes.set_ylabel(f"KL(fp32 ‖ after pass), nats (floor {KL_FLOOR:g})")
+    axes.set_title(f"{result['model']}, recipe {result['recipe']}: KL after each pass", fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, format="png")
 
 
 def write_outputs(result: dict[str, Any], out: Path, regressions: list[Regression] | None,
-                  notes: list[str] | None) -> dict[str, Path]:
-    """compare.json, compare.md and compare.png in ``out``, all or none."""
+                  notes: list[str] | None, baseline: dict[str, Any] | None = None) -> dict[str, Path]:
+    """compare.json, compare.md and compare.png (the baseline's points hollow) in ``out``, all or none."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".compare.", dir=out))
     try:
         (staging / "compare.json").write_text(json.dumps(result, indent=2))
         (staging / "compare.md").write_text(markdown(result, regressions, notes))
-        plot(result, staging / "compare.png")
+        plot(result, staging / "compare.png", baseline)
         for name in ("compare.json", "compare.md", "compare.png"):
             os.replace(staging / name, out / name)
     finally:

@@ -25,6 +25,11 @@ new/old of a ratio gets a 95% interval from both runs' intervals, combined in qu
 independent measurements); a timing regression is reported only when that whole interval lies beyond the
 threshold. When only the median change does, the gate notes the line as ``inconclusive (±x%)`` and passes.
 The cost model (graphopt.evaluate.cost_model) is exact, so it is held to ``cost_up`` as it is.
+
+When the baseline's artifacts are still in its folder (``OLD/artifacts/RECIPE``, as compare writes them),
+each is timed in the same rounds as this run's artifact of the same recipe, and the gate tests that paired
+change instead (``vs_baseline``: new/old per round, its 95% interval against the threshold), so a load
+shift between the two runs cannot fail it.
 """
 
 from __future__ import annotations
@@ -155,7 +160,7 @@ def check(baseline: dict[str, Any], current: dict[str, Any],
         found += (fidelity_regressions(entry, old, limit) if same_text else []) + size_regressions(entry, old, limit)
         cost, cost_notes = cost_regressions(entry, old, limit)
         found, notes = found + cost, notes + cost_notes
-        if same_reference and entry["recipe"] != current.get("reference_recipe"):
+        if "vs_baseline" in entry or (same_reference and entry["recipe"] != current.get("reference_recipe")):
             timing, timing_notes = timing_regressions(entry, old, limit)
             found, notes = found + timing, notes + timing_notes
     return found, notes
@@ -214,6 +219,8 @@ def timing_regressions(new: dict[str, Any], old: dict[str, Any],
     """Ratios to the reference recipe (above 1 = better) whose median dropped by more than the threshold.
     One fails when the whole 95% interval of its change new/old lies beyond the threshold; otherwise it is a
     note: inconclusive (±x%). Without intervals (an older baseline) the medians alone decide."""
+    if "vs_baseline" in new:
+        return paired_regressions(new, limit)
     found, notes = [], []
     for key, metric, allowed, shown in timing_limits(limit):
         a, b = old["relative"].get(key), new["relative"].get(key)
@@ -225,6 +232,24 @@ def timing_regressions(new: dict[str, Any], old: dict[str, Any],
             found.append(regression)
         else:
             notes.append(f"{regression.line()}: inconclusive (±{regression.half_width():.1%})")
+    return found, notes
+
+
+def paired_regressions(new: dict[str, Any], limit: Thresholds) -> tuple[list[Regression], list[str]]:
+    """The recipe's artifact against its baseline artifact timed in the same rounds: the change new/old per
+    round (above 1 = better). A regression when the whole 95% interval lies beyond the threshold."""
+    found, notes = [], []
+    paired = new["vs_baseline"]
+    for key, metric, allowed, shown in timing_limits(limit):
+        change, (low, high) = paired["relative"][key], paired["relative_interval"][key]
+        if change >= 1 - allowed:
+            continue
+        name = metric.replace("vs reference", "vs the baseline's artifact, same rounds")
+        regression = Regression(new["recipe"], name, 1.0, change, shown, math.log(high / change) if change else None)
+        if high < 1 - allowed:
+            found.append(regression)
+        else:
+            notes.append(f"{regression.line()}: inconclusive (±{(high - low) / 2 / change:.1%})")
     return found, notes
 
 

@@ -9,6 +9,7 @@ its own builder at the precision the artifact's manifest records, and cached per
     int4 block B symmetric (…)           -p int4 block_size=B accuracy_level=A          int4-bB-aA
     int8 block B symmetric               -p int8 block_size=B accuracy_level=A          int8-bB-aA
     int8 per-channel symmetric           -p int8 block_size=32  (no per-channel int8)    mismatch, printed
+    gguf Q4_1 … kept exactly (keep-quant) -p int4 (int8 without Q4_*) block_size=32       mismatch, printed
     fp8 / fp16 / bf16 / anything else    -p fp32  (no CPU mode for them)                 mismatch, printed
 
 A is the artifact's MatMulNBits ``accuracy_level`` (its build report's lower-quant-ort-cpu pass; 4 =
@@ -73,6 +74,11 @@ def peer_precision(weights: str, accuracy_level: int | None = None) -> PeerPreci
         return PeerPrecision("fp32")
     if kind in ("int4", "int8") and block:
         return PeerPrecision(kind, int(block.group(1)), level)
+    if kind == "gguf":  # --keep-quant: the GGUF's own types (Q4_* → int4 blocks, Q5–Q8 → int8), plus corrections
+        nearest = "int4" if re.search(r"\bQ4_", weights) else "int8"
+        return PeerPrecision(nearest, DEFAULT_BLOCK, level,
+                             mismatch=f"the artifact keeps the GGUF's quantization ('{weights}'); GenAI's nearest "
+                                      f"model is {nearest} block {DEFAULT_BLOCK}, round-to-nearest")
     if kind == "int8":
         return PeerPrecision("int8", DEFAULT_BLOCK, level,
                              mismatch=f"the artifact's weights are '{weights}'; GenAI's builder quantizes int8 only "

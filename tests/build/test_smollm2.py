@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from graphopt import sources
-from graphopt.build.artifact import BuildOptions, build
+from graphopt.build.artifact import BuildOptions
 from graphopt.passes.pipeline import load_recipe
-from graphopt.core.progress import QUIET
 from graphopt.runtime.engine import OrtEngine
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
+from smollm2_trace import build_smollm2, smollm2_traced
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +31,9 @@ NEW_TOKENS = 64
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "artifact"
-    report = build("smollm2-135m", BuildOptions(load_recipe("ort-cpu"), out), QUIET)
-    source = sources.resolve_source("smollm2-135m")
-    return report, out, sources.load_causal_lm(source), sources.load_tokenizer(source)
+    report = build_smollm2(BuildOptions(load_recipe("ort-cpu"), out))  # the shared trace (tests/smollm2_trace.py)
+    loaded = smollm2_traced()
+    return report, out, loaded.torch_model, loaded.tokenizer
 
 
 def _prompt_ids(tokenizer) -> list[list[int]]:

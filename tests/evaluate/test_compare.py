@@ -93,6 +93,9 @@ def test_compare_writes_every_metric(tiny: Path, first: Path) -> None:
     assert timing["rounds"] >= 3 and timing["stopped"] in ("precision", "time cap") and timing["confidence"] == 0.95
     for key, (low, high) in int8["relative_interval"].items():
         assert 0 < low <= int8["relative"][key] <= high, (key, low, high)
+    for key, (low, high) in int8["speed_range"].items():  # min–max over the rounds (the plot's bars)
+        assert 0 < low <= int8["speed"][key] <= high, (key, low, high)
+    assert data["model"] == "hf" and data["model_name"] == "LlamaForCausalLM (2 layers x 128)"  # not the folder
     assert "interleaved rounds" in (first / "compare.md").read_text()
     assert int8["artifact_bytes"] < fp32["artifact_bytes"] / 2
     assert int8["ops"]["com.microsoft::MatMulNBits"] > 0 and "com.microsoft::MatMulNBits" not in fp32["ops"]
@@ -135,6 +138,9 @@ def test_gate_passes_against_its_own_output(tiny: Path, first: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "gate: passed" in result.output and "regression" not in result.output
     assert "**gate: passed**" in (out / "compare.md").read_text()
+    for item in json.loads((out / "compare.json").read_text())["recipes"]:  # the baseline's artifacts ran beside
+        low, high = item["vs_baseline"]["relative_interval"]["decode"]
+        assert item["vs_baseline"]["rounds"] >= 3 and 0 < low <= item["vs_baseline"]["relative"]["decode"] <= high
 
 
 def test_gate_fails_on_a_more_aggressive_recipe(tiny: Path, first: Path) -> None:
@@ -183,3 +189,4 @@ def test_bisect_blames_the_lossy_pass(tiny: Path, recipe: str, within: bool, cul
         assert f"pass {index} 'quantize-int4' broke the KL budget 0.002" in result.output
     else:
         assert max(kls) < 1e-5 and "within the KL budget" in result.output
+    assert (out / "bisect.png").read_bytes().startswith(b"\x89PNG")

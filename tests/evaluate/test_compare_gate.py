@@ -101,6 +101,29 @@ def test_a_timing_interval_that_reaches_the_threshold_is_inconclusive() -> None:
     assert len(check(run(), old_format, LIMITS)[0]) == 2
 
 
+def paired(change: float, low: float, high: float) -> dict:
+    return {"relative": {"decode": change, "batch": 1.0, "ttft": 1.0}, "rounds": 7,
+            "relative_interval": {"decode": [low, high], "batch": [0.98, 1.02], "ttft": [0.97, 1.03]}}
+
+
+def test_timing_beside_the_baseline_artifact_is_tested_directly() -> None:
+    """With vs_baseline (the baseline's artifact timed in the same rounds) the stored ratios are not used: a
+    whole-run shift that moved the ratio to the reference fails nothing; a paired drop beyond the threshold
+    fails, the reference recipe included; one whose interval reaches the threshold is inconclusive."""
+    shifted = run(decode=120.0)  # stored ratio 1.5 -> 1.2 (-20%) ...
+    shifted["recipes"][1]["vs_baseline"] = paired(0.99, 0.97, 1.01)  # ... but side by side nothing changed
+    found, notes = check(run(), shifted, LIMITS)
+    assert found == [] and notes == []
+    slower = run()
+    slower["recipes"][0]["vs_baseline"] = paired(0.8, 0.75, 0.86)  # the fp32 reference itself got slower
+    slower["recipes"][1]["vs_baseline"] = paired(0.85, 0.7, 0.95)  # reaches -5%: inconclusive
+    found, notes = check(run(), slower, LIMITS)
+    assert [r.line() for r in found] == ["fp32: decode tok/s vs the baseline's artifact, same rounds 1 -> 0.8 "
+                                         "(-20.0%, limit -10%; 95% at most -14.0%)"]
+    assert notes == ["int4: decode tok/s vs the baseline's artifact, same rounds 1 -> 0.85 (-15.0%, limit -10%; "
+                     "95% at most -5.0%): inconclusive (±14.7%)"]
+
+
 def test_cost_model_is_held_to_one_percent() -> None:
     grown = run()
     grown["recipes"][1]["cost"] |= {"decode_weight_bytes": 1011, "decode_flops_per_token": 2020}  # +1.1%, +1.0%

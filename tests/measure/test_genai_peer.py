@@ -32,6 +32,8 @@ def test_builder_arguments_and_cache_keys() -> None:
     ("int8 per-channel symmetric", "int8", "only in blocks"),
     ("fp8 e4m3 per-channel", "fp32", "no such CPU precision"),
     ("fp16", "fp32", "no such CPU precision"),
+    ("gguf 210 Q4_1, 1 Q6_K kept exactly (int4/int8 blocks, zero-point 0, + block-minimum correction)", "int4",
+     "nearest model is int4 block 32"),
 ])
 def test_unavoidable_mismatches_are_named(weights: str, precision: str, says: str) -> None:
     peer = peer_precision(weights)

@@ -86,3 +86,31 @@ def test_lengths_advance_truncate_and_limits() -> None:
 def test_invalid_sizes_are_refused() -> None:
     with pytest.raises(RuntimeInputError, match="max_slots=0"):
         _cache(max_slots=0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_copy_rows_and_swap_between_any_slots(backend: str) -> None:
+    """The prefix cache's row copies, on numpy buffers and on torch tensors (what the TensorRT engine's CUDA
+    cache holds: the same slicing, ``clone`` for the swap's temporary), free slots included."""
+    cache = SlotCache(num_layers=2, num_kv_heads=2, head_dim=3, max_slots=4, max_seq=8)
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(buf.shape).astype(np.float32) for buf in (*cache.keys, *cache.values)]
+    if backend == "torch":
+        torch = pytest.importorskip("torch")
+        cache.keys = [torch.from_numpy(a.copy()) for a in start[:2]]
+        cache.values = [torch.from_numpy(a.copy()) for a in start[2:]]
+    else:
+        cache.keys, cache.values = [a.copy() for a in start[:2]], [a.copy() for a in start[2:]]
+    cache.copy_rows(0, 3, 5)  # slot 3 is free: allowed
+    cache.swap(1, 2, 6)
+    for before, buf in zip(start, (*cache.keys, *cache.values)):
+        after = np.asarray(buf)
+        np.testing.assert_array_equal(after[3, :, :5], before[0, :, :5])
+        np.testing.assert_array_equal(after[3, :, 5:], before[3, :, 5:])  # the rest untouched
+        np.testing.assert_array_equal(after[1, :, :6], before[2, :, :6])
+        np.testing.assert_array_equal(after[2, :, :6], before[1, :, :6])
+        np.testing.assert_array_equal(after[1, :, 6:], before[1, :, 6:])
+    with pytest.raises(RuntimeInputError, match="cannot copy 9 cache rows"):
+        cache.copy_rows(0, 1, 9)
+    with pytest.raises(RuntimeInputError, match="slot 4"):
+        cache.swap(0, 4, 1)

@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from graphopt.build.artifact import BuildOptions, build_traced, load, trace_loaded
+from graphopt.build.artifact import BuildOptions
 from graphopt.passes.pipeline import load_recipe
-from graphopt.core.progress import QUIET
 from graphopt.targets.trt_options import TrtOptions, apply_trt_options
 from trt_helpers import run_steps, session
+from smollm2_trace import build_smollm2, smollm2_traced
 
 pytestmark = pytest.mark.slow
 CAPACITY = 256
@@ -24,15 +24,9 @@ TEXT = ("The capital of France is Paris. It is known for the Eiffel Tower, museu
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from graphopt.build import quant as quant_build
-
     out = tmp_path_factory.mktemp("smollm2-trt") / "trt"
-    loaded = load("smollm2-135m", "sdpa", QUIET)
-    trace_loaded(loaded, QUIET)
-    options = BuildOptions(apply_trt_options(load_recipe("trt"), TrtOptions(max_seq=CAPACITY)), out)
-    context = quant_build.pass_context(options, None, loaded.torch_model.config, loaded.tokenizer, QUIET)
-    build_traced(loaded, options, QUIET, context)
-    return out, loaded
+    build_smollm2(BuildOptions(apply_trt_options(load_recipe("trt"), TrtOptions(max_seq=CAPACITY)), out))
+    return out, smollm2_traced()  # the shared trace (tests/smollm2_trace.py)
 
 
 def test_top1_agrees_with_fp32(smollm2) -> None:
