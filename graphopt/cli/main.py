@@ -5,6 +5,7 @@ Any GraphoptError becomes one line on stderr and exit code 2; ``--debug`` shows 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -64,6 +65,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--int4-block", type=int, default=None, help="int4 block size: 32 (default), 64 or 128.")
 @click.option("--int8", is_flag=True, help="int8 weights and activations (recipe <target>-int8).")
 @click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
+@click.option("--kl-budget", type=float, default=None, metavar="KL", help="With --int4/--int8/--fp8: promote the "
+              "most sensitive MatMuls (int4→int8→float, fp8→float) until the eval KL vs fp32 is within KL.")
 @click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 calibration text (default: prose from installed packages' docs).")
@@ -80,8 +83,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--aot-check", default=None, metavar="sm89,sm120",
               help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
 def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json, strict,
-          int4, int4_block, int8, fp8, kv_cache, calib_text, calib_tokens, experts, attention, dtype, trt_max_seq,
-          trt_max_batch, trt_max_prefill, aot_check) -> None:
+          int4, int4_block, int8, fp8, kl_budget, kv_cache, calib_text, calib_tokens, experts, attention, dtype,
+          trt_max_seq, trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build.artifact import BuildOptions, build as run_build
     from graphopt.build.precision import PrecisionFlags, build_target, precision_recipe
@@ -89,6 +92,11 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     from graphopt.build.report import pass_table, print_build_summary
 
     flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
+    if kl_budget is not None:
+        from graphopt.build.mixed_precision import build_within_budget, check_budget
+
+        check_budget(flags.weights, kl_budget)
+        run_build = functools.partial(build_within_budget, budget=kl_budget)
     chosen_target = build_target(target, recipe)
     values = {"attention": attention, "dtype": dtype, "trt_max_seq": trt_max_seq, "trt_max_batch": trt_max_batch,
               "trt_max_prefill": trt_max_prefill, "aot_check": aot_check}
