@@ -51,13 +51,15 @@ class BudgetError(GraphoptError):
     exit_code = 1
 
 
-def check_budget(weights: str | None, budget: float) -> None:
-    """One-line errors (exit 2) before anything is loaded."""
-    if weights is None:
-        raise PrecisionError("--kl-budget needs a quantized build: add --int4, --int8 or --fp8")
+def check_budget(recipe: Recipe, budget: float) -> None:
+    """One-line errors (exit 2) before anything is loaded: a recipe with no quantize pass, a budget ≤ 0."""
+    if not any(spec.name in QUANTIZE_PASSES for spec in recipe.passes):
+        raise PrecisionError("--kl-budget needs a quantized build: add --int4, --int8 or --fp8 (or a --recipe "
+                             "with a quantize-int4/-int8/-fp8 pass)")
     if not math.isfinite(budget) or budget <= 0:
-        raise PrecisionError(f"--kl-budget {budget} must be a positive KL in nats (the plain --{weights} build "
-                             "reports its KL; e.g. --kl-budget 0.05)")
+        raise PrecisionError(f"--kl-budget {budget} must be a positive KL in nats (a plain quantized build reports "
+                             "its KL; e.g. --kl-budget 0.05)")
+    quantize_index(recipe)
 
 
 @dataclasses.dataclass

@@ -92,17 +92,17 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     from graphopt.build.report import pass_table, print_build_summary
 
     flags = PrecisionFlags(int4, int4_block, int8, fp8, kv_cache)
-    if kl_budget is not None:
-        from graphopt.build.mixed_precision import build_within_budget, check_budget
-
-        check_budget(flags.weights, kl_budget)
-        run_build = functools.partial(build_within_budget, budget=kl_budget)
     chosen_target = build_target(target, recipe)
     values = {"attention": attention, "dtype": dtype, "trt_max_seq": trt_max_seq, "trt_max_batch": trt_max_batch,
               "trt_max_prefill": trt_max_prefill, "aot_check": aot_check}
     target_flags = {TARGET_OPTIONS[param]: value for param, value in values.items() if _given(param)}
     chosen, target_options = chosen_target.configure(precision_recipe(flags, recipe, chosen_target),  # before loading
                                                      target_flags)
+    if kl_budget is not None:
+        from graphopt.build.mixed_precision import build_within_budget, check_budget
+
+        check_budget(chosen, kl_budget)
+        run_build = functools.partial(build_within_budget, budget=kl_budget)
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
