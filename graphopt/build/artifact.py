@@ -99,7 +99,7 @@ def trace_loaded(loaded: Loaded, progress: Progress, experts: str = "routed") ->
 
 def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, context,
                  on_pass: Callable[[PassRecord], None] | None = None, copy: bool = False,
-                 finalize: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 finalize: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
     """Run ``options.recipe`` on the trace (on a copy of it when ``copy``) and write the artifact.
     ``finalize`` sees the report before the artifact goes live; raising there leaves nothing written."""
     from graphopt.build import quant as quant_build
@@ -129,8 +129,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
                                                               timings)
         steps = target.finish(staging, options.target_options, options.output)  # post-build, before going live
         report |= {"target_steps": steps} if steps else {}
-        if finalize is not None:
-            finalize(report)
+        finalize(report)  # may refuse the artifact: then nothing goes live
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         (staging / "build-report.json").write_text(json.dumps(report, indent=2))

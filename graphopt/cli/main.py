@@ -98,11 +98,7 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     target_flags = {TARGET_OPTIONS[param]: value for param, value in values.items() if _given(param)}
     chosen, target_options = chosen_target.configure(precision_recipe(flags, recipe, chosen_target),  # before loading
                                                      target_flags)
-    if kl_budget is not None:
-        from graphopt.build.mixed_precision import build_within_budget, check_budget
-
-        check_budget(chosen, kl_budget)
-        run_build = functools.partial(build_within_budget, budget=kl_budget)
+    run_build = _builder(chosen, kl_budget) or run_build
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
@@ -125,6 +121,16 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
         click.echo(f"error: {output} is over its fidelity budget ({'; '.join(budget['misses'])}); the artifact was "
                    "written, drop --strict to accept it or use a wider precision", err=True)
         sys.exit(1)
+
+
+def _builder(recipe, kl_budget: float | None):
+    """``--kl-budget``: the budget search's build (checked before loading), else None for the plain one."""
+    if kl_budget is None:
+        return None
+    from graphopt.build.mixed_precision import build_within_budget, check_budget
+
+    check_budget(recipe, kl_budget)
+    return functools.partial(build_within_budget, budget=kl_budget)
 
 
 TARGET_OPTIONS = {"attention": "attention", "dtype": "dtype", "trt_max_seq": "max_seq", "trt_max_batch": "max_batch",
