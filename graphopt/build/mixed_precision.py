@@ -119,7 +119,10 @@ class Prober:
             results = PipelineResults(calibration=self.results.calibration, precision=dict(self.results.precision))
             run_pipeline(model, dataclasses.replace(recipe, passes=passes), context=self.context, results=results)
         with self.progress.bar(f"{label}: KL on {self.ids.size} tokens", total=-(-self.ids.size // EVAL_SEQ)) as adv:
-            return evaluate(graph_logits(model), self.reference, self.ids, self.text, advance=adv).kl_mean
+            kl = evaluate(graph_logits(model), self.reference, self.ids, self.text, advance=adv).kl_mean
+        if self.progress.enabled:
+            self.progress.console.print(f"  {label}: KL {kl:.4f}")
+        return kl
 
 
 def _memo(logits: Callable) -> Callable:

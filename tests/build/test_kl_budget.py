@@ -41,6 +41,8 @@ def test_ranking_promotes_the_largest_error_first_and_climbs_each_ladder_in_orde
     errors = {"a": {"int4": 0.04, "int8": 0.0002, "float": 0.0}, "b": {"int4": 0.01, "int8": 0.00005, "float": 0.0}}
     steps = rank_steps(errors)
     assert [(s.layer, s.to) for s in steps] == [("a", "int8"), ("b", "int8"), ("a", "float"), ("b", "float")]
+    assert [s.layer for s in rank_steps({**errors, "lm_head": {"int4": 1e-5, "int8": 0.0, "float": 0.0}})][:2] == \
+        ["lm_head", "lm_head"]
     assert assignment(steps, 3) == {"a": "float", "b": "int8"} and assignment(steps, 0) == {}
     pinned = _pinned_recipe(tmp_path)
     recipe = recipe_for(pinned, _index(pinned), assignment(steps, 3))
