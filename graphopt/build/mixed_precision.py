@@ -17,9 +17,9 @@ precision until the evaluation KL against the fp32 model is within X.
 
 Cost in evaluations: E probes + the final build. k = 0 (the plain build) and k = n (everything promoted; when
 that misses, exit 1 with the best KL and nothing written) come first, then a geometric bisection:
-E ≤ 2 + ⌈log2(ln n / ln(9/8))⌉ — 8 for SmolLM2 int4 (n = 422 promotions), 7 for fp8 (n = 211). A probe costs
-the quantize pass (AWQ's search for int4), the lowering and one evaluation; the trace and calibration run once
-for the search and once more in the final build.
+about 2 + ⌈log2(ln n / ln(9/8))⌉, plus up to ⌈log2(n/8)⌉ when the answer lies within n/8 of n — 8 measured
+for SmolLM2 int4 (n = 422 promotions). A probe costs the quantize pass (AWQ's search for int4), the lowering
+and one evaluation; the trace and calibration run once for the search and once more in the final build.
 
 Layers pinned in the recipe stay where they are pinned and are not candidates: the quantize pass's ``keep``
 (fp32) and, for int4, ``promote`` (int8) — names or shell patterns, ``keep = ["lm_head", "model.layers.0.*"]``.
@@ -71,7 +71,9 @@ class Search:
 
 
 def search_promotions(kl_at: Callable[[int], float], n: int, budget: float) -> Search:
-    """The smallest k in [0, n] (within 1/TOLERANCE) with ``kl_at(k) <= budget``, assuming KL falls as k grows."""
+    """The smallest k in [0, n] (within 1/TOLERANCE, exactly when it is near n) with ``kl_at(k) <= budget``,
+    assuming KL falls as k grows. (SmolLM2 fp8 at 0.01 measured 0.0108 at k = 194 of 211: a 1/8 tolerance there
+    stopped at k = n, every layer float.)"""
     probes: dict[int, float] = {}
 
     def probe(k: int) -> float:
@@ -84,7 +86,7 @@ def search_promotions(kl_at: Callable[[int], float], n: int, budget: float) -> S
         best = min(probes, key=probes.get)
         return Search(best, probes[best], False, probes)
     lo, hi = 0, n
-    while hi - lo > max(1, hi // TOLERANCE):
+    while hi - lo > (1 if hi == n else max(1, hi // TOLERANCE)):  # "promote everything" is no answer
         mid = min(max(round(math.sqrt(max(lo, 1) * hi)), lo + 1), hi - 1)
         lo, hi = (lo, mid) if probe(mid) <= budget else (mid, hi)
     return Search(hi, probes[hi], True, probes)
