@@ -32,7 +32,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from graphopt.build.mixed_layers import Step, assignment, layer_errors, rank_steps, recipe_for
+from graphopt.build.mixed_layers import BASES, Step, assignment, layer_errors, rank_steps, recipe_for
 from graphopt.build.precision import PrecisionError
 from graphopt.core.errors import GraphoptError
 from graphopt.core.progress import Progress
@@ -41,7 +41,7 @@ from graphopt.passes.base import PipelineResults
 from graphopt.passes.pipeline import Recipe, run_pipeline
 from graphopt.quant.text import default_corpus, read_text_file, token_stream
 
-QUANTIZE_PASSES = {"quantize-int4": "int4", "quantize-int8": "int8", "quantize-fp8": "fp8"}
+QUANTIZE_PASSES = BASES  # quantize pass → the precision its ladder starts from
 TOLERANCE = 8  # the search stops when the chosen k is within 1/TOLERANCE of the smallest that works
 
 
