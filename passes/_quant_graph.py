@@ -10,6 +10,8 @@ that computes them lives in graphopt.quant.numerics / graphopt.quant.awq.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+from collections.abc import Sequence
 
 import ml_dtypes
 import numpy as np
@@ -141,12 +143,42 @@ def quantize_group_input(graph: ir.Graph, group: list[Linear], scale: float | No
         lin.node.replace_input_with(0, x_hat)
 
 
-def weight_targets(graph: ir.Graph, embedding: bool) -> tuple[list[Linear], Embedding | None, list[ir.Value]]:
-    """What a quantize pass rewrites: the linears, the embedding (when asked), and their fp32 weights."""
-    linears = find_linears(graph)
+def layer_name(node: ir.Node) -> str:
+    """A MatMul's name for recipes (``keep``, ``promote``): the module the exporter recorded for it, as Hugging
+    Face names it (``model.layers.0.self_attn.q_proj``, ``lm_head``); else its weight's name. The tied
+    embedding is ``lm_head`` (:func:`embedding_name`)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    names = [part.strip(" '\"") for part in scopes.strip("[]").split(",")]
+    if len(names) >= 2 and names[-2].startswith("model."):  # graphopt's trace wraps the model as 'model'
+        return names[-2].removeprefix("model.")
+    return (node.inputs[1].name or node.name or "").removesuffix(".weight")
+
+
+def embedding_name(embedding: Embedding) -> str:
+    table = (embedding.table.name or "").removesuffix(".weight").removeprefix("model.")
+    return "lm_head" if embedding.lm_head is not None else table
+
+
+def matches(name: str, patterns: Sequence[str] | None) -> bool:
+    """``name`` equals one of ``patterns`` or matches it as a shell pattern (``model.layers.0.*``)."""
+    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def weight_targets(graph: ir.Graph, embedding: bool, keep: Sequence[str] | None = None
+                   ) -> tuple[list[Linear], Embedding | None, list[ir.Value]]:
+    """What a quantize pass rewrites: the linears, the embedding (when asked), and their fp32 weights;
+    those whose :func:`layer_name` matches a ``keep`` pattern stay fp32 (the tied embedding with ``lm_head``)."""
+    linears = [lin for lin in find_linears(graph) if not matches(layer_name(lin.node), keep)]
     table = find_embedding(graph) if embedding else None
+    table = None if table is not None and matches(embedding_name(table), keep) else table
     fp32 = [lin.weight for lin in linears] + ([table.table] if table else [])
     return linears, table, fp32
+
+
+def kept_count(graph: ir.Graph, linears: list[Linear], embedding: Embedding | None, asked: bool) -> int:
+    """How many linears (the tied lm_head counted as one) ``keep`` left in fp32."""
+    table = find_embedding(graph) if asked else None
+    return len(find_linears(graph)) - len(linears) + (table is not None and embedding is None)
 
 
 def drop_unused(graph: ir.Graph, values: list[ir.Value]) -> None:
@@ -220,6 +252,10 @@ def calibration(context: PassContext, pass_name: str):
     return stats
 
 
-def record_precision(context: PassContext, **fields: str) -> None:
-    """Merge ``fields`` (weights=, activations=, kv_cache=, embedding=) into the run's precision note."""
+def record_precision(context: PassContext, stats: dict[str, int] | None = None, **fields: str) -> None:
+    """Merge ``fields`` (weights=, activations=, kv_cache=, embedding=) into the run's precision note, and
+    from the pass's ``stats`` the layers ``keep`` left fp32 and ``promote`` made int8."""
     context.results.precision.update(fields)
+    for key, label in (("kept_fp32", "fp32 (keep)"), ("promoted_int8", "int8 (promote)")):
+        if stats and stats.get(key):
+            context.results.precision[key.split("_")[0] + "_layers"] = f"{stats[key]} {label}"

@@ -13,7 +13,9 @@ outliers). This is the explicit-quantization graph TensorRT builds fp8 engines f
 CPU EP has no fp8 kernels, so on ort-cpu the same graph is a fidelity simulation in fp32.
 
 Options: ``calibration`` "max" (default) | "percentile"; ``activations`` (default true) adds the
-activation Q/DQ (false: weight-only fp8); ``embedding`` (default true).
+activation Q/DQ (false: weight-only fp8); ``embedding`` (default true); ``keep``: layer names or shell
+patterns (``["lm_head", "model.layers.0.*"]``, see :func:`graphopt.passes._quant_graph.layer_name`) whose
+MatMuls stay fp32 — weights and their input activation (``graphopt build --kl-budget`` fills it).
 Letters: B batch, S seq, K/N in/out channels, V vocab, H hidden.
 """
 
@@ -23,7 +25,8 @@ import onnx_ir as ir
 
 from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused,
-                                          weight_targets, group_by_input, quantize_group_input, record_precision)
+                                          weight_targets, kept_count, group_by_input, quantize_group_input,
+                                          record_precision)
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant.numerics import quantize_fp8, tensor_scale
 
@@ -34,8 +37,10 @@ class QuantizeFp8Pass(GraphoptPass):
     name = "quantize-fp8"
     lossy = True
 
-    def __init__(self, calibration: str = "max", activations: bool = True, embedding: bool = True) -> None:
+    def __init__(self, calibration: str = "max", activations: bool = True, embedding: bool = True,
+                 keep: list[str] | None = None) -> None:
         super().__init__()
+        self.keep = list(keep or ())
         self.calibration = calibration
         self.activations = activations
         self.embedding = embedding
@@ -48,9 +53,11 @@ class QuantizeFp8Pass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears, embedding, fp32 = weight_targets(graph, self.embedding)
+        linears, embedding, fp32 = weight_targets(graph, self.embedding, self.keep)
         if not linears and embedding is None:
             return ir.passes.PassResult(model, False)
+        if kept := kept_count(graph, linears, embedding, self.embedding):
+            self.count("kept_fp32", kept)
         for lin in linears:
             qz = quantize_fp8(lin.array, axis=1)
             lin.node.replace_input_with(1, dequantize_node(graph, lin.node, qz, lin.weight.name))
@@ -65,7 +72,7 @@ class QuantizeFp8Pass(GraphoptPass):
                 quantize_group_input(graph, group, self._scale(model, name), "fp8")
                 self.count("activation_quantizers")
         drop_unused(graph, fp32)
-        record_precision(self.context, weights="fp8 e4m3 per-channel",
+        record_precision(self.context, self.stats, weights="fp8 e4m3 per-channel",
                          activations=f"fp8 e4m3 static per-tensor ({self.calibration})" if self.activations
                          else "fp32", embedding="fp8 e4m3 per-row" if embedding else "fp32")
         return ir.passes.PassResult(model, True)

@@ -21,6 +21,10 @@ H hidden, b block size.
 Options: ``block_size`` 32 (16–256, a power of two dividing every K); ``method`` "awq" | "rtn";
 ``embedding`` (default true) quantizes the token embedding / tied lm_head too, with
 ``embedding_bits`` 4 (default) or 8 (int8 blocks: the lm_head is the most sensitive MatMul).
+Mixed precision by layer name (:func:`graphopt.passes._quant_graph.layer_name`, e.g.
+``model.layers.0.mlp.down_proj``; the tied embedding is ``lm_head``), exact or shell patterns:
+``keep = ["lm_head", "model.layers.0.*"]`` leaves those weights fp32; ``promote = [...]`` gives them
+int8 blocks of the same size (MatMulNBits 8-bit). ``graphopt build --kl-budget`` fills both.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from graphopt.quant.awq import awq_clip_search, awq_scale_search, search_threads
 from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import (Embedding, Linear, calibration, dequantize_node, drop_unused,
                                           fold_input_scale, fold_target, weight_targets,
-                                          group_by_input, record_precision)
+                                          group_by_input, kept_count, layer_name, embedding_name, matches,
+                                          record_precision)
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant.numerics import quantize_int
 
@@ -49,8 +54,9 @@ class QuantizeInt4Pass(GraphoptPass):
     lossy = True
 
     def __init__(self, block_size: int = 32, method: str = "awq", embedding: bool = True,
-                 embedding_bits: int = 4) -> None:
+                 embedding_bits: int = 4, keep: list[str] | None = None, promote: list[str] | None = None) -> None:
         super().__init__()
+        self.keep, self.promote = list(keep or ()), list(promote or ())
         self.block_size = block_size
         self.method = method
         self.embedding = embedding
@@ -69,8 +75,10 @@ class QuantizeInt4Pass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears, embedding, fp32 = weight_targets(graph, self.embedding)
+        linears, embedding, fp32 = weight_targets(graph, self.embedding, self.keep)
         self._check_blocks(linears, embedding)
+        if kept := kept_count(graph, linears, embedding, self.embedding):
+            self.count("kept_fp32", kept)
         if not linears and embedding is None:
             return ir.passes.PassResult(model, False)
         scaled: dict[str, np.ndarray] = {}
@@ -82,8 +90,10 @@ class QuantizeInt4Pass(GraphoptPass):
         if embedding is not None:
             self._quantize_embedding(graph, embedding)
         drop_unused(graph, fp32)
-        record_precision(self.context, weights=f"int4 block {self.block_size} symmetric ({self.method})",
-                         embedding=f"int{self.embedding_bits} block {self.block_size} (rtn)" if embedding else "fp32")
+        bits = 8 if embedding is not None and matches(embedding_name(embedding), self.promote) else self.embedding_bits
+        record_precision(self.context, self.stats,
+                         weights=f"int4 block {self.block_size} symmetric ({self.method})",
+                         embedding=f"int{bits} block {self.block_size} (rtn)" if embedding else "fp32")
         return ir.passes.PassResult(model, True)
 
     def _check_blocks(self, linears: list[Linear], embedding: Embedding | None) -> None:
@@ -129,12 +139,14 @@ class QuantizeInt4Pass(GraphoptPass):
                 s = scaled.get(lin.node.inputs[0].name)
                 clip = awq_clip_search(x.sample if s is None else x.sample / s, w, self.block_size)
                 self.count("awq_clipped")
-        qz = quantize_int(w, 4, axis=0, block_size=self.block_size, clip=clip)
+        bits = 8 if matches(layer_name(lin.node), self.promote) else 4
+        qz = quantize_int(w, bits, axis=0, block_size=self.block_size, clip=clip if bits == 4 else None)
         lin.node.replace_input_with(1, dequantize_node(graph, lin.node, qz, lin.weight.name))
-        self.count("matmuls")
+        self.count("matmuls" if bits == 4 else "promoted_int8")
 
     def _quantize_embedding(self, graph: ir.Graph, embedding: Embedding) -> None:
-        qz = quantize_int(embedding.array, self.embedding_bits, axis=1, block_size=self.block_size)
+        bits = 8 if matches(embedding_name(embedding), self.promote) else self.embedding_bits
+        qz = quantize_int(embedding.array, bits, axis=1, block_size=self.block_size)
         dq = dequantize_node(graph, graph.node(0), qz, embedding.table.name)  # before every reader
         embedding.table.replace_all_uses_with(dq)
         self.count("embedding")

@@ -18,7 +18,8 @@ so activation outliers move into the weights. Static scales and SmoothQuant need
 
 Options: ``activations`` "dynamic" (default) | "static" | "none"; ``block_size`` 0 (per channel,
 default) or a power of two dividing K; ``smoothquant_alpha`` 0 (off) … 1; ``static_range`` "max" |
-"percentile" (99.99th); ``embedding`` (default true); ``embedding_block_size`` e = 64.
+"percentile" (99.99th); ``embedding`` (default true); ``embedding_block_size`` e = 64; ``keep``: layer
+names or shell patterns left fp32 (see quantize-int4).
 Letters: B batch, S seq, K/N in/out channels, V vocab, H hidden, b/e block sizes.
 """
 
@@ -30,8 +31,8 @@ import onnx_ir as ir
 from graphopt.quant.awq import smoothquant_scale
 from graphopt.core.errors import PassError
 from graphopt.passes._quant_graph import (Linear, calibration, dequantize_node, drop_unused,
-                                          weight_targets, fold_input_scale, group_by_input, quantize_group_input,
-                                          record_precision)
+                                          weight_targets, kept_count, fold_input_scale, group_by_input,
+                                          quantize_group_input, record_precision)
 from graphopt.passes.base import GraphoptPass
 from graphopt.quant.numerics import quantize_int, tensor_scale
 
@@ -43,8 +44,10 @@ class QuantizeInt8Pass(GraphoptPass):
     lossy = True
 
     def __init__(self, activations: str = "dynamic", block_size: int = 0, smoothquant_alpha: float = 0.0,
-                 static_range: str = "max", embedding: bool = True, embedding_block_size: int = 64) -> None:
+                 static_range: str = "max", embedding: bool = True, embedding_block_size: int = 64,
+                 keep: list[str] | None = None) -> None:
         super().__init__()
+        self.keep = list(keep or ())  # layer names / shell patterns left fp32 (weights and input activation)
         self.activations = activations
         self.block_size = block_size
         self.smoothquant_alpha = smoothquant_alpha
@@ -67,9 +70,11 @@ class QuantizeInt8Pass(GraphoptPass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        linears, embedding, fp32 = weight_targets(graph, self.embedding)
+        linears, embedding, fp32 = weight_targets(graph, self.embedding, self.keep)
         if not linears and embedding is None:
             return ir.passes.PassResult(model, False)
+        if kept := kept_count(graph, linears, embedding, self.embedding):
+            self.count("kept_fp32", kept)
         groups = group_by_input(linears)
         # all folds first: smoothing the down projection rescales the (still fp32) up projection's columns
         smoothing = {name: self._smooth(graph, model, name, group) for name, group in groups.items()}
@@ -87,7 +92,7 @@ class QuantizeInt8Pass(GraphoptPass):
         weights = f"int8 block {self.block_size} symmetric" if self.block_size else "int8 per-channel symmetric"
         activations = f"int8 {self.activations} per-tensor{smooth}" if self.activations != "none" else \
             f"fp32 in the Q/DQ graph{smooth}"
-        record_precision(self.context, weights=weights, activations=activations,
+        record_precision(self.context, self.stats, weights=weights, activations=activations,
                          embedding=f"int8 block {self.embedding_block_size}" if embedding else "fp32")
         return ir.passes.PassResult(model, True)
 

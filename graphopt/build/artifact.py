@@ -100,12 +100,14 @@ def trace_loaded(loaded: Loaded, progress: Progress, experts: str = "routed") ->
 
 
 def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, context,
-                 on_pass: Callable[[PassRecord], None] | None = None, copy: bool = False) -> dict[str, Any]:
-    """Run ``options.recipe`` on the trace (on a copy of it when ``copy``) and write the artifact."""
+                 on_pass: Callable[[PassRecord], None] | None = None, copy: bool = False,
+                 finalize: Callable[[dict[str, Any]], None] = lambda report: None) -> dict[str, Any]:
+    """Run ``options.recipe`` on the trace (on a copy of it when ``copy``) and write the artifact.
+    ``finalize`` sees the report before the artifact goes live; raising there leaves nothing written."""
     from graphopt.build import quant as quant_build
 
     source, torch_model, tokenizer = loaded.source, loaded.torch_model, loaded.tokenizer
-    model = _clone(loaded.model) if copy else loaded.model
+    model = clone_model(loaded.model) if copy else loaded.model
     timings, started = dict(loaded.timings), time.perf_counter() - sum(loaded.timings.values())
     with progress.step(f"running pipeline {options.recipe.name}"), _timed(timings, "passes_s"):
         results = PipelineResults()  # what the passes hand to the writer
@@ -130,6 +132,7 @@ def build_traced(loaded: Loaded, options: BuildOptions, progress: Progress, cont
         report["text"] = quant_build.text_record(options, context, report.get("fidelity"))
         steps = target.finish(staging, options.target_options, options.output)  # post-build, before going live
         report |= {"target_steps": steps} if steps else {}
+        finalize(report)  # may refuse the artifact: then nothing goes live
         timings["total_s"] = time.perf_counter() - started
         report["timings"] = {k: round(v, 3) for k, v in timings.items()}
         (staging / "build-report.json").write_text(json.dumps(report, indent=2))
@@ -197,7 +200,7 @@ def _absolute_spec(spec: str) -> str:
     return str(path.resolve()) if path.exists() else spec
 
 
-def _clone(model: ir.Model) -> ir.Model:
+def clone_model(model: ir.Model) -> ir.Model:
     """A copy of the trace that passes may change freely. onnx-ir's clone shares weight tensors (fine:
     passes replace them, never write into them) and each value's type object, so a pass setting a dtype
     (lower-trt's fp16) would retype the original too: every value gets its own TensorType here."""

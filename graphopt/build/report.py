@@ -49,6 +49,16 @@ def print_precision(console: Console, report: dict[str, Any]) -> None:
         console.print(f"[yellow]note:[/] {note}")
     if report.get("fidelity"):
         console.print(fidelity_line(report["fidelity"]))
+    if report.get("mixed_precision"):
+        console.print(mixed_line(report["mixed_precision"]))
+
+
+def mixed_line(mixed: dict[str, Any]) -> str:
+    """``--kl-budget``: what the search promoted, and the KL it found (graphopt/build/mixed_precision.py)."""
+    promoted = ", ".join(f"{len(names)} → {precision}" for precision, names in mixed["promoted"].items()) or "none"
+    return (f"mixed precision (--kl-budget {mixed['kl_budget']}): {mixed['layers_promoted']} of "
+            f"{mixed['layers']} {mixed['base']} layers promoted ({promoted}); KL {mixed['kl_plain']:.4f} plain → "
+            f"{mixed['kl_search']:.4f} in the search, {len(mixed['probes'])} probes")
 
 
 def fidelity_line(fidelity: dict[str, Any]) -> str:
@@ -89,3 +99,7 @@ def print_inspect(manifest: Manifest, report: dict[str, Any]) -> None:
             console.print(f"[yellow]not fused:[/] {note}")
         if report.get("fidelity"):
             console.print(fidelity_line(report["fidelity"]))
+        if report.get("mixed_precision"):
+            console.print(mixed_line(report["mixed_precision"]))
+            for precision, names in report["mixed_precision"]["promoted"].items():
+                console.print(f"  {precision}: {', '.join(names)}")

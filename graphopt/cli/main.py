@@ -5,6 +5,7 @@ Any GraphoptError becomes one line on stderr and exit code 2; ``--debug`` shows 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -66,6 +67,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
 @click.option("--keep-quant", is_flag=True, help="A pre-quantized GGUF's own int4/int8 blocks, exactly "
               "(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; recipe <target>-keep-quant).")
+@click.option("--kl-budget", type=float, default=None, metavar="KL", help="With --int4/--int8/--fp8: promote the "
+              "most sensitive MatMuls (int4→int8→float, fp8→float) until the eval KL vs fp32 is within KL.")
 @click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
 @click.option("--calib-text", type=click.Path(path_type=Path), default=None,
               help="UTF-8 calibration text (default: graphopt's built-in corpus, calibration split).")
@@ -82,8 +85,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--aot-check", default=None, metavar="sm89,sm120",
               help="trt: parse and AOT-build with TensorRT-RTX for these archs after writing.")
 def build(model, output, recipe, target, verify, dump_after, attn_implementation, force, as_json, strict,
-          int4, int4_block, int8, fp8, keep_quant, kv_cache, calib_text, calib_tokens, experts, attention, dtype, trt_max_seq,
-          trt_max_batch, trt_max_prefill, aot_check) -> None:
+          int4, int4_block, int8, fp8, keep_quant, kl_budget, kv_cache, calib_text, calib_tokens, experts, attention,
+          dtype, trt_max_seq, trt_max_batch, trt_max_prefill, aot_check) -> None:
     """Build MODEL (HF folder, .gguf file, or 'smollm2-135m') into an artifact."""
     from graphopt.build.artifact import BuildOptions, build as run_build
     from graphopt.build.precision import PrecisionFlags, build_target, precision_recipe
@@ -97,6 +100,7 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
     target_flags = {TARGET_OPTIONS[param]: value for param, value in values.items() if _given(param)}
     chosen, target_options = chosen_target.configure(precision_recipe(flags, recipe, chosen_target),  # before loading
                                                      target_flags)
+    run_build = _builder(chosen, kl_budget) or run_build
     suffix = f"-{flags.weights}" if flags.weights else ""
     output = output or Path("out") / (Path(model.rstrip("/")).name.removesuffix(".gguf") + suffix)
     options = BuildOptions(chosen, output, force, verify, dump_after, attn_implementation, calib_text, calib_tokens,
@@ -132,6 +136,16 @@ def _keep_quant_hint(model: str) -> None:
     hint = keep_quant_hint(path) if path is not None else None
     if hint:
         click.echo(f"note: {hint}", err=True)
+
+
+def _builder(recipe, kl_budget: float | None):
+    """``--kl-budget``: the budget search's build (checked before loading), else None for the plain one."""
+    if kl_budget is None:
+        return None
+    from graphopt.build.mixed_precision import build_within_budget, check_budget
+
+    check_budget(recipe, kl_budget)
+    return functools.partial(build_within_budget, budget=kl_budget)
 
 
 TARGET_OPTIONS = {"attention": "attention", "dtype": "dtype", "trt_max_seq": "max_seq", "trt_max_batch": "max_batch",

@@ -27,16 +27,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-import onnx_ir as ir
 
 from graphopt.quant.text import token_stream
 from graphopt.evaluate.compare import CompareOptions, plan, prepare
 from graphopt.evaluate.compare_measure import ReferenceLogits, measure_fidelity
-from graphopt.measure.fidelity import Logits
+from graphopt.measure.fidelity import graph_logits
 from graphopt.passes.pipeline import Recipe, run_pipeline
 from graphopt.core.progress import Progress
-from graphopt.plugins.reference_run import empty_cache_feeds, reference_session
 
 QUANTIZE_BUDGETS = {"quantize-int4": "int4", "quantize-int8": "int8", "quantize-fp8": "fp8"}
 
@@ -52,17 +49,6 @@ def kl_budget(recipe: Recipe, configured: float | None, lossless: float) -> tupl
             kind = QUANTIZE_BUDGETS[spec.name]
             return BUDGETS[kind][0], f"the {kind} build budget"
     return lossless, "kl_abs (no quantize pass: lossless)"
-
-
-def stage_logits(model: ir.Model) -> Logits:
-    """Logits at every position of one row from the graph as it stands (any stage of the pipeline)."""
-    session = reference_session(model)
-    output = next(o.name for o in session.get_outputs() if o.name == "logits")
-
-    def run(row: np.ndarray) -> np.ndarray:
-        return session.run([output], empty_cache_feeds(session, row[None]))[0][0]
-
-    return run
 
 
 @dataclasses.dataclass
@@ -85,11 +71,11 @@ def run_bisect(options: CompareOptions, overrides: dict[str, float | None], prog
     reference, text = ReferenceLogits(loaded.torch_model), chosen.eval_corpus.source
     model = loaded.model
     stages = [Stage(0, "(trace)", False, False,
-                    measure_fidelity(stage_logits(model), reference, ids, text, progress, "traced graph"))]
+                    measure_fidelity(graph_logits(model), reference, ids, text, progress, "traced graph"))]
 
     def after(record) -> None:
         label = f"after {len(stages)}: {record.name}"
-        fidelity = measure_fidelity(stage_logits(model), reference, ids, text, progress, label)
+        fidelity = measure_fidelity(graph_logits(model), reference, ids, text, progress, label)
         stages.append(Stage(len(stages), record.name, record.modified, record.lossy, fidelity,
                             fidelity["kl_mean"] - stages[-1].fidelity["kl_mean"]))
 

@@ -95,3 +95,18 @@ def torch_logits(torch_model) -> Logits:
 
     return run
 
+
+
+def graph_logits(model) -> Logits:
+    """Logits at every position of one row from an in-memory graph at any stage of a pipeline (FlashAttention
+    expanded to its reference, Q/DQ exact, an empty cache of the row's length): ``compare --bisect`` and
+    ``build --kl-budget`` measure unwritten graphs this way."""
+    from graphopt.plugins.reference_run import empty_cache_feeds, reference_session
+
+    session = reference_session(model)
+    output = next(o.name for o in session.get_outputs() if o.name == "logits")
+
+    def run(row: np.ndarray) -> np.ndarray:
+        return session.run([output], empty_cache_feeds(session, row[None]))[0][0]
+
+    return run

@@ -1,0 +1,135 @@
+"""``graphopt build --kl-budget``: the search (pure), the ranking and recipe it produces, layer pinning in a TOML
+recipe, and a tiny tied Llama end to end — met budget, unreachable budget (exit 1, nothing written), bad flags."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from graphopt.build.artifact import BuildOptions, build
+from graphopt.build.mixed_layers import Step, assignment, rank_steps, recipe_for
+from graphopt.build.mixed_precision import TOLERANCE, build_within_budget, search_promotions
+from graphopt.build.precision import PrecisionFlags, precision_recipe
+from graphopt.cli.main import main
+from graphopt.core.progress import QUIET
+from graphopt.passes.pipeline import load_recipe
+from graphopt.quant.sensitivity import Grid, ladder_errors
+from tiny_models import VOCAB, make_tiny_model
+
+
+def test_search_finds_the_smallest_k_within_tolerance_in_few_probes() -> None:
+    n, budget = 422, 0.05
+    kl = lambda k: 1.0 / (k + 1)  # noqa: E731  falls as k grows; the smallest k within budget is 19
+    found = search_promotions(kl, n, budget)
+    assert found.met and kl(found.chosen) <= budget and 19 <= found.chosen <= 19 + max(1, found.chosen // TOLERANCE)
+    assert len(found.probes) <= 2 + math.ceil(math.log2(math.log(n) / math.log(1 + 1 / TOLERANCE))) + 1
+    assert search_promotions(kl, n, 2.0).probes == {0: 1.0}  # the plain build is within: one probe
+    near_all = search_promotions(lambda k: 0.02 if k < 200 else 0.0, 211, 0.01)  # not "promote everything"
+    assert near_all.met and 200 <= near_all.chosen <= 200 + 200 // TOLERANCE and near_all.chosen < 211
+
+
+def test_search_reports_the_best_kl_when_the_budget_is_out_of_reach() -> None:
+    found = search_promotions(lambda k: 0.5 - k / 1000, 100, 0.01)
+    assert not found.met and found.chosen == 100 and found.kl == pytest.approx(0.4)
+    assert sorted(found.probes) == [0, 100]
+
+
+def test_ranking_promotes_the_largest_error_first_and_climbs_each_ladder_in_order(tmp_path: Path) -> None:
+    errors = {"a": {"int4": 0.04, "int8": 0.0002, "float": 0.0}, "b": {"int4": 0.01, "int8": 0.00005, "float": 0.0}}
+    steps = rank_steps(errors)
+    assert [(s.layer, s.to) for s in steps] == [("a", "int8"), ("b", "int8"), ("a", "float"), ("b", "float")]
+    assert [s.layer for s in rank_steps({**errors, "lm_head": {"int4": 1e-5, "int8": 0.0, "float": 0.0}})][:2] == \
+        ["lm_head", "lm_head"]
+    assert assignment(steps, 3) == {"a": "float", "b": "int8"} and assignment(steps, 0) == {}
+    pinned = _pinned_recipe(tmp_path)
+    recipe = recipe_for(pinned, _index(pinned), assignment(steps, 3))
+    options = recipe.passes[_index(recipe)].options
+    assert options["keep"] == ["lm_head", "model.layers.0.*", "a"] and options["promote"] == ["model.layers.1.mlp.*", "b"]
+    assert assignment([Step("x", "float", 1.0), Step("x", "int8", 2.0)], 2) == {"x": "float"}
+
+
+def test_proxy_errors_fall_up_the_ladder() -> None:
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((16, 64)).astype(np.float32), rng.standard_normal((64, 32)).astype(np.float32)
+    int4 = ladder_errors(x, w, Grid("int4", 32), "int4")
+    assert int4["int4"] > 50 * int4["int8"] > 0 and int4["float"] == 0.0
+    fp8 = ladder_errors(x, w, Grid("fp8", 0), "fp8", amax=float(np.abs(x).max()))
+    assert list(fp8) == ["fp8", "float"] and 0 < fp8["fp8"] < int4["int4"]
+
+
+def _pinned_recipe(tmp: Path):
+    text = Path(load_recipe("ort-cpu-int4").source).read_text()
+    text = text.replace('name = "quantize-int4"\n', 'name = "quantize-int4"\nkeep = ["lm_head", "model.layers.0.*"]\n'
+                        'promote = ["model.layers.1.mlp.*"]\n')
+    path = tmp / "pinned.toml"
+    path.write_text(text)
+    return load_recipe(str(path))
+
+
+def _index(recipe) -> int:
+    return next(i for i, s in enumerate(recipe.passes) if s.name == "quantize-int4")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("klbudget")
+    hf = make_tiny_model("llama", root / "hf", tie_word_embeddings=True, hidden_size=128, intermediate_size=256)
+    words = root / "words.txt"  # the tiny word-level tokenizer knows w4 … w95 only
+    words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(4, VOCAB, 3000)))
+    return {"root": root, "hf": hf, "words": words}
+
+
+def _options(tiny, recipe, name: str) -> BuildOptions:
+    return BuildOptions(recipe, tiny["root"] / name, calib_text=tiny["words"], calib_tokens=1024,
+                        eval_text=tiny["words"], eval_tokens=512)
+
+
+def test_recipe_pins_layers_to_fp32_and_int8_by_name_pattern(tiny) -> None:
+    report = build(str(tiny["hf"]), _options(tiny, _pinned_recipe(tiny["root"]), "pinned"), QUIET)
+    stats = next(p for p in report["passes"] if p["name"] == "quantize-int4")["stats"]
+    assert stats["kept_fp32"] == 8 and stats["promoted_int8"] == 3 and stats["matmuls"] == 4  # + lm_head kept
+    assert report["precision"]["kept_layers"] == "8 fp32 (keep)" and report["precision"]["embedding"] == "fp32"
+    assert report["precision"]["promoted_layers"] == "3 int8 (promote)"
+    ops = report["ops"]["final"]
+    assert ops["MatMul"] == 5 + 1 and "com.microsoft::GatherBlockQuantized" not in ops  # layer 0 (q/k/v packed), lm_head
+
+
+def test_budget_is_met_by_promoting_and_recorded_in_report_and_inspect(tiny) -> None:
+    budget = 2e-4  # the plain int4 build of this tiny model measures ~1e-3 on its words
+    options = _options(tiny, precision_recipe(PrecisionFlags(int4=True), None, "ort-cpu"), "int4-kl")
+    report = build_within_budget(str(tiny["hf"]), options, QUIET, budget=budget)
+    mixed = report["mixed_precision"]
+    assert mixed["kl_plain"] > budget and mixed["probes"][0] == {"promotions": 0, "kl": mixed["kl_plain"]}
+    assert 0 < mixed["promotions"] <= mixed["candidates"] == 2 * mixed["layers"] and mixed["kl_search"] <= budget
+    assert report["fidelity"]["kl_mean"] <= budget
+    assert mixed["layers_promoted"] == sum(map(len, mixed["promoted"].values()))
+    stored = json.loads((options.output / "build-report.json").read_text())
+    assert stored["mixed_precision"] == json.loads(json.dumps(mixed))
+    result = CliRunner().invoke(main, ["inspect", str(options.output)])
+    assert result.exit_code == 0 and f"mixed precision (--kl-budget {budget}" in result.output, result.output
+
+
+def test_unreachable_budget_exits_1_and_writes_nothing(tiny) -> None:
+    out = tiny["root"] / "unreachable"
+    args = ["build", str(tiny["hf"]), "--int4", "--kv-cache", "int8", "--kl-budget", "1e-9", "-o", str(out),
+            "--calib-text", str(tiny["words"]), "--calib-tokens", "1024"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "not met even with every quantized MatMul promoted" in result.output, result.output
+    assert "best KL reached is" in result.output and not out.exists()
+    assert not [p for p in tiny["root"].iterdir() if p.name.startswith(".unreachable")]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--kl-budget", "0.05"], "--kl-budget needs a quantized build"),
+    (["--fp8", "--kl-budget", "0"], "must be a positive KL"),
+    (["--int4", "--kl-budget", "-0.1"], "must be a positive KL"),
+])
+def test_bad_budget_flags_are_one_line_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "missing"), *args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
