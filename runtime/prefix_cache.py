@@ -90,11 +90,10 @@ class PrefixCache:
                 best = Match(slot, length, entry)
         return best
 
-    def admit(self, seq: Sequence, live: Seq[Sequence]) -> None:
-        """Ready slot ``t`` (the next to allocate) with ``seq``'s longest cached prefix, allocate it in every cache,
-        and record the reuse on ``seq`` (``num_cached``, ``num_reused``)."""
+    def admit(self, seq: Sequence, found: Match | None) -> None:
+        """Ready slot ``t`` (the next to allocate) with ``found`` (:meth:`match` of ``seq``'s prompt, just made),
+        allocate it in every cache, and record the reuse on ``seq`` (``num_cached``, ``num_reused``)."""
         self._tick += 1
-        found = self.match(seq.prompt_ids, live)
         target = self.caches[0].num_active
         lens = self._prepare(target, found)
         for cache, length in zip(self.caches, lens):

@@ -41,7 +41,7 @@ import numpy as np
 
 from graphopt.core.errors import OverloadedError, RuntimeInputError
 from graphopt.runtime.kv_cache import SlotCache
-from graphopt.runtime.prefix_cache import PrefixCache, common_prefix
+from graphopt.runtime.prefix_cache import Match, PrefixCache, common_prefix
 from graphopt.runtime.sequence import Sequence, Status
 
 
@@ -182,13 +182,14 @@ class Scheduler:
         seqs: list[Sequence] = []
         width = 0
         while self.waiting and self.cache.num_free > 0:
-            reusable = self._reusable(self.waiting[0])
+            found = self._cached_prefix(self.waiting[0])
+            reusable = found.length if found is not None else 0
             if seqs and self._shares_with_step(self.waiting[0], seqs, reusable):
                 break  # admitted next step, from this step's rows once they are cached (n > 1, a common prompt)
             width = max(width, self.waiting[0].num_prompt - reusable)
             if seqs and width * (len(seqs) + 1) > budget:
                 break
-            seqs.append(self._admit(self.waiting.popleft()))
+            seqs.append(self._admit(self.waiting.popleft(), found))
         if not seqs:
             return None
         return Step(StepKind.PREFILL, seqs, [seq.next_chunk(budget) for seq in seqs])
@@ -207,10 +208,9 @@ class Scheduler:
             ks[ks.index(max(ks))] -= 1
         return ks
 
-    def _reusable(self, seq: Sequence) -> int:
-        """Prompt tokens of ``seq`` the prefix cache holds now."""
-        found = self.prefix.match(seq.prompt_ids, self.slots) if self.prefix is not None else None
-        return found.length if found is not None else 0
+    def _cached_prefix(self, seq: Sequence) -> Match | None:
+        """The longest prefix of ``seq``'s prompt the prefix cache holds now (None: none, or no prefix cache)."""
+        return self.prefix.match(seq.prompt_ids, self.slots) if self.prefix is not None else None
 
     def _shares_with_step(self, seq: Sequence, rows: list[Sequence], reusable: int) -> bool:
         """A row this step prefills shares a longer prefix with ``seq`` than the cache holds now."""
@@ -219,10 +219,10 @@ class Scheduler:
         shared = max(common_prefix(np.asarray(seq.prompt_ids), np.asarray(row.prompt_ids)) for row in rows)
         return min(shared, seq.num_prompt - 1) >= reusable + self.prefix.min_tokens
 
-    def _admit(self, seq: Sequence) -> Sequence:
+    def _admit(self, seq: Sequence, found: Match | None) -> Sequence:
         slot = self.cache.num_active
         if self.prefix is not None:
-            self.prefix.admit(seq, self.slots)  # allocates in every cache, with the reused prefix
+            self.prefix.admit(seq, found)  # allocates in every cache, with the reused prefix
         else:
             for cache in (self.cache, *self.mirrors):
                 cache.allocate()

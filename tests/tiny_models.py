@@ -118,3 +118,14 @@ def make_tiny_model(arch: str, directory: Path, seed: int = 0, table: dict | Non
     model.save_pretrained(directory)
     tiny_tokenizer(directory, config.vocab_size)
     return directory
+
+
+def tiny_calibration_model(root: Path) -> tuple[Path, Path]:
+    """A tiny tied llama (hidden 128) for quantized builds, and ``words.txt``: 3,000 seeded words its
+    word-level tokenizer knows (w4 … w95), for calibration and evaluation text."""
+    import numpy as np
+
+    hf = make_tiny_model("llama", root / "hf", tie_word_embeddings=True, hidden_size=128, intermediate_size=256)
+    words = root / "words.txt"
+    words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(4, VOCAB, 3000)))
+    return hf, words

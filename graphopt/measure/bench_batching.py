@@ -114,10 +114,10 @@ def runtime_throughput(artifact: Path, requests: list[Request], concurrency: int
     return tokens / elapsed
 
 
-def load_genai(artifact: Path, threads: int):
+def load_genai(artifact: Path, threads: int, progress=None):
     """ONNX Runtime GenAI's model for ``artifact``'s source at the artifact's precision (built once, cached;
-    graphopt/measure/genai_peer.py). Load it once per process: a second ``og.Model`` keeps the first one's
-    thread pool alive and the two fight over the cores."""
+    graphopt/measure/genai_peer.py; ``progress`` shows the build). Load it once per process: a second
+    ``og.Model`` keeps the first one's thread pool alive and the two fight over the cores."""
     import onnxruntime_genai as og
 
     from graphopt.measure.bench import artifact_source
@@ -127,7 +127,7 @@ def load_genai(artifact: Path, threads: int):
 
     manifest = load_manifest(artifact)
     peer = artifact_peer_precision(Path(artifact), manifest)
-    model_dir = genai_model(artifact_source(manifest), Progress(enabled=False), peer)
+    model_dir = genai_model(artifact_source(manifest), progress or Progress(enabled=False), peer)
     config = og.Config(str(model_dir))
     config.clear_providers()
     options = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}

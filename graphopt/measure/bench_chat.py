@@ -35,8 +35,7 @@ import numpy as np
 from graphopt.core.errors import BenchError
 from graphopt.core.manifest import load_manifest
 from graphopt.core.progress import Progress
-from graphopt.measure.bench import SETTLE_S, artifact_source, machine_info
-from graphopt.measure.genai_peer import artifact_peer_precision, genai_model
+from graphopt.measure.bench import SETTLE_S, machine_info
 from graphopt.runtime.engine import physical_cores
 
 CONVERSATIONS, SYSTEM_TOKENS, TURNS, TURN_TOKENS, ANSWER_TOKENS = 8, 512, 6, (32, 96), 64
@@ -182,9 +181,7 @@ def run_chat_bench(artifact: Path, peers: list[str], repeats: int, threads: int 
         raise BenchError(f"the chat workload needs {workload.longest} tokens of context; this artifact's engine "
                          f"holds {engines['graphopt'].max_seq}; rebuild with a longer context")
     if "genai" in peers:
-        peer = artifact_peer_precision(Path(artifact), manifest)  # the artifact's precision, as bench's
-        genai_model(artifact_source(manifest), progress, peer)  # built once from the artifact's weights, cached
-        engines["genai"] = load_genai(Path(artifact), threads)
+        engines["genai"] = load_genai(Path(artifact), threads, progress)  # at the artifact's precision, cached
     runs: dict[str, list[ChatRun]] = {name: [] for name in engines}
     with progress.step(f"chat workload: {len(engines)} engines x {repeats} interleaved rounds"):
         # every slot once (first use of a slot commits its cache pages: a one-off cost, not the workload's)

@@ -19,7 +19,7 @@ from graphopt.cli.main import main
 from graphopt.core.progress import QUIET
 from graphopt.passes.pipeline import load_recipe
 from graphopt.quant.sensitivity import Grid, ladder_errors
-from tiny_models import VOCAB, make_tiny_model
+from tiny_models import tiny_calibration_model
 
 
 def test_search_finds_the_smallest_k_within_tolerance_in_few_probes() -> None:
@@ -78,9 +78,7 @@ def _index(recipe) -> int:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("klbudget")
-    hf = make_tiny_model("llama", root / "hf", tie_word_embeddings=True, hidden_size=128, intermediate_size=256)
-    words = root / "words.txt"  # the tiny word-level tokenizer knows w4 … w95 only
-    words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(4, VOCAB, 3000)))
+    hf, words = tiny_calibration_model(root)
     return {"root": root, "hf": hf, "words": words}
 
 

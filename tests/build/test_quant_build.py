@@ -21,15 +21,13 @@ from graphopt.core.progress import QUIET
 from graphopt.quant.text import CORPUS_NAME, default_corpus_sha256
 from graphopt.runtime.llm import LLM
 from graphopt.runtime.sampler import SamplingParams
-from tiny_models import VOCAB, make_tiny_model
+from tiny_models import make_tiny_model, tiny_calibration_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("qbuild")
-    hf = make_tiny_model("llama", root / "hf", tie_word_embeddings=True, hidden_size=128, intermediate_size=256)
-    words = root / "words.txt"  # the tiny word-level tokenizer knows w4 … w95 only
-    words.write_text(" ".join(f"w{i}" for i in np.random.default_rng(0).integers(4, VOCAB, 3000)))
+    hf, words = tiny_calibration_model(root)
     build(str(hf), BuildOptions(load_recipe("ort-cpu"), root / "fp32"), QUIET)
     return {"root": root, "hf": hf, "words": words, "fp32": root / "fp32"}
 

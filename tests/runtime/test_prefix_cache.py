@@ -129,7 +129,7 @@ def test_short_prefixes_are_not_reused_and_common_prefix() -> None:
     cache = SlotCache(1, 1, 1, 2, 64)
     index = PrefixCache([cache])
     seq = Sequence(list(range(MIN_TOKENS - 1)) + [99], SamplingParams())
-    index.admit(seq, [])
+    index.admit(seq, index.match(seq.prompt_ids, []))
     seq.num_cached = seq.num_prompt
     assert index.match(list(range(MIN_TOKENS - 1)) + [5, 6], [seq]) is None  # 15 shared tokens: not worth it
     assert common_prefix(np.array([1, 2, 3]), np.array([1, 2])) == 2
