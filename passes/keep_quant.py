@@ -1,7 +1,9 @@
-"""keep-quant: a pre-quantized GGUF's weights as their own int4/int8 blocks — exact, no second rounding.
+"""keep-quant: a pre-quantized GGUF's or GPTQ/AWQ checkpoint's weights as their own int4/int8 blocks — exact,
+no second rounding.
 
 Every MatMul whose fp32 weight is a GGUF tensor's dequantized values (found by content:
-graphopt.sources.gguf_weights), and the token embedding with its tied lm_head::
+graphopt.sources.gguf_weights; a Hugging Face GPTQ/AWQ Linear's: graphopt.sources.hf_quant), and the token
+embedding with its tied lm_head::
 
     before:  x [B,S,K] ─MatMul(·, W [K,N] fp32)─► y            W[k,n] = scale[k/b,n]·q[k,n] + offset[k/b,n]
     after:   x ─MatMul(·, DQ(q int4|int8 [K,N], scale [K/b,N], axis 0, block b))────────────┐
@@ -12,7 +14,9 @@ graphopt.sources.gguf_weights), and the token embedding with its tied lm_head::
 The second row exists only for types with a per-block minimum (Q4_1, Q5_1, Q4_K, Q5_K): since
 x·W = x·DQ(q) + Σ_blocks (Σ_{k in block} x_k)·offset, one small MatMul of the input's block sums by the
 offsets adds it back exactly; the block sums of an input shared by several projections (q/k/v, gate/up) are
-computed once. DQ has zero-point 0 (TensorRT's form); 'lower-quant-ort-cpu' turns DQ+MatMul into
+computed once. GPTQ act-order (g_idx not k // b) keeps its groups as blocks by reading the input's channels
+in group order, ``x ─Gather(axis -1, order)─► x'`` (a permutation: exact; once per input, like the sums).
+DQ has zero-point 0 (TensorRT's form); 'lower-quant-ort-cpu' turns DQ+MatMul into
 MatMulNBits. An embedding with offsets stays fp32 (exact too, only larger; noted). Weights the GGUF holds
 in a float type stay fp32. Letters: B batch, S seq, K/N in/out channels, V vocab, H hidden, b block size.
 
@@ -43,7 +47,8 @@ class KeepQuantPass(GraphoptPass):
     def requires(self, model: ir.Model) -> None:
         if self.context.quantized_weights is None:
             raise PassError("keep-quant: the build read no pre-quantized weights; run it through "
-                            "'graphopt build MODEL.gguf --keep-quant' (a GGUF of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/K-quant types)")
+                            "'graphopt build MODEL.gguf --keep-quant' (a GGUF of Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/K-quant types) "
+                            "or 'graphopt build HF_DIR --keep-quant' (a GPTQ or AWQ checkpoint)")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, weights = model.graph, self.context.quantized_weights
@@ -65,22 +70,40 @@ class KeepQuantPass(GraphoptPass):
         missing = [weights.by_content[k] for k in weights.by_content if k not in used]
         if missing:
             name, blocks = missing[0]
-            raise PassError(f"keep-quant: GGUF tensor '{name}' ({blocks.gguf_type}) matches no weight of the traced "
+            raise PassError(f"keep-quant: {weights.kind.upper()} tensor '{name}' ({blocks.gguf_type}) matches no "
+                            "weight of the traced "
                             f"graph ({len(missing)} such tensors; the loader changes them for this architecture); "
                             "build without --keep-quant")
         drop_unused(graph, fp32)
         types = ", ".join(f"{n} {t}" for t, n in sorted(weights.types.items()))
-        record_precision(self.context, weights=f"gguf {types} kept exactly (int4/int8 blocks, zero-point 0, "
+        record_precision(self.context, weights=f"{weights.kind} {types} kept exactly (int4/int8 blocks, zero-point 0, "
                          "+ block-minimum correction)")
         return ir.passes.PassResult(model, bool(used))
 
     def _linear(self, graph: ir.Graph, lin: Linear, blocks: BlockQuant, sums: dict) -> None:
+        if blocks.input_order is not None:
+            self._reorder_input(graph, lin, blocks.input_order, sums)
         qz = Quantized(np.ascontiguousarray(blocks.q.T), np.ascontiguousarray(blocks.scale.T), axis=0,
                        block_size=blocks.block, kind=f"int{blocks.bits}")
         lin.node.replace_input_with(1, dequantize_node(graph, lin.node, qz, lin.weight.name))
         self.count(f"matmuls_{blocks.gguf_type.lower()}")
         if blocks.offset is not None:
             self._add_offset(graph, lin, blocks, sums)
+
+    def _reorder_input(self, graph: ir.Graph, lin: Linear, order: np.ndarray, shared: dict) -> None:
+        """x' = x[..., order]: the input channels in the blocks' order (made once per input and order)."""
+        x = lin.node.inputs[0]
+        key = (x.name, "order", order.tobytes())
+        if key not in shared:
+            name = f"{x.name}_reordered_{len(shared)}"
+            indices = initializer(graph, f"{name}_indices", order.astype(np.int64))
+            node = ir.node("Gather", [x, indices], attributes={"axis": -1}, name=name)
+            node.outputs[0].name, node.outputs[0].dtype = name, x.dtype
+            node.outputs[0].shape = None if x.shape is None else ir.Shape(list(x.shape))
+            graph.insert_before(lin.node, node)
+            shared[key] = node.outputs[0]
+            self.count("reordered_inputs")
+        lin.node.replace_input_with(0, shared[key])
 
     def _add_offset(self, graph: ir.Graph, lin: Linear, blocks: BlockQuant, sums: dict) -> None:
         """y = x·DQ(q) + sums(x)·offset, the block sums of x made once per input."""

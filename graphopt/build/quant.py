@@ -29,7 +29,8 @@ CALIBRATION_FILE = "calibration.npz"
 # (graphopt-prose-1, 2,040 positions): --int8 KL 0.0022, top-1 97.1% (within); --int4 (AWQ) KL 0.43, 63.5%;
 # --fp8 KL 0.051, 84.9% (both over: promotion by --kl-budget is what meets them, not a looser line here).
 BUDGETS = {"int8": (0.01, 0.97), "int4": (0.05, 0.93), "fp8": (0.01, None),
-           "gguf": (1e-4, 0.999)}  # --keep-quant: the GGUF's own values, against their fp32 dequantization
+           "gguf": (1e-4, 0.999),  # --keep-quant: the GGUF's own values, against their fp32 dequantization
+           "gptq": (1e-4, 0.999), "awq": (1e-4, 0.999)}  # --keep-quant of a Hugging Face GPTQ / AWQ checkpoint
 
 
 def calibration_corpus(recipe: Recipe, calib_text: Path | None) -> Corpus | None:
@@ -48,8 +49,9 @@ def _keeps_quant(recipe: Recipe) -> bool:
 
 
 def check_keep_quant(recipe: Recipe, spec: str) -> None:
-    """Before loading: --keep-quant needs a GGUF whose quantized types all have an exact form (one line
-    naming the tensor and its type otherwise; nothing is converted or written)."""
+    """Before loading: --keep-quant needs a GGUF whose quantized types all have an exact form, or a GPTQ/AWQ
+    folder graphopt reads (one line naming the tensor and what is wrong otherwise; nothing is converted or
+    written)."""
     if not _keeps_quant(recipe):
         return
     from graphopt import sources
@@ -59,7 +61,13 @@ def check_keep_quant(recipe: Recipe, spec: str) -> None:
     if path is not None:
         gguf_weights.check_keep_quant(path)
     elif Path(spec).expanduser().is_dir():
-        gguf_weights.refuse_unquantized_folder(Path(spec).expanduser())
+        from graphopt.sources import hf_quant
+
+        folder = Path(spec).expanduser()
+        if hf_quant.method_of(folder) is not None:
+            hf_quant.check_folder(folder, keep_quant=True)
+        else:
+            gguf_weights.refuse_unquantized_folder(folder)
 
 
 def preflight(recipe: Recipe, config) -> None:
@@ -82,6 +90,11 @@ def pass_context(options, corpus: Corpus | None, config, tokenizer, progress: Pr
 
         with progress.step(f"reading the quantized blocks of {source.gguf_path.name}"):
             quantized = read_quantized(source.gguf_path)
+    elif _keeps_quant(options.recipe) and source is not None and getattr(source, "quant_dir", None) is not None:
+        from graphopt.sources.hf_quant import read_quantized as read_hf_quantized
+
+        with progress.step(f"reading the quantized weights of {source.quant_dir.name}"):
+            quantized = read_hf_quantized(source.quant_dir)
     if corpus is None:
         return PassContext(progress=progress, max_positions=max_positions, quantized_weights=quantized)
     ids = token_stream(tokenizer, corpus, options.calib_tokens, "--calib-tokens")

@@ -65,8 +65,8 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--int4-block", type=int, default=None, help="int4 block size: 32 (default), 64 or 128.")
 @click.option("--int8", is_flag=True, help="int8 weights and activations (recipe <target>-int8).")
 @click.option("--fp8", is_flag=True, help="fp8 e4m3 weights and activations (recipe <target>-fp8).")
-@click.option("--keep-quant", is_flag=True, help="A pre-quantized GGUF's own int4/int8 blocks, exactly "
-              "(Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K; recipe <target>-keep-quant).")
+@click.option("--keep-quant", is_flag=True, help="A pre-quantized GGUF's (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) "
+              "or GPTQ/AWQ folder's own int4/int8 weights, exactly (recipe <target>-keep-quant).")
 @click.option("--kl-budget", type=float, default=None, metavar="KL", help="With --int4/--int8/--fp8: promote the "
               "most sensitive MatMuls (int4→int8→float, fp8→float) until the eval KL vs fp32 is within KL.")
 @click.option("--kv-cache", default=None, metavar="fp8|int8", help="Quantize the KV cache (per-layer scales).")
@@ -128,12 +128,16 @@ def build(model, output, recipe, target, verify, dump_after, attn_implementation
 
 
 def _keep_quant_hint(model: str) -> None:
-    """One line when a plain build would dequantize a pre-quantized GGUF that --keep-quant could keep."""
-    from graphopt.sources import gguf_file_of
+    """One line when a plain build would dequantize a pre-quantized GGUF or GPTQ/AWQ folder that --keep-quant
+    could keep."""
+    from graphopt.sources import gguf_file_of, hf_quant
     from graphopt.sources.gguf_weights import keep_quant_hint
 
-    path = gguf_file_of(model)
-    hint = keep_quant_hint(path) if path is not None else None
+    path, folder = gguf_file_of(model), Path(model).expanduser()
+    if path is not None:
+        hint = keep_quant_hint(path)
+    else:
+        hint = hf_quant.keep_quant_hint(folder) if folder.is_dir() else None
     if hint:
         click.echo(f"note: {hint}", err=True)
 

@@ -74,8 +74,8 @@ def peer_precision(weights: str, accuracy_level: int | None = None) -> PeerPreci
         return PeerPrecision("fp32")
     if kind in ("int4", "int8") and block:
         return PeerPrecision(kind, int(block.group(1)), level)
-    if kind == "gguf":  # --keep-quant: the GGUF's own types (Q4_* → int4 blocks, Q5–Q8 → int8), plus corrections
-        nearest = "int4" if re.search(r"\bQ4_", weights) else "int8"
+    if kind in ("gguf", "gptq", "awq"):  # --keep-quant: the file's own types (Q4_*/INT4 → int4 blocks, else int8)
+        nearest = "int4" if re.search(r"\bQ4_|_INT4\b", weights) else "int8"
         return PeerPrecision(nearest, DEFAULT_BLOCK, level,
                              mismatch=f"the artifact keeps the GGUF's quantization ('{weights}'); GenAI's nearest "
                                       f"model is {nearest} block {DEFAULT_BLOCK}, round-to-nearest")

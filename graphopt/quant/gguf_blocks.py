@@ -45,7 +45,9 @@ class NoExactForm(ValueError):
 @dataclasses.dataclass(frozen=True)
 class BlockQuant:
     """One GGUF tensor as rows of integer blocks: ``q`` int8 [rows, K] (int4 values when ``bits`` is 4),
-    ``scale`` fp32 [rows, K/block], ``offset`` fp32 [rows, K/block] or None; value = scale·q + offset."""
+    ``scale`` fp32 [rows, K/block], ``offset`` fp32 [rows, K/block] or None; value = scale·q + offset.
+    ``input_order`` (GPTQ act-order, graphopt.quant.hf_packing): the blocks run along the input channels taken
+    in this order — column i of ``q`` is input channel input_order[i]; None: in their own order."""
 
     q: np.ndarray
     scale: np.ndarray
@@ -53,6 +55,7 @@ class BlockQuant:
     bits: int
     block: int
     gguf_type: str
+    input_order: np.ndarray | None = None
 
     def dequantize(self) -> np.ndarray:
         """The represented values in fp32 (computed in float64, where every step here is exact)."""

