@@ -4,6 +4,7 @@ documented layouts (AutoGPTQ's QuantLinear.pack, AutoAWQ's WQLinear_GEMM.from_li
 graphopt's reader. ``reference`` holds each Linear's fp32 [N, K] weight straight from the unpacked integers:
 W[k, n] = scale[g(k), n] · (q[k, n] − zero[g(k), n]), in float64, as fp32.
 
+Act-order draws one input order per input (q/k/v share one, gate/up another), as GPTQ's shared Hessian gives.
 GPTQ v1 stores zero−1 in 4 bits, so a zero of 0 would wrap to 16 on reading (v1's own flaw): zeros here stay ≥ 1.
 """
 
@@ -30,7 +31,7 @@ def write_checkpoint(folder: Path, method: str = "gptq", bits: int = 4, group: i
     make_tiny_model("llama", folder, seed=seed)
     state = load_file(folder / "model.safetensors")
     rng = np.random.default_rng(seed)
-    reference = {}
+    reference, orders = {}, {}
     for name in sorted(state):
         prefix = name.removesuffix(".weight")
         if not name.endswith(".weight") or prefix.split(".")[-1] not in LINEARS:
@@ -38,7 +39,9 @@ def write_checkpoint(folder: Path, method: str = "gptq", bits: int = 4, group: i
         weight = state.pop(name).numpy().T.astype(np.float64)  # [K, N]
         k = weight.shape[0]
         size = k if group == -1 else group
-        order = rng.permutation(k) if act_order else np.arange(k)
+        shared = prefix.rsplit(".", 1)[0] + {"k_proj": ".q_proj", "v_proj": ".q_proj", "up_proj": ".gate_proj"}.get(
+            prefix.split(".")[-1], "." + prefix.split(".")[-1])  # one input, one Hessian: one act-order
+        order = orders.setdefault(shared, rng.permutation(k)) if act_order else np.arange(k)
         g_idx = np.empty(k, np.int32)
         g_idx[order] = np.arange(k) // size
         q, zero, scale = _quantize(weight, g_idx, bits, sym, low=1 if (method == "gptq" and fmt == "gptq") else 0)

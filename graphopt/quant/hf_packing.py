@@ -103,7 +103,7 @@ def to_blocks(q: np.ndarray, zero: np.ndarray, scale: np.ndarray, groups: np.nda
             raise PackingError(f"g_idx puts a different number of inputs than {block} in some group")
         q = q[order]
     half = 1 << (bits - 1)
-    offset = None if np.all(zero == half) else np.ascontiguousarray((scale * (half - zero)).T)
+    offset = None if np.all(zero == half) else np.ascontiguousarray((scale * (half - zero).astype(np.float32)).T)
     return BlockQuant(np.ascontiguousarray((q - half).T.astype(np.int8)), np.ascontiguousarray(scale.T), offset,
                       bits, block, kind, input_order=order)
 

@@ -47,6 +47,7 @@ def test_weights_equal_the_reference(tmp_path: Path, packing: str) -> None:
         assert (blocks.offset is None) == options.get("sym", False)
         assert (blocks.input_order is not None) == options.get("act_order", False)
         assert blocks.bits == options.get("bits", 4) and blocks.q.min() >= -(1 << (blocks.bits - 1))
+        assert blocks.scale.dtype == np.float32 and (blocks.offset is None or blocks.offset.dtype == np.float32)
     folder = hf_quant.cached_folder(tmp_path / "hf", tmp_path / "cache")
     stored = load_file(folder / "model.safetensors")
     assert all(_same(stored[f"{prefix}.weight"], weight) for prefix, weight in reference.items())
