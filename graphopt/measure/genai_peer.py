@@ -77,8 +77,8 @@ def peer_precision(weights: str, accuracy_level: int | None = None) -> PeerPreci
     if kind in ("gguf", "gptq", "awq"):  # --keep-quant: the file's own types (Q4_*/INT4 → int4 blocks, else int8)
         nearest = "int4" if re.search(r"\bQ4_|_INT4\b", weights) else "int8"
         return PeerPrecision(nearest, DEFAULT_BLOCK, level,
-                             mismatch=f"the artifact keeps the GGUF's quantization ('{weights}'); GenAI's nearest "
-                                      f"model is {nearest} block {DEFAULT_BLOCK}, round-to-nearest")
+                             mismatch=f"the artifact keeps the {kind.upper()} file's quantization ('{weights}'); "
+                                      f"GenAI's nearest model is {nearest} block {DEFAULT_BLOCK}, round-to-nearest")
     if kind == "int8":
         return PeerPrecision("int8", DEFAULT_BLOCK, level,
                              mismatch=f"the artifact's weights are '{weights}'; GenAI's builder quantizes int8 only "

@@ -34,6 +34,10 @@ def test_builder_arguments_and_cache_keys() -> None:
     ("fp16", "fp32", "no such CPU precision"),
     ("gguf 210 Q4_1, 1 Q6_K kept exactly (int4/int8 blocks, zero-point 0, + block-minimum correction)", "int4",
      "nearest model is int4 block 32"),
+    ("gptq 14 GPTQ_INT8 kept exactly (int4/int8 blocks, zero-point 0, + block-minimum correction)", "int8",
+     "nearest model is int8 block 32"),
+    ("awq 14 AWQ_INT4 kept exactly (int4/int8 blocks, zero-point 0, + block-minimum correction)", "int4",
+     "keeps the AWQ file's quantization"),
 ])
 def test_unavoidable_mismatches_are_named(weights: str, precision: str, says: str) -> None:
     peer = peer_precision(weights)
