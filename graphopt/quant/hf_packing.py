@@ -62,7 +62,10 @@ def gptq_layer(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_id
     zero = unpack_along_cols(qzeros, bits) + (1 if v1 else 0)
     k, n = q.shape
     groups = np.arange(k) // group if g_idx is None else g_idx.astype(np.int64).reshape(-1)
-    _agree(scales.shape, zero.shape, (int(groups.max(initial=0)) + 1, n), groups.shape, (k,), "qzeros")
+    _agree(scales.shape, zero.shape, (scales.shape[0], n), groups.shape, (k,), "qzeros")
+    if groups.size and (groups.min() < 0 or groups.max() >= scales.shape[0]):
+        raise PackingError(f"g_idx holds groups {groups.min()}…{groups.max()}, outside the {scales.shape[0]} groups "
+                           "of scales")
     return q, zero, scales.astype(np.float32), groups
 
 

@@ -8,8 +8,9 @@
       │      as stored, tokenizer files copied; staged in a temporary folder, renamed into place, marker last
       └─ --keep-quant: read_quantized() → QuantizedWeights: fingerprint(fp32 weight) → (prefix, BlockQuant)
 
-Both paths dequantize through graphopt.quant.hf_packing.to_blocks + BlockQuant.dequantize, so the traced fp32
-weights and the kept blocks agree bit for bit and the 'keep-quant' pass finds each weight by its fingerprint.
+The fp32 weight is the definition, scale·(q − zero) (hf_packing.reference_weight: exact, so a plain build needs no
+block form); --keep-quant checks every layer's blocks against it bit for bit while reading, so the traced weights
+and the kept blocks agree and the 'keep-quant' pass finds each weight by its fingerprint.
 Supported: GPTQ 4/8-bit ("gptq" v1 and "gptq_v2" checkpoint formats, desc_act/g_idx included), AWQ 4-bit "gemm".
 """
 
@@ -33,6 +34,7 @@ from graphopt.sources.gguf_convert import CACHE_MARKER
 from graphopt.sources.gguf_weights import QuantizedWeights, fingerprint
 
 METHODS = ("gptq", "awq")
+_KEEP_FIX = "build without --keep-quant (graphopt dequantizes the weights to fp32 exactly)"
 CACHE_VERSION = "v1"
 PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
 _FIX = "use a GPTQ checkpoint of 4 or 8 bits (format gptq or gptq_v2) or an AWQ 4-bit 'gemm' one, or the model's " \
@@ -79,8 +81,19 @@ def read_quantized(folder: Path) -> QuantizedWeights:
     settings = check_folder(folder, keep_quant=True)
     found: dict[str, tuple[str, BlockQuant]] = {}
     types: collections.Counter[str] = collections.Counter()
-    for prefix, blocks in _blocks(folder, settings):
-        found[fingerprint(hf_packing.hf_weight(blocks))] = (prefix, blocks)
+    kind = f"{settings['method'].upper()}_INT{settings['bits']}"
+    for prefix, unpacked in _unpacked(folder, settings):
+        try:
+            blocks = hf_packing.to_blocks(*unpacked, settings["bits"], kind)
+        except hf_packing.PackingError as exc:
+            raise SourceError(f"--keep-quant: layer '{prefix}' in '{folder}': {exc}, so its groups have no block "
+                              f"form; {_KEEP_FIX}") from None
+        weight = hf_packing.reference_weight(*unpacked).T
+        differ = int(np.count_nonzero(hf_packing.hf_weight(blocks).view(np.uint32) != weight.view(np.uint32)))
+        if differ:
+            raise SourceError(f"--keep-quant: layer '{prefix}' in '{folder}': its int4/int8 blocks differ from the "
+                              f"dequantized weight in {differ} places, so it has no exact form here; {_KEEP_FIX}")
+        found[fingerprint(weight)] = (prefix, blocks)
         types[blocks.gguf_type] += 1
     size = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
     return QuantizedWeights(folder, found, dict(types), size, kind=settings["method"])
@@ -116,8 +129,8 @@ def _write_dequantized(folder: Path, settings: dict, out: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    tensors = {f"{prefix}.weight": torch.from_numpy(hf_packing.hf_weight(blocks))
-               for prefix, blocks in _blocks(folder, settings)}
+    tensors = {f"{prefix}.weight": torch.from_numpy(np.ascontiguousarray(hf_packing.reference_weight(*unpacked).T))
+               for prefix, unpacked in _unpacked(folder, settings)}
     parts = {f"{prefix}.{part}" for prefix in _layers(folder, settings) for part in PARTS[settings["method"]]}
     for name, (path, _, _) in _headers(folder).items():
         if name not in parts:
@@ -134,10 +147,9 @@ def _write_dequantized(folder: Path, settings: dict, out: Path) -> None:
     (out / CACHE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")  # last: marks it done
 
 
-def _blocks(folder: Path, settings: dict):
-    """(prefix, BlockQuant) of every quantized Linear, reading its tensors."""
+def _unpacked(folder: Path, settings: dict):
+    """(prefix, (q [K, N], zero [G, N], scale [G, N], group of each input [K])) of every quantized Linear."""
     method, bits, group = settings["method"], settings["bits"], settings["group"]
-    kind = f"{method.upper()}_INT{bits}"
     for prefix, parts in _layers(folder, settings).items():
         arrays = {part: _tensor(path, f"{prefix}.{part}") for part, (path, _, _) in parts.items()}
         qweight, qzeros, scales = arrays["qweight"], arrays["qzeros"], arrays["scales"]
@@ -148,10 +160,10 @@ def _blocks(folder: Path, settings: dict):
                                                  group if group > 0 else k, settings["v1"])
             else:
                 unpacked = hf_packing.awq_layer(qweight, qzeros, scales, group)
-            yield prefix, hf_packing.to_blocks(*unpacked, bits, kind)
         except hf_packing.PackingError as exc:
             raise SourceError(f"'{prefix}' in '{folder}': {exc}; the checkpoint is damaged or not {method.upper()} "
                               "as its config.json says: export it again") from None
+        yield prefix, unpacked
 
 
 def _settings(folder: Path, qc: dict) -> dict:
@@ -205,8 +217,7 @@ def _check_layer(folder: Path, prefix: str, parts: dict, settings: dict, keep_qu
                           "agree with config.json: export the checkpoint again")
     if keep_quant and (k % group or group < 16 or group & (group - 1)):
         raise SourceError(f"--keep-quant: layer '{prefix}' has groups of {group} inputs over {k} inputs; kept blocks "
-                          "need a power of two ≥ 16 dividing the inputs (MatMulNBits): build without --keep-quant "
-                          "(the weights are dequantized to fp32)")
+                          f"need a power of two ≥ 16 dividing the inputs (MatMulNBits); {_KEEP_FIX}")
 
 
 def _layers(folder: Path, settings: dict) -> dict[str, dict[str, tuple[Path, str, list]]]:

@@ -114,6 +114,21 @@ def test_keep_quant_needs_power_of_two_blocks(tmp_path: Path) -> None:
         hf_quant.check_folder(tmp_path / "hf24", keep_quant=True)
 
 
+def test_uneven_act_order_groups_are_dequantized_but_not_kept(tmp_path: Path) -> None:
+    reference = write_checkpoint(tmp_path / "hf", method="gptq", act_order=True)
+    state = load_torch(tmp_path / "hf" / "model.safetensors")
+    g_idx = state[f"{LAYER}.g_idx"]
+    g_idx[int((g_idx == 0).nonzero()[0])] = 1  # group 0 now has 31 inputs, group 1 has 33
+    save_file(state, tmp_path / "hf" / "model.safetensors")
+    with pytest.raises(SourceError, match=f"--keep-quant: layer '{LAYER}'.*different number of inputs than 32"):
+        hf_quant.read_quantized(tmp_path / "hf")
+    folder = hf_quant.cached_folder(tmp_path / "hf", tmp_path / "cache")
+    stored = load_file(folder / "model.safetensors")
+    others = {prefix: weight for prefix, weight in reference.items() if prefix != LAYER}
+    assert all(_same(stored[f"{prefix}.weight"], weight) for prefix, weight in others.items())
+    assert not _same(stored[f"{LAYER}.weight"], reference[LAYER])  # one input now reads group 1's scale and zero
+
+
 def test_plain_build_notes_keep_quant(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "hf", method="gptq")
     (tmp_path / "out").mkdir()  # an existing destination: the build stops before loading, after the note
