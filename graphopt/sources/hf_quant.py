@@ -29,7 +29,7 @@ import numpy as np
 from graphopt.core.errors import SourceError
 from graphopt.quant import hf_packing
 from graphopt.quant.gguf_blocks import BlockQuant
-from graphopt.sources.files import one_line, update_with_ends
+from graphopt.sources.files import check_safetensors, one_line, update_with_ends
 from graphopt.sources.gguf_convert import CACHE_MARKER
 from graphopt.sources.gguf_weights import QuantizedWeights, fingerprint
 
@@ -55,6 +55,14 @@ def check_folder(folder: Path, keep_quant: bool = False) -> dict:
         raise SourceError(f"'{folder}' has no *.safetensors weights (graphopt never unpickles .bin/.pt files: "
                           "loading them can run arbitrary code); use the checkpoint's safetensors release, or convert "
                           "it once where you trust the file")
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors(path)
+    index = folder / "model.safetensors.index.json"
+    shards = set((_json(index) or {}).get("weight_map", {}).values()) if index.is_file() else set()
+    missing = sorted(s for s in shards if not (folder / s).is_file())
+    if missing:
+        raise SourceError(f"'{folder}' lacks {len(missing)} safetensors shard(s) named in model.safetensors.index.json "
+                          f"(first: {missing[0]}); copy the missing files")
     config = _config(folder) or {}
     settings = _settings(folder, config.get("quantization_config") or {})
     layers = _layers(folder, settings)
@@ -249,7 +257,12 @@ def _tensor(path: Path, name: str, numpy: bool = True):
 
 
 def _config(folder: Path) -> dict | None:
+    return _json(folder / "config.json")
+
+
+def _json(path: Path) -> dict | None:
     try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None

@@ -57,6 +57,14 @@ def test_weights_equal_the_reference(tmp_path: Path, packing: str) -> None:
 
 def test_transformers_loads_the_dequantized_model(tmp_path: Path) -> None:
     reference = write_checkpoint(tmp_path / "hf", method="awq")
+    state = load_torch(tmp_path / "hf" / "model.safetensors")  # two shards and an index, as large checkpoints come
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        save_file({name: state[name] for name in part}, tmp_path / "hf" / shard)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    weight_map = {name: shard for shard, part in shards.items() for name in part}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     source = resolve_source(str(tmp_path / "hf"), cache_dir=tmp_path / "cache")
     assert source.quant_dir == (tmp_path / "hf").resolve() and source.model_id == "hf"
     model = load_causal_lm(source)
@@ -97,6 +105,13 @@ def test_bad_checkpoint_is_one_line(tmp_path: Path, case: str, keep: bool) -> No
     _edit(tmp_path / "hf", **edit)
     line = _fails(tmp_path, ["--keep-quant"] if keep else [])
     assert all(fragment in line for fragment in fragments), line
+
+
+def test_missing_shard_is_one_line(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "hf", method="gptq")
+    index = {"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "lacks 1 safetensors shard(s)" in _fails(tmp_path, ["--keep-quant"])
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path: Path) -> None:
