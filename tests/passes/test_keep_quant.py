@@ -21,6 +21,7 @@ import pytest
 from graphopt.core.errors import PassError
 from graphopt.passes.base import PassContext
 from graphopt.passes.pipeline import parse_recipe, run_pipeline
+from graphopt.quant import hf_packing
 from graphopt.quant.gguf_blocks import EXACT_TYPES, decode
 from graphopt.sources.gguf_weights import QuantizedWeights, fingerprint
 
@@ -107,6 +108,47 @@ def test_shared_input_sums_once() -> None:
                            context=PassContext(quantized_weights=weights))
     assert records[0].stats["offset_corrections"] == 2
     assert sum(node.name.endswith("_block_sums") for node in model.graph) == 1
+
+
+def _act_order_layer(k: int, n: int, order: np.ndarray, seed: int):
+    """(fp32 [n, k] weight, BlockQuant) of a random asymmetric 4-bit GPTQ act-order layer, groups of 16."""
+    rng = np.random.default_rng(seed)
+    groups = np.empty(k, np.int64)
+    groups[order] = np.arange(k) // 16
+    q, zero = rng.integers(0, 16, (k, n)), rng.integers(0, 16, (k // 16, n))
+    scale = rng.uniform(1e-3, 1e-2, (k // 16, n)).astype(np.float16).astype(np.float32)
+    weight = hf_packing.reference_weight(q, zero, scale, groups).T.copy()
+    return weight, hf_packing.to_blocks(q, zero, scale, groups, 4, "GPTQ_INT4")
+
+
+def test_act_order_reads_the_input_in_group_order_once() -> None:
+    """Two GPTQ act-order projections of one input (one Hessian, one order) share one Gather and one block sum."""
+    order = np.random.default_rng(0).permutation(64)
+    (v1, b1), (v2, b2) = _act_order_layer(64, 32, order, 1), _act_order_layer(64, 32, order, 2)
+    assert b1.input_order is not None and b1.offset is not None
+    model = _graph(v1.T.copy(), np.eye(32, dtype=np.float32))
+    extra = ir.node("MatMul", [model.graph.inputs[0], ir.Value(name="w3", const_value=ir.tensor(v2.T.copy()))],
+                    name="third")
+    extra.inputs[1].dtype, extra.inputs[1].shape = ir.DataType.FLOAT, ir.Shape([64, 32])
+    model.graph.register_initializer(extra.inputs[1])
+    model.graph.append(extra)
+    model.graph.outputs.append(extra.outputs[0])
+    extra.outputs[0].name, extra.outputs[0].dtype = "z", ir.DataType.FLOAT
+    x = np.random.default_rng(3).normal(size=(2, 3, 64)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    before = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    reference = before.run(None, {"x": x})
+    weights = QuantizedWeights(Path("hf"), {fingerprint(v1): ("a", b1), fingerprint(v2): ("b", b2)}, {}, 0, "gptq")
+    passes = [{"name": "keep-quant"}, {"name": "lower-quant-ort-cpu", "accuracy_level": 1}, {"name": "cleanup"}]
+    records = run_pipeline(model, parse_recipe({"pass": passes}), context=PassContext(quantized_weights=weights))
+    assert records[0].stats["reordered_inputs"] == 1 and records[0].stats["offset_corrections"] == 2
+    ops = collections.Counter(node.op_type for node in model.graph)
+    assert ops["Gather"] == 1 and ops["MatMulNBits"] == 2
+    assert sum(node.name.endswith("_block_sums") for node in model.graph) == 1
+    after = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for got, want in zip(after.run(None, {"x": x}), reference):
+        assert np.abs(got - want).max() <= 1e-5 * float(np.abs(want).max())
 
 
 def test_unmatched_gguf_tensor_is_an_error() -> None:
