@@ -2,7 +2,8 @@
 
     one quantized Linear (K inputs, N outputs, G groups of b inputs), as the checkpoint stores it:
     GPTQ  qweight int32 [K·bits/32, N]  packed along K, lowest bits first
-          qzeros  int32 [G, N·bits/32]  packed along N, lowest bits first; "gptq" (v1) stores zero−1, "gptq_v2" zero
+          qzeros  int32 [G, N·bits/32]  packed along N, lowest bits first; "gptq" (v1) stores zero−1, read back
+                                        per field + 1 as AutoGPTQ does (a stored 15 is 16); "gptq_v2" stores zero
           scales  fp16  [G, N]          g_idx int32 [K]: the group of each input (act-order: not k // b)
     AWQ   qweight int32 [K, N/8]        packed along N, 4 bits, nibble i of word c holds column 8c + AWQ_ORDER[i]
           qzeros  int32 [G, N/8]        the same packing (zero stored as is); scales fp16 [G, N]; g(k) = k // b
