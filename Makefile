@@ -19,8 +19,9 @@ demo: setup
 	$(VENV)/bin/graphopt build smollm2-135m -o out/smollm2-135m --force
 	$(VENV)/bin/graphopt generate out/smollm2-135m "What is the capital of France?" --chat --max-new-tokens 48
 
+# two worker processes (tests/conftest.py: one unit per file, the SmolLM2 builds in one); slowest 25 listed
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
 
 # the unit-level areas (no model builds beyond a tiny one): under 3 minutes on 2 cores
 FAST := tests/core tests/quant tests/passes tests/plugins tests/runtime tests/cli
