@@ -21,7 +21,7 @@ demo: setup
 
 # two worker processes (tests/conftest.py: one unit per file, the SmolLM2 builds in one); slowest 25 listed
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(PY) -m pytest -q -n 2 --durations=25
 
 # the unit-level areas (no model builds beyond a tiny one): under 3 minutes on 2 cores
 FAST := tests/core tests/quant tests/passes tests/plugins tests/runtime tests/cli

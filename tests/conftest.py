@@ -1,20 +1,31 @@
-"""How `make test` spreads the suite over two processes (pytest-xdist, ``-n 2 --dist loadgroup``).
+"""How `make test` spreads the suite over two processes (pytest-xdist: ``-n 2``).
 
-Each test file is one unit of work, so module-scoped fixtures (a tiny model built once per file) are built
-once; every file that builds the real SmolLM2 (it imports ``smollm2_trace``) joins one unit, so the model is
-traced once, as in a single process. Without xdist the marks do nothing.
+One unit of work per test file, so a module-scoped fixture (a tiny model built once per file) is built once,
+and the files that build the real SmolLM2 (they share one trace per process, tests/smollm2_trace.py) are one
+unit, so the model is traced once, as in a single process. (xdist's own ``--dist loadgroup`` marks do not
+group anything under pytest 9, which no longer lets a plugin rename a test's node id.)
 """
 
 from __future__ import annotations
 
-import pytest
+import importlib.util
+from pathlib import Path
+
+SMOLLM2_FILES = {"test_smollm2.py", "test_smollm2_quant.py", "test_trt_smollm2.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into the node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        module = getattr(item, "module", None)  # None for doctests in passes/
-        traces_smollm2 = any(hasattr(module, name) for name in ("smollm2_traced", "build_smollm2"))
-        item.add_marker(pytest.mark.xdist_group("smollm2" if traces_smollm2 else item.nodeid.split("::")[0]))
+def unit_of(nodeid: str) -> str:
+    """The unit a test runs in: its file, or "smollm2" for the files that trace SmolLM2."""
+    path = nodeid.split("::")[0]
+    return "smollm2" if Path(path).name in SMOLLM2_FILES else path
+
+
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_xdist_make_scheduler(config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByFile(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return unit_of(nodeid)
+
+        return ByFile(config, log)

@@ -59,6 +59,10 @@ def check_folder(folder: Path, keep_quant: bool = False) -> dict:
         check_safetensors(path)
     index = folder / "model.safetensors.index.json"
     shards = set((_json(index) or {}).get("weight_map", {}).values()) if index.is_file() else set()
+    outside = sorted(s for s in shards if not isinstance(s, str) or Path(s).name != s or s in ("", ".", ".."))
+    if outside:  # a path read from a file stays inside its folder
+        raise SourceError(f"'{index}' names a shard outside the folder ({str(outside[0])!r}); shards are plain file "
+                          "names next to it: fix the index or re-download the checkpoint")
     missing = sorted(s for s in shards if not (folder / s).is_file())
     if missing:
         raise SourceError(f"'{folder}' lacks {len(missing)} safetensors shard(s) named in model.safetensors.index.json "

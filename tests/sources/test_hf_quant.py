@@ -114,6 +114,14 @@ def test_missing_shard_is_one_line(tmp_path: Path) -> None:
     assert "lacks 1 safetensors shard(s)" in _fails(tmp_path, ["--keep-quant"])
 
 
+def test_a_shard_outside_the_folder_is_refused(tmp_path: Path) -> None:
+    write_checkpoint(tmp_path / "hf", method="gptq")
+    (tmp_path / "secret.safetensors").write_bytes(b"")
+    index = {"weight_map": {"lm_head.weight": "../secret.safetensors"}}
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "names a shard outside the folder" in _fails(tmp_path, [])
+
+
 def test_pickle_only_checkpoint_is_refused(tmp_path: Path) -> None:
     write_checkpoint(tmp_path / "hf", method="gptq")
     (tmp_path / "hf" / "model.safetensors").rename(tmp_path / "hf" / "pytorch_model.bin")
