@@ -54,8 +54,10 @@ class QuantizeInt4Pass(GraphoptPass):
     lossy = True
 
     def __init__(self, block_size: int = 32, method: str = "awq", embedding: bool = True,
-                 embedding_bits: int = 4, keep: list[str] | None = None, promote: list[str] | None = None) -> None:
+                 embedding_bits: int = 4, keep: list[str] | None = None, promote: list[str] | None = None,
+                 full_range: bool = False) -> None:
         super().__init__()
+        self.full_range = full_range
         self.keep, self.promote = list(keep or ()), list(promote or ())
         self.block_size = block_size
         self.method = method
@@ -91,8 +93,8 @@ class QuantizeInt4Pass(GraphoptPass):
             self._quantize_embedding(graph, embedding)
         drop_unused(graph, fp32)
         bits = 8 if embedding is not None and matches(embedding_name(embedding), self.promote) else self.embedding_bits
-        record_precision(self.context, self.stats,
-                         weights=f"int4 block {self.block_size} symmetric ({self.method})",
+        form = "symmetric full-range" if self.full_range else "symmetric"
+        record_precision(self.context, self.stats, weights=f"int4 block {self.block_size} {form} ({self.method})",
                          embedding=f"int{bits} block {self.block_size} (rtn)" if embedding else "fp32")
         return ir.passes.PassResult(model, True)
 
@@ -121,7 +123,7 @@ class QuantizeInt4Pass(GraphoptPass):
                 self.count("awq_unscaled_inputs")
                 continue
             weights = np.concatenate([lin.array for lin in group], axis=1)
-            found = awq_scale_search(x.sample, weights, x.mean_abs, self.block_size)
+            found = awq_scale_search(x.sample, weights, x.mean_abs, self.block_size, full_range=self.full_range)
             if found.alpha == 0.0:
                 self.count("awq_kept_unit_scale")
                 continue
@@ -137,16 +139,18 @@ class QuantizeInt4Pass(GraphoptPass):
             x = calibration(self.context, self.name).get(lin.node.inputs[0].name)
             if x is not None:
                 s = scaled.get(lin.node.inputs[0].name)
-                clip = awq_clip_search(x.sample if s is None else x.sample / s, w, self.block_size)
+                clip = awq_clip_search(x.sample if s is None else x.sample / s, w, self.block_size,
+                                       full_range=self.full_range)
                 self.count("awq_clipped")
         bits = 8 if matches(layer_name(lin.node), self.promote) else 4
-        qz = quantize_int(w, bits, axis=0, block_size=self.block_size, clip=clip if bits == 4 else None)
+        qz = quantize_int(w, bits, axis=0, block_size=self.block_size, clip=clip if bits == 4 else None,
+                          full_range=self.full_range)
         lin.node.replace_input_with(1, dequantize_node(graph, lin.node, qz, lin.weight.name))
         self.count("matmuls" if bits == 4 else "promoted_int8")
 
     def _quantize_embedding(self, graph: ir.Graph, embedding: Embedding) -> None:
         bits = 8 if matches(embedding_name(embedding), self.promote) else self.embedding_bits
-        qz = quantize_int(embedding.array, bits, axis=1, block_size=self.block_size)
+        qz = quantize_int(embedding.array, bits, axis=1, block_size=self.block_size, full_range=self.full_range)
         dq = dequantize_node(graph, graph.node(0), qz, embedding.table.name)  # before every reader
         embedding.table.replace_all_uses_with(dq)
         self.count("embedding")
