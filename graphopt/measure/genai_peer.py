@@ -14,9 +14,14 @@ its own builder at the precision the artifact's manifest records, and cached per
 
 A is the artifact's MatMulNBits ``accuracy_level`` (its build report's lower-quant-ort-cpu pass; 4 =
 int8 activations, GenAI's CPU default too; 0 becomes 1, fp32 activations). Both quantize with zero
-point 0 (symmetric) and round to nearest, GenAI without calibration: the weights' values differ
-(graphopt's AWQ scales), the bytes read per token and the kernels do not. graphopt also quantizes
-the tied embedding (GatherBlockQuantized); GenAI keeps it fp32 — one row read per token.
+point 0 (symmetric), GenAI by round-to-nearest without calibration in ONNX Runtime's full-range form (each
+block's largest-magnitude weight maps to -8, 16 levels; graphopt's ``full_range``): the weights' values differ
+(graphopt's AWQ scales and clips), the bytes read per token and the kernels do not. Both quantize the tied
+embedding too: GenAI 0.18's int4 model reads one int4 table from its GatherBlockQuantized and its lm_head
+MatMulNBits, as graphopt's does (checked on SmolLM2's: 151 MatMulNBits + 1 GatherBlockQuantized, 86.5 MB).
+
+:func:`genai_logits` runs GenAI's ``model.onnx`` in a plain ONNX Runtime session as a fidelity ``Logits``,
+so ``graphopt compare`` measures it against fp32 on the same rows as graphopt's artifacts (compare_peers).
 """
 
 from __future__ import annotations
