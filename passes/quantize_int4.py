@@ -18,6 +18,33 @@ rounded to nearest (RTN): scaling or clipping it for the lm_head would change th
 GatherBlockQuantized is 'lower-quant-ort-cpu'. Letters: B batch, S seq, K/N in/out channels, V vocab,
 H hidden, b block size.
 
+``full_range`` (ort-cpu-int4 sets it) rounds on ONNX Runtime's symmetric grid: each block's largest-magnitude
+weight maps to -8 exactly (scale = that weight / -8, negative when it is positive), so 16 levels are used, a
+step 7/8 of the default's amax/7 (15 levels, positive scales, which TensorRT's DequantizeLinear needs, so the
+trt recipes leave it off). The AWQ searches round the same way, clip ratio 1.0 being ORT's plain RTN.
+
+Measured against ONNX Runtime's own int4 (SmolLM2-135M, ort-cpu, blocks of 32, accuracy_level 4; KL / top-1
+vs the fp32 model on the built-in corpus's 2,040 evaluation tokens; size = the artifact's files)::
+
+    build                                                  KL      top-1   ppl (fp32 37.44)   size MB
+    graphopt awq, 15 levels (the old default)              0.432   64.4%   52.27              91.5
+    graphopt rtn, 15 levels                                0.519   57.5%   54.24              91.5
+    graphopt rtn, full_range                               0.391   60.0%   45.79              91.5
+    graphopt awq, full_range (the default now)             0.368   65.5%   47.34              91.5
+    graphopt awq, 15 levels, int8 embedding/lm_head        0.283   71.4%   45.10             105.7
+    peer: ORT MatMulNBitsQuantizer RTN (ort-cpu-int4-ort-rtn) 0.391 60.5%  45.98             108.3
+    peer: GenAI builder -p int4 (block 32, accuracy 4)     0.392   60.2%   46.03              86.5
+
+Why AWQ lost: not the search and not the tied lm_head (GenAI 0.18 quantizes the tied embedding to int4 too,
+one table shared by GatherBlockQuantized and the lm_head) but the rounding grid. amax/7 leaves level -8
+unused; ONNX Runtime's scale = peak / -8 uses it, and that alone takes plain RTN from KL 0.519 to 0.391 (=
+ORT's own RTN). AWQ's clip grid (1.0, 0.95, 0.9, …) never reaches the 7/8 ratio that mimics it, and the
+embedding/lm_head gets no clip search at all. On the full-range grid AWQ beats both peers on KL and top-1
+(its perplexity, 47.3, is a little above theirs, ~46). The int4 lm_head remains the biggest single error:
+``embedding_bits = 8`` costs +14 MB here. Measured with ``scripts/int4_peers.py`` (one trace, each recipe built
+as compare builds it, GenAI's cached model through graphopt.measure.genai_peer.genai_logits); ``graphopt compare
+ort-cpu-int4 --model smollm2-135m`` adds both peers to its table on every int4 run (compare_peers).
+
 Options: ``block_size`` 32 (16–256, a power of two dividing every K); ``method`` "awq" | "rtn";
 ``embedding`` (default true) quantizes the token embedding / tied lm_head too, with
 ``embedding_bits`` 4 (default) or 8 (int8 blocks: the lm_head is the most sensitive MatMul).
