@@ -20,11 +20,13 @@ H hidden, b block size.
 
 ``full_range`` (ort-cpu-int4 sets it) rounds on ONNX Runtime's symmetric grid: each block's largest-magnitude
 weight maps to -8 exactly (scale = that weight / -8, negative when it is positive), so 16 levels are used, a
-step 7/8 of the default's amax/7 (15 levels, positive scales, which TensorRT's DequantizeLinear needs, so the
-trt recipes leave it off). The AWQ searches round the same way, clip ratio 1.0 being ORT's plain RTN.
+step 7/8 of the default's amax/7 (15 levels, positive scales; the trt recipes keep that form: negative
+DequantizeLinear scales are untested on TensorRT). The AWQ searches round the same way, clip ratio 1.0 being ORT's plain RTN.
 
 Measured against ONNX Runtime's own int4 (SmolLM2-135M, ort-cpu, blocks of 32, accuracy_level 4; KL / top-1
-vs the fp32 model on the built-in corpus's 2,040 evaluation tokens; size = the artifact's files)::
+vs the fp32 model on the built-in corpus's 2,040 evaluation tokens; size = the artifact's files, tokenizer and
+model_verify.onnx included; GenAI: model.onnx + data only. model.onnx.data alone is 86,287,616 bytes for graphopt's
+int4 and GenAI's alike, 103,982,336 for ORT's RTN, which stores the untied lm_head's int4 copy)::
 
     build                                                  KL      top-1   ppl (fp32 37.44)   size MB
     graphopt awq, 15 levels (the old default)              0.432   64.4%   52.27              91.5
@@ -40,8 +42,8 @@ one table shared by GatherBlockQuantized and the lm_head) but the rounding grid.
 unused; ONNX Runtime's scale = peak / -8 uses it, and that alone takes plain RTN from KL 0.519 to 0.391 (=
 ORT's own RTN). AWQ's clip grid (1.0, 0.95, 0.9, …) never reaches the 7/8 ratio that mimics it, and the
 embedding/lm_head gets no clip search at all. On the full-range grid AWQ beats both peers on KL and top-1
-(its perplexity, 47.3, is a little above theirs, ~46). The int4 lm_head remains the biggest single error:
-``embedding_bits = 8`` costs +14 MB here. Measured with ``scripts/int4_peers.py`` (one trace, each recipe built
+(its perplexity, 47.3, is a little above theirs, ~46). The int4 embedding/lm_head is still a large share of
+the error: ``embedding_bits = 8`` took the old grid's KL from 0.432 to 0.283 for +14 MB. Measured with ``scripts/int4_peers.py`` (one trace, each recipe built
 as compare builds it, GenAI's cached model through graphopt.measure.genai_peer.genai_logits); ``graphopt compare
 ort-cpu-int4 --model smollm2-135m`` adds both peers to its table on every int4 run (compare_peers).
 
