@@ -34,6 +34,7 @@ int4 and GenAI's alike, 103,982,336 for ORT's RTN, which stores the untied lm_he
     graphopt rtn, full_range                               0.391   60.0%   45.79              91.5
     graphopt awq, full_range (the default now)             0.368   65.5%   47.34              91.5
     graphopt awq, 15 levels, int8 embedding/lm_head        0.283   71.4%   45.10             105.7
+    graphopt awq, full_range, int8 embedding/lm_head       0.256   74.1%   43.74             105.7
     peer: ORT MatMulNBitsQuantizer RTN (ort-cpu-int4-ort-rtn) 0.391 60.5%  45.98             108.3
     peer: GenAI builder -p int4 (block 32, accuracy 4)     0.392   60.2%   46.03              86.5
 
@@ -43,7 +44,7 @@ unused; ONNX Runtime's scale = peak / -8 uses it, and that alone takes plain RTN
 ORT's own RTN). AWQ's clip grid (1.0, 0.95, 0.9, …) never reaches the 7/8 ratio that mimics it, and the
 embedding/lm_head gets no clip search at all. On the full-range grid AWQ beats both peers on KL and top-1
 (its perplexity, 47.3, is a little above theirs, ~46). The int4 embedding/lm_head is still a large share of
-the error: ``embedding_bits = 8`` took the old grid's KL from 0.432 to 0.283 for +14 MB. Measured with ``scripts/int4_peers.py`` (one trace, each recipe built
+the error: ``embedding_bits = 8`` takes the default's KL from 0.368 to 0.256 (top-1 74.1%) for +14 MB. Measured with ``scripts/int4_peers.py`` (one trace, each recipe built
 as compare builds it, GenAI's cached model through graphopt.measure.genai_peer.genai_logits); ``graphopt compare
 ort-cpu-int4 --model smollm2-135m`` adds both peers to its table on every int4 run (compare_peers).
 
