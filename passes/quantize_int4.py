@@ -21,7 +21,8 @@ H hidden, b block size.
 ``full_range`` (ort-cpu-int4 sets it) rounds on ONNX Runtime's symmetric grid: each block's largest-magnitude
 weight maps to -8 exactly (scale = that weight / -8, negative when it is positive), so 16 levels are used, a
 step 7/8 of the default's amax/7 (15 levels, positive scales; the trt recipes keep that form: negative
-DequantizeLinear scales are untested on TensorRT). The AWQ searches round the same way, clip ratio 1.0 being ORT's plain RTN.
+DequantizeLinear scales are untested on TensorRT). The AWQ searches round the same way, clip ratio 1.0
+being ORT's plain RTN.
 
 Measured against ONNX Runtime's own int4 (SmolLM2-135M, ort-cpu, blocks of 32, accuracy_level 4; KL / top-1
 vs the fp32 model on the built-in corpus's 2,040 evaluation tokens; size = the artifact's files, tokenizer and
@@ -41,12 +42,13 @@ int4 and GenAI's alike, 103,982,336 for ORT's RTN, which stores the untied lm_he
 Why AWQ lost: not the search and not the tied lm_head (GenAI 0.18 quantizes the tied embedding to int4 too,
 one table shared by GatherBlockQuantized and the lm_head) but the rounding grid. amax/7 leaves level -8
 unused; ONNX Runtime's scale = peak / -8 uses it, and that alone takes plain RTN from KL 0.519 to 0.391 (=
-ORT's own RTN). AWQ's clip grid (1.0, 0.95, 0.9, …) never reaches the 7/8 ratio that mimics it, and the
-embedding/lm_head gets no clip search at all. On the full-range grid AWQ beats both peers on KL and top-1
+ORT's own RTN). AWQ's clip grid (1.0, 0.95, 0.9, …) does not contain 7/8, the ratio that gives ORT's step
+(and would still clip the peak of one sign), and the embedding/lm_head gets no clip search at all. On the full-range grid AWQ beats both peers on KL and top-1
 (its perplexity, 47.3, is a little above theirs, ~46). The int4 embedding/lm_head is still a large share of
-the error: ``embedding_bits = 8`` takes the default's KL from 0.368 to 0.256 (top-1 74.1%) for +14 MB. Measured with ``scripts/int4_peers.py`` (one trace, each recipe built
-as compare builds it, GenAI's cached model through graphopt.measure.genai_peer.genai_logits); ``graphopt compare
-ort-cpu-int4 --model smollm2-135m`` adds both peers to its table on every int4 run (compare_peers).
+the error: ``embedding_bits = 8`` takes the default's KL from 0.368 to 0.256 (top-1 74.1%) for +14 MB.
+Measured with ``scripts/int4_peers.py`` (one trace, each recipe built as compare builds it, GenAI's cached
+model through graphopt.measure.genai_peer.genai_logits); ``graphopt compare ort-cpu-int4 --model smollm2-135m``
+adds both peers to its table on every int4 run (compare_peers) and reproduced the default's and both peers' rows.
 
 Options: ``block_size`` 32 (16–256, a power of two dividing every K); ``method`` "awq" | "rtn";
 ``embedding`` (default true) quantizes the token embedding / tied lm_head too, with

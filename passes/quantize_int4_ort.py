@@ -53,7 +53,8 @@ class QuantizeInt4OrtPass(GraphoptPass):
         try:
             import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
         except ImportError:
-            raise PassError("quantize-int4-ort needs onnxruntime's quantization tools: pip install onnxruntime") from None
+            raise PassError("quantize-int4-ort needs onnxruntime's quantization tools: "
+                            "pip install onnxruntime") from None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -88,7 +89,8 @@ class QuantizeInt4OrtPass(GraphoptPass):
         for index, tensor in enumerate(tensors):
             name = f"{base}_ort_{index}"
             copy = ir.Tensor(tensor.numpy(), dtype=tensor.dtype, name=name)
-            value = ir.Value(name=name, const_value=copy, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+            value = ir.Value(name=name, const_value=copy, shape=ir.Shape(tensor.shape),
+                             type=ir.TensorType(tensor.dtype))
             graph.register_initializer(value)
             values.append(value)
         if op == "MatMulNBits":

@@ -9,7 +9,8 @@ Build time per recipe is its passes plus writing the artifact; loading and traci
 reported separately. The first recipe is the reference: every recipe's timings are also stored as ratios to it
 (``relative``, with ``relative_interval``), which is what the gate compares between runs, beside the cost
 model, which is exact. With an int4 recipe, ONNX Runtime's own int4 (its MatMulNBitsQuantizer, GenAI's builder)
-is measured beside it as ungated peer rows (graphopt.evaluate.compare_peers). Artifacts go to ``OUT/artifacts/<recipe>``;
+is measured beside it as ungated peer rows (graphopt.evaluate.compare_peers).
+Artifacts go to ``OUT/artifacts/<recipe>``;
 compare.json / compare.md / compare.png are written by the CLI once everything is measured.
 """
 

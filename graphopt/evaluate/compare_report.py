@@ -36,7 +36,8 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
             continue
         f = p["fidelity"]
         out.append([f"{p['name']} (peer)", f"{f['kl_mean']:.2e}", f"{f['top1_agreement']:.1%}",
-                    f"{f['ppl_candidate']:.3f}", "—", "—", "—", "—", f"{p['artifact_bytes'] / 2**20:.1f}", "—", "—"])
+                    f"{f['ppl_candidate']:.3f}", "—", "—", "—", "—", f"{p['artifact_bytes'] / 2**20:.1f}",
+                    "—", "—"])
     return out
 
 
