@@ -20,6 +20,7 @@ from graphopt.passes.lower_trt import LowerTrtPass
 from graphopt.passes.lower_verify import LowerVerifyPass
 from graphopt.passes.quantize_fp8 import QuantizeFp8Pass
 from graphopt.passes.quantize_int4 import QuantizeInt4Pass
+from graphopt.passes.quantize_int4_ort import QuantizeInt4OrtPass
 from graphopt.passes.quantize_int8 import QuantizeInt8Pass
 from graphopt.passes.quantize_kv_cache import QuantizeKVCachePass
 
@@ -29,8 +30,8 @@ REGISTRY: dict[str, type[GraphoptPass]] = {
 }
 REGISTRY |= {  # quantization: calibrate → quantize-* (Q/DQ) → lower-quant-<target>
     cls.name: cls
-    for cls in (CalibratePass, QuantizeInt4Pass, QuantizeInt8Pass, QuantizeFp8Pass, QuantizeKVCachePass,
-                KeepQuantPass, LowerQuantOrtCpuPass, FuseQkvRopePass)
+    for cls in (CalibratePass, QuantizeInt4Pass, QuantizeInt4OrtPass, QuantizeInt8Pass, QuantizeFp8Pass,
+                QuantizeKVCachePass, KeepQuantPass, LowerQuantOrtCpuPass, FuseQkvRopePass)
 }
 REGISTRY |= {cls.name: cls for cls in (LowerTrtPass, CheckTrtPass)}  # --target trt: lower, then hold to the parser
 REGISTRY[LowerVerifyPass.name] = LowerVerifyPass  # ort-cpu: the multi-token graph (the build writes it on its own)

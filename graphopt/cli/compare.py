@@ -54,14 +54,18 @@ def threshold_options(command):
 @click.option("--min-rounds", default=StopRule.min_rounds, show_default=True,
               help="Interleaved rounds before stopping.")
 @click.option("--max-rounds", default=StopRule.max_rounds, show_default=True, help="Interleaved rounds at most.")
+@click.option("--peers", default="ort-rtn,genai", show_default=True,
+              help="With an int4 recipe: also measure ONNX Runtime's own int4 (MatMulNBitsQuantizer RTN, GenAI's "
+                   "builder) as ungated fidelity + size rows; a comma list or 'none'.")
 @click.option("--json", "as_json", is_flag=True, help="Print compare.json instead of the table.")
 @threshold_options
 def compare_command(recipes, model, target, baseline, out, bisect, calib_text, calib_tokens, eval_text, eval_tokens,
-                    prompt_tokens, new_tokens, batch, precision, time_cap, min_rounds, max_rounds, as_json,
+                    prompt_tokens, new_tokens, batch, precision, time_cap, min_rounds, max_rounds, peers, as_json,
                     **limits) -> None:
     """Build RECIPES of MODEL from one trace; compare fidelity, speed, size, build time and passes."""
     from graphopt.evaluate.compare import CompareOptions
     from graphopt.evaluate.compare_measure import SpeedSettings
+    from graphopt.evaluate.compare_peers import parse_peers
     from graphopt.core.progress import Progress
 
     check_speed_args(prompt_tokens, new_tokens, batch, min_rounds, max_rounds)
@@ -70,7 +74,7 @@ def compare_command(recipes, model, target, baseline, out, bisect, calib_text, c
                            "and a positive number of seconds")
     speed = SpeedSettings(prompt_tokens, new_tokens, batch, stop=StopRule(precision, min_rounds, max_rounds, time_cap))
     options = CompareOptions(tuple(recipes), model, out, target, calib_text, calib_tokens, eval_text, eval_tokens,
-                             speed)
+                             speed, peers=parse_peers(peers))
     progress = Progress(enabled=not as_json)
     if bisect:
         sys.exit(bisect_main(options, limits, progress, as_json))

@@ -168,7 +168,8 @@ def passes() -> None:
     from graphopt.passes import REGISTRY, pass_options, summary
 
     for name, cls in REGISTRY.items():
-        options = ", ".join(f"{k}: {t.__name__} = {d!r}" for k, (t, d) in pass_options(cls).items()) or "no options"
+        options = ", ".join(f"{k}: {getattr(t, '__name__', t)} = {d!r}"  # list[str] | None has no __name__
+                            for k, (t, d) in pass_options(cls).items()) or "no options"
         click.echo(f"{name:18} {summary(cls)}\n{'':18} options: {options}")
 
 

@@ -8,7 +8,9 @@
 Build time per recipe is its passes plus writing the artifact; loading and tracing happen once and are
 reported separately. The first recipe is the reference: every recipe's timings are also stored as ratios to it
 (``relative``, with ``relative_interval``), which is what the gate compares between runs, beside the cost
-model, which is exact. Artifacts go to ``OUT/artifacts/<recipe>``;
+model, which is exact. With an int4 recipe, ONNX Runtime's own int4 (its MatMulNBitsQuantizer, GenAI's builder)
+is measured beside it as ungated peer rows (graphopt.evaluate.compare_peers).
+Artifacts go to ``OUT/artifacts/<recipe>``;
 compare.json / compare.md / compare.png are written by the CLI once everything is measured.
 """
 
@@ -23,6 +25,7 @@ from graphopt.build.artifact import BuildOptions, Loaded, build_traced, load, tr
 from graphopt.quant.text import CALIB_TOKENS, CORPUS_NAME, EVAL_TOKENS, Corpus, default_corpus, default_corpus_sha256, \
     read_text_file, token_stream
 from graphopt.evaluate.compare_measure import ReferenceLogits, SpeedSettings, artifact_fidelity, time_artifacts
+from graphopt.evaluate.compare_peers import PEERS, measure_peers
 from graphopt.evaluate.cost_model import cost_model
 from graphopt.core.errors import RecipeError
 from graphopt.evaluate.gate import FORMAT, CompareError, Thresholds, thresholds
@@ -45,6 +48,7 @@ class CompareOptions:
     eval_tokens: int = EVAL_TOKENS
     speed: SpeedSettings = SpeedSettings()
     attn_implementation: str = "sdpa"
+    peers: tuple[str, ...] = PEERS  # with an int4 recipe: ONNX Runtime's int4 as ungated rows (compare_peers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,7 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress,
         speed = options.speed
         cost = cost_model(built.output / "model.onnx", speed.prompt_tokens, speed.prompt_tokens + speed.new_tokens)
         entries.append(entry(recipe, built.output, report, fidelity) | {"cost": cost})
+    peers = measure_peers(loaded, options, chosen.recipes, reference, ids, chosen.eval_corpus.source, progress)
     prompt = benchmark_prompt(loaded.tokenizer, options.speed.prompt_tokens)
     artifacts = {e["recipe"]: Path(e["artifact"]) for e in entries}
     twins = baseline_artifacts(baseline_dir, artifacts) if baseline_dir is not None else {}
@@ -132,7 +137,7 @@ def run_compare(options: CompareOptions, chosen: Plan, progress: Progress,
             "corpus": {"name": CORPUS_NAME, "sha256": default_corpus_sha256()},
             "speed_settings": dataclasses.asdict(options.speed), "timing": timed["timing"],
             "timings": {k: round(v, 3) for k, v in loaded.timings.items()},
-            "machine": machine_info(), "recipes": entries,
+            "machine": machine_info(), "recipes": entries, "peers": peers,
             "thresholds": {name: dataclasses.asdict(limit) for name, limit in chosen.limits.items()}}
 
 

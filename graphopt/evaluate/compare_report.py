@@ -30,6 +30,14 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
                     f"{s['ttft_ms']:.1f}", f"{s['decode_tokens_per_s']:.1f}", f"{s['batch_tokens_per_s']:.1f}",
                     _ratio(e, "decode"), f"{e['artifact_bytes'] / 2**20:.1f}", f"{e['build_s']:.1f}",
                     str(e["nodes"]["final"])])
+    for p in result.get("peers", []):  # ONNX Runtime's own int4 (graphopt.evaluate.compare_peers): not timed
+        if "skipped" in p:
+            out.append([f"{p['name']} (peer)", "skipped"] + ["—"] * (len(COLUMNS) - 2))
+            continue
+        f = p["fidelity"]
+        out.append([f"{p['name']} (peer)", f"{f['kl_mean']:.2e}", f"{f['top1_agreement']:.1%}",
+                    f"{f['ppl_candidate']:.3f}", "—", "—", "—", "—", f"{p['artifact_bytes'] / 2**20:.1f}",
+                    "—", "—"])
     return out
 
 
@@ -65,6 +73,9 @@ def markdown(result: dict[str, Any], regressions: list[Regression] | None = None
     lines = [f"## graphopt compare: {result['model']}", "", title(result), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in rows(result)]
+    if result.get("peers"):
+        lines += ["", "Peers (ONNX Runtime's own int4 at the int4 recipe's block size; fidelity and size only, not "
+                  "gated): " + "; ".join(f"**{p['name']}** {p.get('skipped') or p['how']}" for p in result["peers"])]
     if regressions is not None:
         verdict = "**gate: failed**" if regressions else "**gate: passed** (no regression beyond the thresholds)"
         lines += ["", verdict, ""] + [f"- :x: {r.line()}" for r in regressions] + [f"- {n}" for n in notes or []]

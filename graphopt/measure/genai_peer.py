@@ -14,9 +14,14 @@ its own builder at the precision the artifact's manifest records, and cached per
 
 A is the artifact's MatMulNBits ``accuracy_level`` (its build report's lower-quant-ort-cpu pass; 4 =
 int8 activations, GenAI's CPU default too; 0 becomes 1, fp32 activations). Both quantize with zero
-point 0 (symmetric) and round to nearest, GenAI without calibration: the weights' values differ
-(graphopt's AWQ scales), the bytes read per token and the kernels do not. graphopt also quantizes
-the tied embedding (GatherBlockQuantized); GenAI keeps it fp32 — one row read per token.
+point 0 (symmetric), GenAI by round-to-nearest without calibration in ONNX Runtime's full-range form (each
+block's largest-magnitude weight maps to -8, 16 levels; graphopt's ``full_range``): the weights' values differ
+(graphopt's AWQ scales and clips), the bytes read per token and the kernels do not. Both quantize the tied
+embedding too: GenAI 0.18's int4 model reads one int4 table from its GatherBlockQuantized and its lm_head
+MatMulNBits, as graphopt's does (checked on SmolLM2's: 151 MatMulNBits + 1 GatherBlockQuantized, 86.5 MB).
+
+:func:`genai_logits` runs GenAI's ``model.onnx`` in a plain ONNX Runtime session as a fidelity ``Logits``,
+so ``graphopt compare`` measures it against fp32 on the same rows as graphopt's artifacts (compare_peers).
 """
 
 from __future__ import annotations
@@ -142,3 +147,34 @@ def genai_model(source: Any, progress: Progress, peer: PeerPrecision = PeerPreci
         if not out.exists():  # else another process finished first
             os.rename(f"{tmp}/model", out)  # atomic: a half-built model is never seen at `out`
     return out
+
+
+def genai_logits(model_dir: Path, threads: int | None = None):
+    """Logits at every position of one row from GenAI's ``model.onnx`` run by a plain ONNX Runtime session
+    (empty past, all-ones attention mask): a :data:`graphopt.measure.fidelity.Logits` for ``evaluate``,
+    so GenAI's model gets KL / top-1 against fp32 on the same rows as graphopt's artifacts."""
+    import numpy as np
+    import onnxruntime as ort
+
+    config = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    names = config["inputs"]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(Path(model_dir) / config["filename"]), options,
+                                   providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    kv_dtype = np.float16 if "float16" in inputs[names["past_key_names"] % 0].type else np.float32
+    empty = np.zeros((1, config["num_key_value_heads"], 0, config["head_size"]), kv_dtype)
+    past = {names[kind] % layer: empty for layer in range(config["num_hidden_layers"])
+            for kind in ("past_key_names", "past_value_names")}
+    output = config["outputs"]["logits"]
+
+    def run(row: Any) -> Any:
+        ids = row.astype(np.int64)[None]
+        feeds = {names["input_ids"]: ids, names["attention_mask"]: np.ones_like(ids), **past}
+        if "position_ids" in inputs:
+            feeds["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        return session.run([output], feeds)[0][0].astype(np.float32)
+
+    return run

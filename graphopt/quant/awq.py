@@ -48,35 +48,37 @@ def int4_output_error(x: np.ndarray, w: np.ndarray, w_quant: np.ndarray) -> floa
     return float(np.mean(diff * diff))
 
 
-def fake_int4(w: np.ndarray, block_size: int, clip: np.ndarray | None = None) -> np.ndarray:
+def fake_int4(w: np.ndarray, block_size: int, clip: np.ndarray | None = None, full_range: bool = False) -> np.ndarray:
     """Round-to-nearest int4 (blocks along K) and back to float: the weight MatMulNBits computes with."""
-    return quantize_int(w, 4, axis=0, block_size=block_size, clip=clip).dequantize()
+    return quantize_int(w, 4, axis=0, block_size=block_size, clip=clip, full_range=full_range).dequantize()
 
 
 def awq_scale_search(x: np.ndarray, w: np.ndarray, mean_abs_x: np.ndarray, block_size: int,
-                     grid: int = AWQ_GRID) -> ScaleSearch:
+                     grid: int = AWQ_GRID, full_range: bool = False) -> ScaleSearch:
     """Search s = mean|x|^α (α in [0, 1)) minimising ||x W - (x/s) Q(diag(s) W)||² on rows ``x``.
 
     Args:
         x: calibration rows [R, K] of the layer input (fp32 graph).
         w: weight [K, N]; for inputs shared by several layers (q/k/v) pass them concatenated on N.
         mean_abs_x: mean |x| per input channel over all calibration tokens [K].
+        full_range: round as ONNX Runtime does (:func:`graphopt.quant.numerics.quantize_int`).
     """
-    baseline = int4_output_error(x, w, fake_int4(w, block_size))
+    baseline = int4_output_error(x, w, fake_int4(w, block_size, full_range=full_range))
     best = ScaleSearch(np.ones(w.shape[0], np.float32), 0.0, baseline, baseline)
     level = np.maximum(mean_abs_x.astype(np.float64), 1e-8)
     for step in range(1, grid):
         alpha = step / grid
         s = level ** alpha
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # centre the scales around 1
-        w_back = fake_int4(w * s[:, None], block_size) / s[:, None]
+        w_back = fake_int4(w * s[:, None], block_size, full_range=full_range) / s[:, None]
         error = int4_output_error(x, w, w_back)
         if error < best.error_best:
             best = ScaleSearch(s, alpha, baseline, error)
     return best
 
 
-def awq_clip_search(x: np.ndarray, w: np.ndarray, block_size: int, ratios=CLIP_GRID) -> np.ndarray:
+def awq_clip_search(x: np.ndarray, w: np.ndarray, block_size: int, ratios=CLIP_GRID,
+                    full_range: bool = False) -> np.ndarray:
     """Per (block, output channel) clip ratio minimising each block's share of the output error.
 
     For block g the partial output is x[:, g] @ W[g]; shrinking that block's range trades clipping
@@ -92,7 +94,8 @@ def awq_clip_search(x: np.ndarray, w: np.ndarray, block_size: int, ratios=CLIP_G
     best_err = np.full((groups, n), np.inf)
     best_ratio = np.ones((groups, n), np.float32)
     for ratio in ratios:
-        d = w_g - fake_int4(w, block_size, np.full((groups, n), ratio, np.float32)).reshape(groups, block_size, n)
+        clip = np.full((groups, n), ratio, np.float32)
+        d = w_g - fake_int4(w, block_size, clip, full_range).reshape(groups, block_size, n)
         err = np.sum(d * (gram @ d), axis=1)  # [G, N]
         better = err < best_err
         best_err = np.where(better, err, best_err)

@@ -78,12 +78,34 @@ def _scale(amax: np.ndarray, qmax: float) -> np.ndarray:
     return np.maximum(amax / qmax, TINY).astype(np.float32)
 
 
+def block_peak(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """The signed value of largest |w| in each block of ``block_size`` along ``axis`` (shaped like block_amax)."""
+    axis = axis % w.ndim
+    check_block(w.shape[axis], block_size)
+    moved = np.moveaxis(w, axis, -1)
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // block_size, block_size)
+    peak = np.take_along_axis(groups, np.abs(groups).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    return np.moveaxis(peak, -1, axis)
+
+
 def quantize_int(w: np.ndarray, bits: int, axis: int, block_size: int = 0,
-                 clip: np.ndarray | None = None) -> Quantized:
+                 clip: np.ndarray | None = None, full_range: bool = False) -> Quantized:
     """Symmetric round-to-nearest (RTN) int4/int8, per-channel (block_size 0) or blocked along ``axis``.
 
     ``clip`` (same shape as the scale, in (0, 1]) shrinks each range before rounding (AWQ's clip search).
+    ``full_range`` (blocked only) is ONNX Runtime's symmetric form (MatMulNBitsQuantizer, GenAI's builder):
+    each block's largest-magnitude value maps to INT_MIN exactly (scale = that value / -8 for int4, negative
+    when the value is positive), so all 2^bits levels are used — a step 7/8 of amax/7 for int4.
     """
+    if full_range:
+        if block_size == 0:
+            raise ValueError("full_range needs blocks (block_size > 0)")
+        peak = block_peak(w, axis, block_size) * (1.0 if clip is None else clip)
+        scale = (peak / INT_MIN[bits]).astype(np.float32)
+        scale = np.where(np.abs(scale) < TINY, TINY, scale).astype(np.float32)
+        full = expand_scale(scale, w.shape, axis, block_size)
+        q = np.clip(np.rint(w / full), INT_MIN[bits], INT_MAX[bits]).astype(np.int8)
+        return Quantized(q, scale, axis, block_size, f"int{bits}")
     amax = channel_amax(w, axis) if block_size == 0 else block_amax(w, axis, block_size)
     if clip is not None:
         amax = amax * clip

@@ -50,7 +50,7 @@ def test_int4_artifact_runs_within_budget(tiny, int4) -> None:
     assert ops["com.microsoft::MatMulNBits"] == 2 * 5 + 1 and ops["com.microsoft::GatherBlockQuantized"] == 1
     assert "MatMul" not in ops and "DequantizeLinear" not in ops and "RotaryEmbedding" not in ops  # packed q/k/v
     manifest = load_manifest(out)
-    assert manifest.raw["precision"]["weights"] == "int4 block 32 symmetric (awq)"
+    assert manifest.raw["precision"]["weights"] == "int4 block 32 symmetric full-range (awq)"
     assert manifest.raw["recipe"] == "ort-cpu-int4" and "calibration.npz" in manifest.raw["files"]
     with np.load(out / "calibration.npz") as stats:
         assert stats["meta"][0] == 1024 and str(stats["source"]).startswith("file:")

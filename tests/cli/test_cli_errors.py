@@ -119,7 +119,8 @@ def test_generate_json_and_inspect(artifact: Path) -> None:
     shown = CliRunner().invoke(main, ["inspect", str(artifact)])
     assert shown.exit_code == 0 and "GroupQueryAttention" in shown.stdout and "past_key" in shown.stdout
     listed = CliRunner().invoke(main, ["passes"])
-    assert "fuse-attention" in listed.stdout and "rmsnorm" in listed.stdout
+    assert listed.exit_code == 0 and "fuse-attention" in listed.stdout and "rmsnorm" in listed.stdout
+    assert "full_range: bool = False" in listed.stdout and "quantize-int4-ort" in listed.stdout
 
 
 def test_alibi_model_is_refused_before_loading(tmp_path: Path) -> None:

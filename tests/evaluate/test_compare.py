@@ -57,10 +57,10 @@ def tiny(tmp_path_factory) -> Path:
     return root
 
 
-def compare(tiny: Path, *args: str):
+def compare(tiny: Path, *args: str, peers: str = "none"):
     common = ["--model", str(tiny / "hf"), "--calib-text", str(tiny / "words.txt"), "--eval-text",
               str(tiny / "words.txt"), "--eval-tokens", "512", "--calib-tokens", "1024", "--prompt-tokens", "16",
-              "--new-tokens", "8", "--min-rounds", "3", "--time-cap", "1"]
+              "--new-tokens", "8", "--min-rounds", "3", "--time-cap", "1", "--peers", peers]
     return CliRunner().invoke(main, ["compare", *args, *common])
 
 
@@ -158,6 +158,28 @@ def test_gate_fails_on_a_more_aggressive_recipe(tiny: Path, first: Path) -> None
     assert match and float(match[1]) == pytest.approx(old, rel=1e-3) and float(match[2]) > 10 * old, line
     assert "gate: failed" in result.output
     assert "**gate: failed**" in (out / "compare.md").read_text()
+
+
+def test_int4_recipes_get_onnxruntimes_int4_as_peer_rows(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int4 recipe brings ORT's MatMulNBitsQuantizer RTN and GenAI's builder int4 as ungated fidelity rows."""
+    genai = pytest.importorskip("onnxruntime_genai", reason="the genai peer needs onnxruntime-genai") is not None
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tiny / "cache"))  # GenAI's tiny model is built and cached here
+    recipe = tiny / "int4.toml"
+    recipe.write_text('name = "tiny-int4"\ntarget = "ort-cpu"\n' + PASSES)
+    out = tiny / "peers"
+    result = compare(tiny, str(recipe), "--out", str(out), peers="ort-rtn,genai")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "compare.json").read_text())
+    assert [e["recipe"] for e in data["recipes"]] == ["tiny-int4"]  # peers are not recipes: not timed, not gated
+    ort, gen = data["peers"]
+    assert ort["name"] == "ort-cpu-int4-ort-rtn" and ort["precision"]["weights"] == "int4 block 64 symmetric (ort-rtn)"
+    assert (out / "artifacts" / "peers" / "ort-cpu-int4-ort-rtn" / "manifest.json").is_file()
+    assert gen["name"] == "genai-int4" and genai and "block_size=64" in gen["how"] and "accuracy_level=4" in gen["how"]
+    tokens = data["recipes"][0]["fidelity"]["tokens"]  # the same evaluation rows
+    for peer in (ort, gen):
+        assert 0 < peer["fidelity"]["kl_mean"] < 1 and peer["fidelity"]["tokens"] == tokens
+        assert peer["artifact_bytes"] > 0
+    assert "ort-cpu-int4-ort-rtn (peer)" in result.output and "genai-int4 (peer)" in (out / "compare.md").read_text()
 
 
 def test_diff_of_two_artifacts(first: Path) -> None:

@@ -57,3 +57,24 @@ def test_bench_results_name_each_peers_precision(tmp_path: Path) -> None:
     assert peer_precisions(tmp_path / "none", fp8, ["genai"])["precision_mismatch"][0].startswith("genai: ")
     assert peer_precisions(tmp_path, SimpleNamespace(precision={"weights": "fp32"}), ["hf", "genai"])[
         "precision_mismatch"] == []
+
+
+def test_genai_logits_match_the_fp32_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GenAI's fp32 model of a tiny llama, run as a fidelity Logits callable, gives the PyTorch model's logits."""
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai (pip install onnxruntime-genai)")
+    import numpy as np
+
+    from graphopt import sources
+    from graphopt.core.progress import QUIET
+    from graphopt.measure.fidelity import evaluate, torch_logits
+    from graphopt.measure.genai_peer import genai_logits, genai_model
+    from tiny_models import VOCAB, make_tiny_model
+
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
+    source = sources.resolve_source(str(make_tiny_model("llama", tmp_path / "hf")))
+    reference = torch_logits(sources.load_causal_lm(source))
+    candidate = genai_logits(genai_model(source, QUIET, PeerPrecision("fp32")))
+    row = np.random.default_rng(0).integers(3, VOCAB, size=24)
+    np.testing.assert_allclose(candidate(row), reference(row), atol=1e-4, rtol=0)
+    fidelity = evaluate(candidate, reference, np.tile(row, 2), "tiny", seq_len=24)
+    assert fidelity.kl_mean < 1e-6 and fidelity.top1_agreement == 1.0

@@ -112,6 +112,27 @@ def test_int4_block_that_does_not_divide(canonical) -> None:
         _run(canonical, {"name": "quantize-int4", "method": "rtn", "block_size": 256})
 
 
+def test_int4_full_range_rounds_as_onnxruntime_and_lowers_exactly(canonical) -> None:
+    """full_range: each block's peak maps to -8 (negative scales where the peak is positive); MatMulNBits and
+    GatherBlockQuantized take those scales as they are, so lowering stays exact."""
+    rtn = {"name": "quantize-int4", "method": "rtn", "full_range": True}
+    results = PipelineResults()
+    qdq, _ = _run(canonical, rtn, {"name": "lower-ort-cpu"}, results=results)
+    assert results.precision["weights"] == "int4 block 32 symmetric full-range (rtn)"
+    original, _ = _run(canonical, {"name": "cleanup"})
+    weight = find_linears(original.graph)[0]
+    dq = next(n for n in qdq.graph if n.name == f"{weight.weight.name}_DequantizeLinear")
+    expected = quantize_int(weight.array, 4, axis=0, block_size=32, full_range=True)
+    np.testing.assert_array_equal(dq.inputs[0].const_value.numpy(), expected.q)
+    assert (dq.inputs[1].const_value.numpy() < 0).any()
+    plain, _ = _run(canonical, {"name": "quantize-int4", "method": "rtn"}, {"name": "lower-ort-cpu"})
+    assert _rel(run_stage(qdq, IDS), canonical[1]) < _rel(run_stage(plain, IDS), canonical[1])
+    lowered, _ = _run(canonical, rtn, {"name": "lower-ort-cpu"}, {"name": "lower-quant-ort-cpu", "accuracy_level": 0},
+                      {"name": "cleanup"})
+    assert "DequantizeLinear" not in _ops(lowered) and _ops(lowered)["GatherBlockQuantized"] == 1
+    assert float(np.abs(run_stage(lowered, IDS) - run_stage(qdq, IDS)).max()) < 1e-4
+
+
 def test_int4_lowering_is_exact_and_shares_the_embedding_bytes(canonical) -> None:
     qdq, _ = _run(canonical, {"name": "quantize-int4", "method": "rtn"}, {"name": "lower-ort-cpu"})
     lowered, records = _run(canonical, {"name": "quantize-int4", "method": "rtn"}, {"name": "lower-ort-cpu"},

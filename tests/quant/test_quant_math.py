@@ -57,6 +57,31 @@ def test_clip_shrinks_the_range() -> None:
     assert clipped.q.min() == -8 and clipped.q.max() == 7  # values beyond the clipped range saturate
 
 
+def test_full_range_int4_is_onnxruntimes_symmetric_rounding() -> None:
+    """full_range = ONNX Runtime's MatMulNBitsQuantizer / GenAI builder: the block's peak maps to -8, 16 levels."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    embedding = np.random.default_rng(5).standard_normal((40, 64)).astype(np.float32)  # [V, H] as GatherBlockQuantized
+    ours = quantize_int(embedding, 4, axis=1, block_size=32, full_range=True)
+    q, scale = DefaultWeightOnlyQuantizer.quant_slice_symmetric(embedding.reshape(-1, 32))
+    np.testing.assert_allclose(ours.scale.reshape(-1), scale.reshape(-1), rtol=1e-6)
+    np.testing.assert_array_equal(ours.q.reshape(-1, 32), q)
+    assert (ours.scale < 0).any() and (ours.q == -8).sum() >= ours.scale.size  # every block's peak is -8
+    plain = quantize_int(embedding, 4, axis=1, block_size=32)
+    assert relative_error(embedding, ours.dequantize()) < relative_error(embedding, plain.dequantize())
+
+
+def test_full_range_follows_the_axis_and_the_clip() -> None:
+    w = np.random.default_rng(6).standard_normal((64, 6)).astype(np.float32)  # own generator: RNG's order stays
+    by_k = quantize_int(w, 4, axis=0, block_size=32, full_range=True)
+    by_rows = quantize_int(w.T.copy(), 4, axis=1, block_size=32, full_range=True)
+    np.testing.assert_array_equal(by_k.q, by_rows.q.T)
+    clipped = quantize_int(w, 4, axis=0, block_size=32, clip=np.full((2, 6), 0.5, np.float32), full_range=True)
+    np.testing.assert_allclose(clipped.scale, by_k.scale * 0.5, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs blocks"):
+        quantize_int(w, 4, axis=0, full_range=True)
+
+
 def test_e4m3_rounding_matches_ml_dtypes() -> None:
     normal = RNG.standard_normal(20000).astype(np.float32) * np.exp2(RNG.integers(-12, 9, 20000))
     grid = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
