@@ -33,7 +33,8 @@ def grid_of(spec: PassSpec) -> Grid:
     base = BASES[spec.name]
     block = int(spec.options.get("block_size", 32 if base == "int4" else 0))
     activations = spec.options.get("activations", True)
-    return Grid(base, 0 if base == "fp8" else block, activations not in (False, "none"))
+    return Grid(base, 0 if base == "fp8" else block, activations not in (False, "none"),
+                bool(spec.options.get("full_range", False)))
 
 
 def layer_errors(graph_or_model, stats, spec: PassSpec) -> dict[str, dict[str, float]]:

@@ -27,10 +27,12 @@ LADDERS = {"int4": ("int4", "int8", "float"), "int8": ("int8", "float"), "fp8": 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """How a recipe quantizes: the base precision, the int4/int8 block (0 = per channel), fp8 activations."""
+    """How a recipe quantizes: the base precision, the int4/int8 block (0 = per channel), fp8 activations,
+    and whether int4 rounds on ONNX Runtime's 16-level grid (quantize-int4's ``full_range``)."""
     base: str
     block_size: int = 32
     activations: bool = True
+    full_range: bool = False
 
 
 def quantized_weight(w: np.ndarray, precision: str, grid: Grid) -> np.ndarray:
@@ -41,7 +43,8 @@ def quantized_weight(w: np.ndarray, precision: str, grid: Grid) -> np.ndarray:
         return quantize_fp8(w, axis=1).dequantize()
     bits = 4 if precision == "int4" else 8
     if grid.block_size and w.shape[0] % grid.block_size == 0:  # int4, and int8 promoted from int4: blocks
-        return quantize_int(w, bits, axis=0, block_size=grid.block_size).dequantize()
+        full_range = grid.full_range and bits == 4
+        return quantize_int(w, bits, axis=0, block_size=grid.block_size, full_range=full_range).dequantize()
     return quantize_int(w, bits, axis=1).dequantize()
 
 

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.build.artifact import BuildOptions, build
-from graphopt.build.mixed_layers import Step, assignment, rank_steps, recipe_for
+from graphopt.build.mixed_layers import Step, assignment, grid_of, rank_steps, recipe_for
 from graphopt.build.mixed_precision import TOLERANCE, build_within_budget, search_promotions
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.cli.main import main
@@ -60,6 +60,13 @@ def test_proxy_errors_fall_up_the_ladder() -> None:
     assert int4["int4"] > 50 * int4["int8"] > 0 and int4["float"] == 0.0
     fp8 = ladder_errors(x, w, Grid("fp8", 0), "fp8", amax=float(np.abs(x).max()))
     assert list(fp8) == ["fp8", "float"] and 0 < fp8["fp8"] < int4["int4"]
+    full = ladder_errors(x, w, Grid("int4", 32, full_range=True), "int4")  # the recipe's 16-level grid: finer
+    assert full["int4"] < int4["int4"] and full["int8"] == int4["int8"]
+
+
+def test_the_proxy_rounds_on_the_recipe_grid() -> None:
+    spec = next(s for s in load_recipe("ort-cpu-int4").passes if s.name == "quantize-int4")
+    assert grid_of(spec).full_range is bool(spec.options.get("full_range")) is True
 
 
 def _pinned_recipe(tmp: Path):
