@@ -4,6 +4,10 @@ naming the file (exit 2) rather than a traceback from deep inside a reader."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +64,25 @@ def update_with_ends(digest: Any, path: Path) -> None:
 
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def cached_entry(entry: Path, marker: str, write: Callable[[Path], None], what: str) -> Path:
+    """The cache folder ``entry``, made first by ``write(staging)`` if absent (``marker`` names the file that
+    ``write`` puts there last): staged in a temporary folder beside it and renamed into place, so the entry
+    appears complete or not at all; when another process published it first, theirs is used."""
+    if (entry / marker).is_file():
+        return entry
+    if entry.exists():
+        raise SourceError(f"cache entry '{entry}' is incomplete (no {marker}); delete that folder and retry")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        write(staging)
+        os.rename(staging, entry)
+    except OSError as exc:
+        if not (entry / marker).is_file():
+            raise SourceError(f"cannot write {what} to '{entry}': {one_line(exc)}; check the cache folder's "
+                              "permissions and free space, or pass another cache dir") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return entry

@@ -10,11 +10,8 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
-import shutil
 import struct
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 import transformers
 
 from graphopt.core.errors import SourceError
-from graphopt.sources.files import check_gguf_header, one_line, update_with_ends
+from graphopt.sources.files import cached_entry, check_gguf_header, one_line, update_with_ends
 
 logger = logging.getLogger(__name__)
 
@@ -51,21 +48,7 @@ def cached_gguf_folder(gguf_path: Path, cache_dir: Path) -> Path:
     entry = cache_dir / "gguf" / digest.hexdigest()[:24]
     if (entry / CACHE_MARKER).is_file():
         logger.info("using cached conversion of %s at %s", gguf_path.name, entry)
-        return entry
-    if entry.exists():
-        raise SourceError(f"cache entry '{entry}' is incomplete (no {CACHE_MARKER}); delete that folder and retry")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
-    try:
-        _convert_gguf(gguf_path, staging)
-        os.rename(staging, entry)  # atomic: the entry appears complete or not at all
-    except OSError as exc:
-        if not (entry / CACHE_MARKER).is_file():  # else another process published it first: use theirs
-            raise SourceError(f"cannot write the converted model to '{entry}': {one_line(exc)}; "
-                              "check the cache folder's permissions and free space, or pass another cache dir") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entry
+    return cached_entry(entry, CACHE_MARKER, lambda out: _convert_gguf(gguf_path, out), "the converted model")
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

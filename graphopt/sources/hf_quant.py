@@ -19,9 +19,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +27,7 @@ import numpy as np
 from graphopt.core.errors import SourceError
 from graphopt.quant import hf_packing
 from graphopt.quant.gguf_blocks import BlockQuant
-from graphopt.sources.files import check_safetensors, one_line, update_with_ends
+from graphopt.sources.files import cached_entry, check_safetensors, update_with_ends
 from graphopt.sources.gguf_convert import CACHE_MARKER
 from graphopt.sources.gguf_weights import QuantizedWeights, fingerprint
 
@@ -119,22 +117,8 @@ def cached_folder(folder: Path, cache_dir: Path) -> Path:
         digest.update(path.name.encode() + b"\0")
         update_with_ends(digest, path)
     entry = cache_dir / "hfquant" / digest.hexdigest()[:24]
-    if (entry / CACHE_MARKER).is_file():
-        return entry
-    if entry.exists():
-        raise SourceError(f"cache entry '{entry}' is incomplete (no {CACHE_MARKER}); delete that folder and retry")
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
-    try:
-        _write_dequantized(folder, settings, staging)
-        os.rename(staging, entry)
-    except OSError as exc:
-        if not (entry / CACHE_MARKER).is_file():
-            raise SourceError(f"cannot write the dequantized model to '{entry}': {one_line(exc)}; check the cache "
-                              "folder's permissions and free space") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entry
+    return cached_entry(entry, CACHE_MARKER, lambda out: _write_dequantized(folder, settings, out),
+                        "the dequantized model")
 
 
 def _write_dequantized(folder: Path, settings: dict, out: Path) -> None:
