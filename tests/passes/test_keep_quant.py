@@ -95,14 +95,7 @@ def test_keep_quant_reproduces_the_dequantized_graph(kind: str) -> None:
 def test_shared_input_sums_once() -> None:
     """Two projections of one input (q/k/v, gate/up) share one block-sum MatMul."""
     (v1, b1), (v2, b2) = _gguf_tensor("Q4_1", 32, 64, 0), _gguf_tensor("Q4_1", 32, 64, 1)
-    model = _graph(v1.T.copy(), np.eye(32, dtype=np.float32))
-    extra = ir.node("MatMul", [model.graph.inputs[0], ir.Value(name="w3", const_value=ir.tensor(v2.T.copy()))],
-                    name="third")
-    extra.inputs[1].dtype, extra.inputs[1].shape = ir.DataType.FLOAT, ir.Shape([64, 32])
-    model.graph.register_initializer(extra.inputs[1])
-    model.graph.append(extra)
-    model.graph.outputs.append(extra.outputs[0])
-    extra.outputs[0].name, extra.outputs[0].dtype = "z", ir.DataType.FLOAT
+    model = _two_projections(v1, v2)
     weights = QuantizedWeights(Path("t.gguf"), {fingerprint(v1): ("a", b1), fingerprint(v2): ("b", b2)}, {}, 0)
     records = run_pipeline(model, parse_recipe({"pass": [{"name": "keep-quant"}]}),
                            context=PassContext(quantized_weights=weights))
@@ -126,14 +119,7 @@ def test_act_order_reads_the_input_in_group_order_once() -> None:
     order = np.random.default_rng(0).permutation(64)
     (v1, b1), (v2, b2) = _act_order_layer(64, 32, order, 1), _act_order_layer(64, 32, order, 2)
     assert b1.input_order is not None and b1.offset is not None
-    model = _graph(v1.T.copy(), np.eye(32, dtype=np.float32))
-    extra = ir.node("MatMul", [model.graph.inputs[0], ir.Value(name="w3", const_value=ir.tensor(v2.T.copy()))],
-                    name="third")
-    extra.inputs[1].dtype, extra.inputs[1].shape = ir.DataType.FLOAT, ir.Shape([64, 32])
-    model.graph.register_initializer(extra.inputs[1])
-    model.graph.append(extra)
-    model.graph.outputs.append(extra.outputs[0])
-    extra.outputs[0].name, extra.outputs[0].dtype = "z", ir.DataType.FLOAT
+    model = _two_projections(v1, v2)
     x = np.random.default_rng(3).normal(size=(2, 3, 64)).astype(np.float32)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -184,3 +170,16 @@ def test_trt_form_flips_negative_scales() -> None:
     assert all((node.inputs[1].const_value.numpy() >= 0).all() for node in dqs)
     assert lowering.stats["negative_scales_flipped"] == 2 and lowering.stats["int4_widened_to_int8"] == 2
     assert np.array_equal(_run(model, x), before)
+
+
+def _two_projections(v1: np.ndarray, v2: np.ndarray) -> ir.Model:
+    """The test graph with weight ``v1`` plus a third MatMul of the same input by ``v2`` (output "z")."""
+    model = _graph(v1.T.copy(), np.eye(32, dtype=np.float32))
+    extra = ir.node("MatMul", [model.graph.inputs[0], ir.Value(name="w3", const_value=ir.tensor(v2.T.copy()))],
+                    name="third")
+    extra.inputs[1].dtype, extra.inputs[1].shape = ir.DataType.FLOAT, ir.Shape([64, 32])
+    model.graph.register_initializer(extra.inputs[1])
+    model.graph.append(extra)
+    model.graph.outputs.append(extra.outputs[0])
+    extra.outputs[0].name, extra.outputs[0].dtype = "z", ir.DataType.FLOAT
+    return model
