@@ -25,7 +25,7 @@ from graphopt.build.artifact import BuildOptions, Loaded, build_traced, load, tr
 from graphopt.quant.text import CALIB_TOKENS, CORPUS_NAME, EVAL_TOKENS, Corpus, default_corpus, default_corpus_sha256, \
     read_text_file, token_stream
 from graphopt.evaluate.compare_measure import ReferenceLogits, SpeedSettings, artifact_fidelity, time_artifacts
-from graphopt.evaluate.compare_peers import PEERS, measure_peers
+from graphopt.evaluate.compare_peers import FIDELITY_KEYS, PEERS, measure_peers
 from graphopt.evaluate.cost_model import cost_model
 from graphopt.core.errors import RecipeError
 from graphopt.evaluate.gate import FORMAT, CompareError, Thresholds, thresholds
@@ -172,10 +172,9 @@ def model_name(source: Any) -> str:
 def entry(recipe: Recipe, artifact: Path, report: dict[str, Any], fidelity: dict[str, Any]) -> dict[str, Any]:
     """One recipe's row of compare.json (speed filled in after all are built)."""
     timings = report["timings"]
-    keep = ("tokens", "kl_mean", "kl_p99", "top1_agreement", "ppl_reference", "ppl_candidate")
     return {"recipe": recipe.name, "source": recipe.source, "description": recipe.description,
             "artifact": str(artifact), "precision": report["precision"],
-            "fidelity": {k: fidelity[k] for k in keep},
+            "fidelity": {k: fidelity[k] for k in FIDELITY_KEYS},
             "artifact_bytes": report["artifact_bytes"],
             "build_s": round(timings["passes_s"] + timings["save_s"], 3),
             "nodes": report["nodes"], "ops": report["ops"]["final"], "passes": report["passes"],
