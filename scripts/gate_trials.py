@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/gate_trials.py --baseline out/trials/base/compare.json --trials 10
     .venv/bin/python scripts/gate_trials.py --baseline … --variant slower-norms --trials 10
+    .venv/bin/python scripts/gate_trials.py --baseline … --variant fp32-lm-head --interleave --trials 10
     .venv/bin/python scripts/gate_trials.py --baseline … --variant accuracy-level-1 --trials 3
     .venv/bin/python scripts/gate_trials.py --regate [--variant …]   # gate finished trials again, run nothing
 
@@ -68,12 +69,12 @@ def row(index: int, trial: dict) -> str:
 
 def regate(baseline: Path, out: Path) -> dict:
     """A finished trial gated again, in this process, by this checkout's gate (compare.json holds everything)."""
-    from graphopt.evaluate.gate import Thresholds, check, load_baseline
+    from graphopt.evaluate.gate import Thresholds, check, load_baseline, per_recipe
 
     current = json.loads((out / "compare.json").read_text())
     limits = {name: Thresholds(**values) for name, values in current["thresholds"].items()}
     found, notes = check(load_baseline(baseline), current, limits)
-    lines = [f"regression: {r.line()}" for r in found] + [f"note: {note}" for note in notes]
+    lines = [f"regression: {line}" for line in per_recipe(found)] + [f"note: {note}" for note in notes]
     return {"exit": 1 if found else 0, "wall_s": float("nan"), "lines": lines, "result": current}
 
 
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="replace ort-cpu-int8 by this variant")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "trials")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --variant: alternate trials of the same commit and of the variant")
     parser.add_argument("--regate", action="store_true", help="run nothing: gate the trials already in --out again")
     parser.add_argument("extra", nargs="*", help="more compare options, after --")
     args = parser.parse_args()
@@ -100,16 +103,20 @@ def main() -> None:
         base = run("ort-cpu-int8", args.model, args.out / "base", None, args.extra)
         print(row(0, base), flush=True)
         args.baseline = args.out / "base" / "compare.json"
-    recipe = str(variant_recipe(args.variant, args.out)) if args.variant else "ort-cpu-int8"
-    label = args.variant or "same"
-    trials = []
+    kinds = {args.variant or "same": str(variant_recipe(args.variant, args.out)) if args.variant else "ort-cpu-int8"}
+    if args.interleave and args.variant:  # same, variant, same, … so that both see the same drift in load
+        kinds = {"same": "ort-cpu-int8"} | kinds
+    trials: dict[str, list[dict]] = {label: [] for label in kinds}
     for index in range(1, args.trials + 1):
-        trials.append(run(recipe, args.model, args.out / f"{label}-{index}", args.baseline, args.extra))
-        print(row(index, trials[-1]), flush=True)
-    failed = sum(t["exit"] == 1 for t in trials)
-    errors = sum(t["exit"] not in (0, 1) for t in trials)
-    print(f"{label}: {failed}/{len(trials)} failed the gate, {errors} errors; median wall "
-          f"{statistics.median(t['wall_s'] for t in trials):.0f} s (baseline {args.baseline})")
+        for label, recipe in kinds.items():
+            trials[label].append(run(recipe, args.model, args.out / f"{label}-{index}", args.baseline, args.extra))
+            print(f"{label:>14}" + row(index, trials[label][-1]), flush=True)
+    for label, done in trials.items():
+        failed = sum(t["exit"] == 1 for t in done)
+        errors = sum(t["exit"] not in (0, 1) for t in done)
+        print(f"{label}: {failed}/{len(done)} failed the gate, {errors} errors; median wall "
+              f"{statistics.median(t['wall_s'] for t in done):.0f} s, min–max {min(t['wall_s'] for t in done):.0f}–"
+              f"{max(t['wall_s'] for t in done):.0f} s (baseline {args.baseline})")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def compare_main(options, limits: dict, baseline_path: Path | None, progress, as
 
     from graphopt.evaluate.compare import plan, run_compare
     from graphopt.evaluate.compare_report import table, write_outputs
-    from graphopt.evaluate.gate import budgets_only, check, load_baseline
+    from graphopt.evaluate.gate import budgets_only, check, load_baseline, per_recipe
 
     baseline = load_baseline(baseline_path) if baseline_path is not None else None  # bad input fails first
     chosen = plan(options, limits)
@@ -111,8 +111,8 @@ def compare_main(options, limits: dict, baseline_path: Path | None, progress, as
         click.echo(f"note: {note}", err=True)
     if regressions is None:
         return 0
-    for regression in regressions:
-        click.echo(f"regression: {regression.line()}", err=True)
+    for line in per_recipe(regressions):
+        click.echo(f"regression: {line}", err=True)
     against = f"against {baseline_path}" if baseline_path is not None else "(KL budgets only, no --baseline)"
     click.echo(f"gate: {'failed' if regressions else 'passed'} {against}", err=True)
     return 1 if regressions else 0

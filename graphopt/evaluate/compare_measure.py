@@ -10,7 +10,11 @@ Speed, on one engine per artifact (``max_slots`` = the batch, cache = prompt + n
     batch B   B copies of the prompt prefilled in one call, then new_tokens − 1 batched decode steps;
               throughput = B · new_tokens / wall time (prefill included)
 
-One warm-up per artifact, then interleaved rounds that each time every artifact once (the order alternating
+Before any timed engine a throwaway one is opened, run once and held until timing ends: on this project's
+2-core test machines the first engine opened in a process sometimes ran 5–8% slower than later engines of
+the same artifact for its whole life (4 engines of one artifact, 12 rounds each: the first one's median
+0.924 of the mean, min–max 0.86–0.99, in one of two runs), which would read as a change between this run's
+artifacts (opened first) and the baseline's. One warm-up per artifact, then interleaved rounds that each time every artifact once (the order alternating
 A B, B A, …, with graphopt.measure.bench.SETTLE_S idle before each run, so background load hits all alike),
 until every ratio to the reference recipe is known to the requested precision or the time cap is hit
 (graphopt.evaluate.intervals). Each figure is the median over rounds with its 95% interval; ratios to the
@@ -86,6 +90,10 @@ def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: Spee
     from graphopt.measure.bench import SETTLE_S
 
     runners: dict[str, Runner] = {}
+    with progress.step("opening a throwaway engine first (the first one opened in a process can run slower)"):
+        first = next(iter(artifacts.values()))
+        throwaway = _runner(first, prompt, settings)
+        throwaway()
     for name, path in artifacts.items():
         with progress.step(f"loading and warming up {name}"):
             runners[name] = _runner(path, prompt, settings)
@@ -104,6 +112,7 @@ def time_artifacts(artifacts: dict[str, Path], prompt: list[int], settings: Spee
              f"at most {rule.time_cap_s:.0f} s")
     with progress.bar(label, total=rule.max_rounds) as step:
         samples, stopped, seconds = interleaved_rounds(runners, rule, step, settle_s=SETTLE_S)
+    del throwaway  # held until here so that no timed engine reuses its memory
     pairs = baseline_pairs(samples)
     summary = summarise({name: runs for name, runs in samples.items() if not name.endswith(BASELINE)}, stopped,
                         seconds, rule)

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
-from graphopt.evaluate.gate import COST_KEYS, Regression
+from graphopt.evaluate.gate import COST_KEYS, Regression, per_recipe
 
 COLUMNS = ("recipe", "KL", "top-1", "ppl", "TTFT ms", "decode tok/s", "batch tok/s", "× decode", "size MiB",
            "build s", "nodes")
@@ -78,7 +78,7 @@ def markdown(result: dict[str, Any], regressions: list[Regression] | None = None
                   "gated): " + "; ".join(f"**{p['name']}** {p.get('skipped') or p['how']}" for p in result["peers"])]
     if regressions is not None:
         verdict = "**gate: failed**" if regressions else "**gate: passed** (no regression beyond the thresholds)"
-        lines += ["", verdict, ""] + [f"- :x: {r.line()}" for r in regressions] + [f"- {n}" for n in notes or []]
+        lines += ["", verdict, ""] + [f"- :x: {line}" for line in per_recipe(regressions)] + [f"- {n}" for n in notes or []]
     lines += ["", "<details><summary>passes per recipe</summary>", ""]
     for e in result["recipes"]:
         lines += [f"**{e['recipe']}** ({e['source']})", "", "| pass | modified | nodes | Δ | ms | stats |",

@@ -1,8 +1,9 @@
 """The compare gate: a recipe's numbers in this run against the same recipe in a baseline compare.json.
 
-A regression is one line naming the recipe, the metric, the old and new values and the limit::
+A regression names the recipe, the metric, the old and new values and the limit; the gate prints one line
+per failing recipe, its regressions joined by "; " (:func:`per_recipe`)::
 
-    ort-cpu-int4: kl_mean 0.0123 -> 0.0311 (+152.8%, limit +20%)
+    ort-cpu-int4: kl_mean 0.0123 -> 0.0311 (+152.8%, limit +20%); top1_agreement 0.71 -> 0.64 (-9.9%, limit -0.01)
 
 Thresholds (defaults below) come from, lowest to highest precedence: :data:`DEFAULTS`, the recipe's own
 ``[gate]`` table, then the command line (``--kl-up 0.1`` …)::
@@ -81,15 +82,28 @@ class Regression:
     spread: float | None = None  # timing: the 95% half-width of log(new/old), both runs' intervals combined
 
     def line(self) -> str:
+        return f"{self.recipe}: {self.detail()}"
+
+    def detail(self) -> str:
+        """The line without the recipe's name: metric, old -> new, change, limit."""
         if self.old is None:
-            return f"{self.recipe}: {self.metric} {self.new:.4g} over the budget {self.limit}"
+            return f"{self.metric} {self.new:.4g} over the budget {self.limit}"
         change = f"{(self.new / self.old - 1):+.1%}" if self.old else "new"
         within = f"; 95% at most {self.new / self.old * math.exp(self.spread) - 1:+.1%}" if self.spread else ""
-        return f"{self.recipe}: {self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit}{within})"
+        return f"{self.metric} {self.old:.4g} -> {self.new:.4g} ({change}, limit {self.limit}{within})"
 
     def half_width(self) -> float:
         """The change's 95% half-width, relative (±x%)."""
         return math.exp(self.spread or 0.0) - 1
+
+
+def per_recipe(found: list[Regression]) -> list[str]:
+    """One line per failing recipe, its regressions joined by "; " in the order found (a recipe that got
+    slower on decode, batch and TTFT at once is one failure, not three)."""
+    by_recipe: dict[str, list[str]] = {}
+    for regression in found:
+        by_recipe.setdefault(regression.recipe, []).append(regression.detail())
+    return [f"{recipe}: " + "; ".join(details) for recipe, details in by_recipe.items()]
 
 
 def recipe_gate(spec: str) -> dict[str, float]:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from graphopt.cli.main import main
 from graphopt.core.errors import RecipeError
 from graphopt.evaluate.gate import (DEFAULTS, CompareError, Thresholds, budgets_only, check, load_baseline, recipe_gate,
-                           thresholds)
+                           per_recipe, thresholds)
 
 
 COST = {"decode_weight_bytes": 1000, "decode_kv_bytes": 100, "prefill_flops_per_token": 2000.5,
@@ -211,3 +211,19 @@ def test_regression_line_for_a_zero_baseline() -> None:
     base["recipes"][1]["fidelity"]["kl_mean"] = 0.0
     assert lines(base, copy.deepcopy(run(kl=0.01))) == ["int4: kl_mean 0 -> 0.01 (new, limit +20%)"]
     assert json.dumps(DEFAULTS.__dict__)  # thresholds serialise into compare.json
+
+
+def test_one_line_per_failing_recipe() -> None:
+    """A recipe that got slower on every timing metric and grew is one failure: one line naming each metric."""
+    slower = run(size=1100)
+    slower["recipes"][1]["vs_baseline"] = {
+        "relative": {"decode": 0.03, "batch": 0.12, "ttft": 0.25}, "rounds": 5,
+        "relative_interval": {"decode": [0.02, 0.04], "batch": [0.1, 0.14], "ttft": [0.2, 0.3]}}
+    found, _ = check(run(), slower, LIMITS)
+    assert [r.metric for r in found] == ["artifact_bytes", "decode tok/s vs the baseline's artifact, same rounds",
+                                         "batch tok/s vs the baseline's artifact, same rounds",
+                                         "TTFT speed vs the baseline's artifact, same rounds"]
+    [line] = per_recipe(found)
+    assert line == "int4: " + "; ".join(r.detail() for r in found)
+    assert line.startswith("int4: artifact_bytes 1000 -> 1100 (+10.0%, limit +5%); decode tok/s vs the baseline's")
+    assert per_recipe([]) == []
