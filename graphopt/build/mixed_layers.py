@@ -23,10 +23,12 @@ BASES = {"quantize-int4": "int4", "quantize-int8": "int8", "quantize-fp8": "fp8"
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """Promote ``layer`` to ``to``; ``gain`` = the proxy error that removes (what the ranking sorts by)."""
+    """Promote ``layer`` from ``at`` to ``to``; ``gain`` = the proxy error that removes (what the ranking sorts by,
+    per added bit when the layer sizes are known)."""
     layer: str
     to: str
     gain: float
+    at: str = ""
 
 
 def grid_of(spec: PassSpec) -> Grid:
@@ -63,15 +65,40 @@ def _weights(graph: ir.Graph, embedding: bool):
         yield embedding_name(table), x_name, table.array.T
 
 
-def rank_steps(errors: dict[str, dict[str, float]]) -> list[Step]:
-    """Every layer's steps up its ladder, the largest error removed first (stable for ties) — except that the
-    ``lm_head``'s steps come first: its output error is the logits' error, undamped by the layers above, so
-    its relative error is not comparable with an inner MatMul's (measured: on SmolLM2 int4, the search ranking
-    by error alone needed more than 199 of 422 promotions; the tiny test model's lm_head step, ranked 15th of
-    30 by error, took the KL from 5e-4 to 8e-6 on its own)."""
-    steps = [Step(layer, to, errs[at] - errs[to])
+def layer_sizes(graph_or_model, spec: PassSpec) -> dict[str, tuple[int, int]]:
+    """(weights, bits of a float weight) of every layer ``spec`` may quantize: what a promotion costs."""
+    graph = graph_or_model.graph if isinstance(graph_or_model, ir.Model) else graph_or_model
+    return {name: (int(w.size), 8 * w.dtype.itemsize if w.dtype.kind == "f" else 32)
+            for name, _, w in _weights(graph, spec.options.get("embedding", True))}
+
+
+BITS = {"int4": 4, "int8": 8, "fp8": 8}  # per weight; "float" is the layer's own float width (layer_sizes)
+
+
+def step_bits(size: tuple[int, int], at: str, to: str) -> int:
+    """The bits a promotion adds to the artifact (block scales are left out: int4 → int8 keeps the blocks)."""
+    weights, float_bits = size
+    return weights * ((float_bits if to == "float" else BITS[to]) - (float_bits if at == "float" else BITS[at]))
+
+
+def rank_steps(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, int]] | None = None) -> list[Step]:
+    """Every layer's steps up its ladder, the most error removed per added bit first (``sizes`` given; without
+    it, the most error removed), stable for ties — except that the ``lm_head``'s first step comes first: its
+    output error is the logits' error, undamped by the layers above, so its relative error is not comparable
+    with an inner MatMul's (measured: on SmolLM2 int4, the search ranking by error alone needed more than 199
+    of 422 promotions; the tiny test model's lm_head step, ranked 15th of 30 by error, took the KL from 5e-4
+    to 8e-6 on its own).
+
+    Why per bit: ranked by error alone, SmolLM2's ``--int4 --kl-budget 0.05`` spent its bytes on fp32
+    promotions (chose 90 layers → int8 and 52 → fp32, among them the 28 M-weight tied lm_head: 297 MiB against
+    the plain build's 88 MiB), yet an int8 → fp32 step costs 6× an int4 → int8 step of the same layer."""
+    steps = [Step(layer, to, errs[at] - errs[to], at)
              for layer, errs in errors.items() for at, to in zip(errs, list(errs)[1:])]
-    return sorted(steps, key=lambda s: (s.layer != LOGITS, -s.gain))
+    if sizes is None:
+        return sorted(steps, key=lambda s: (s.layer != LOGITS, -s.gain))
+    starts = {layer: next(iter(errs), None) for layer, errs in errors.items()}  # where each ladder starts
+    return sorted(steps, key=lambda s: (not (s.layer == LOGITS and s.at == starts[s.layer]),
+                                        -s.gain / max(step_bits(sizes[s.layer], s.at, s.to), 1)))
 
 
 def assignment(steps: list[Step], k: int) -> dict[str, str]:

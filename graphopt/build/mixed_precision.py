@@ -6,7 +6,8 @@ precision until the evaluation KL against the fp32 model is within X.
     1. prefix    load, trace, and run the recipe up to its quantize pass once (calibration included)
     2. proxy     each quantized MatMul's relative output error on the calibration sample at every step of
                  its ladder (graphopt.quant.sensitivity; numpy, seconds) — the tied embedding is ``lm_head``
-    3. rank      one "promotion" = one layer one step up; sorted by the proxy error it removes
+    3. rank      one "promotion" = one layer one step up; sorted by the proxy error it removes per bit it adds
+                 (an int8 → fp32 step of a layer costs 6× its int4 → int8 step; the lm_head's first step first)
     4. search    the smallest k (within 1/8) such that the top k promotions bring the KL within X. A probe
                  clones the prefix graph, runs the rest of the recipe with the quantize pass's ``keep`` /
                  ``promote`` options, and measures KL on the build's evaluation text against the same fp32
@@ -32,7 +33,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from graphopt.build.mixed_layers import BASES, Step, assignment, layer_errors, rank_steps, recipe_for
+from graphopt.build.mixed_layers import (BASES, Step, assignment, layer_errors, layer_sizes, rank_steps, recipe_for,
+                                         step_bits)
 from graphopt.build.precision import PrecisionError
 from graphopt.core.errors import GraphoptError
 from graphopt.core.progress import Progress
@@ -155,8 +157,10 @@ def build_within_budget(spec: str, options, progress: Progress, on_pass: Callabl
 
     loaded, context, index, measures = _load(spec, options, progress)
     prober = Prober(loaded, options, context, progress, index, measures)
-    with progress.step("ranking quantized MatMuls by their output error on the calibration sample"):
-        steps = rank_steps(layer_errors(prober.prefix, prober.results.calibration, options.recipe.passes[index]))
+    with progress.step("ranking quantized MatMuls by their output error per added bit on the calibration sample"):
+        spec = options.recipe.passes[index]
+        sizes = layer_sizes(prober.prefix, spec)
+        steps = rank_steps(layer_errors(prober.prefix, prober.results.calibration, spec), sizes)
 
     def recipe(k: int) -> Recipe:
         return recipe_for(options.recipe, index, assignment(steps, k))
@@ -167,7 +171,7 @@ def build_within_budget(spec: str, options, progress: Progress, on_pass: Callabl
         raise BudgetError(f"--kl-budget {budget}: not met even with every quantized MatMul promoted; the best KL "
                           f"reached is {search.kl:.3g} (top {search.chosen} of {len(steps)} promotions); nothing was "
                           "written — raise the budget or drop other lossy options (--kv-cache)")
-    section = summary(budget, steps, search, QUANTIZE_PASSES[options.recipe.passes[index].name])
+    section = summary(budget, steps, search, QUANTIZE_PASSES[options.recipe.passes[index].name], sizes)
 
     def finalize(report: dict[str, Any]) -> None:
         report["mixed_precision"] = section
@@ -196,13 +200,20 @@ def _load(spec: str, options, progress: Progress):
     return loaded, context, index, get_target(options.target_name).measures_fidelity
 
 
-def summary(budget: float, steps: list[Step], search: Search, base: str) -> dict[str, Any]:
-    """The report's ``mixed_precision``: what was promoted, the probes, and the proxy that ranked them."""
+def summary(budget: float, steps: list[Step], search: Search, base: str,
+            sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """The report's ``mixed_precision``: what was promoted, the probes, the proxy that ranked them, and the
+    weight bytes the promotions added (block scales left out)."""
     chosen = assignment(steps, search.chosen)
+    reached = {(step.layer, step.to) for step in steps}
+    start = {step.layer: step.at for step in steps if (step.layer, step.at) not in reached}  # each ladder's bottom
     layers = {precision: sorted(name for name, p in chosen.items() if p == precision)
               for precision in ("int8", "float") if any(p == precision for p in chosen.values())}
     return {"kl_budget": budget, "base": base, "kl_plain": search.probes[0], "kl_search": search.kl,
             "promotions": search.chosen, "candidates": len(steps), "layers_promoted": len(chosen),
             "layers": len({step.layer for step in steps}),
-            "promoted": layers, "probes": [{"promotions": k, "kl": kl} for k, kl in sorted(search.probes.items())],
-            "proxy": "relative output error on the calibration sample, RTN (graphopt.quant.sensitivity)"}
+            "promoted": layers,
+            "added_weight_bytes": sum(step_bits(sizes[name], start[name], p) for name, p in chosen.items()) // 8,
+            "probes": [{"promotions": k, "kl": kl} for k, kl in sorted(search.probes.items())],
+            "proxy": "relative output error on the calibration sample, RTN (graphopt.quant.sensitivity)",
+            "ranking": "proxy error removed per bit added (the lm_head's first step first)"}

@@ -57,7 +57,9 @@ def mixed_line(mixed: dict[str, Any]) -> str:
     """``--kl-budget``: what the search promoted, and the KL it found (graphopt/build/mixed_precision.py)."""
     promoted = ", ".join(f"{len(names)} → {precision}" for precision, names in mixed["promoted"].items()) or "none"
     return (f"mixed precision (--kl-budget {mixed['kl_budget']}): {mixed['layers_promoted']} of "
-            f"{mixed['layers']} {mixed['base']} layers promoted ({promoted}); KL {mixed['kl_plain']:.4f} plain → "
+            f"{mixed['layers']} {mixed['base']} layers promoted ({promoted}"
+            + (f", +{mixed['added_weight_bytes'] / 2**20:.1f} MiB of weights" if "added_weight_bytes" in mixed else "")
+            + f"); KL {mixed['kl_plain']:.4f} plain → "
             f"{mixed['kl_search']:.4f} in the search, {len(mixed['probes'])} probes")
 
 

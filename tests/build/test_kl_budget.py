@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.build.artifact import BuildOptions, build
-from graphopt.build.mixed_layers import Step, assignment, grid_of, rank_steps, recipe_for
+from graphopt.build.mixed_layers import Step, assignment, grid_of, rank_steps, recipe_for, step_bits
 from graphopt.build.mixed_precision import TOLERANCE, build_within_budget, search_promotions
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.cli.main import main
@@ -51,6 +51,22 @@ def test_ranking_promotes_the_largest_error_first_and_climbs_each_ladder_in_orde
     options = recipe.passes[_index(recipe)].options
     assert options["keep"] == ["lm_head", "model.layers.0.*", "a"] and options["promote"] == ["model.layers.1.mlp.*", "b"]
     assert assignment([Step("x", "float", 1.0), Step("x", "int8", 2.0)], 2) == {"x": "float"}
+
+
+def test_ranking_per_added_bit_prefers_cheap_steps() -> None:
+    """With layer sizes, a promotion is ranked by the error it removes per bit it adds: a small layer's int8 step
+    before a large one's that removes a little more, every int4 → int8 step before the fp32 steps that remove
+    about as much, and the lm_head's first step still first (its float step takes its turn by cost)."""
+    errors = {"big": {"int4": 0.05, "int8": 0.002, "float": 0.0}, "small": {"int4": 0.04, "int8": 0.0015, "float": 0.0},
+              "lm_head": {"int4": 1e-3, "int8": 1e-5, "float": 0.0}}
+    sizes = {"big": (4096, 32), "small": (256, 32), "lm_head": (65536, 32)}
+    assert step_bits(sizes["big"], "int4", "int8") == 4096 * 4 and step_bits(sizes["big"], "int8", "float") == 4096 * 24
+    ranked = [(s.layer, s.at, s.to) for s in rank_steps(errors, sizes)]
+    assert ranked == [("lm_head", "int4", "int8"), ("small", "int4", "int8"), ("big", "int4", "int8"),
+                      ("small", "int8", "float"), ("big", "int8", "float"), ("lm_head", "int8", "float")]
+    by_error = [(s.layer, s.to) for s in rank_steps(errors)]  # without sizes: the old order, lm_head's steps first
+    assert by_error[:2] == [("lm_head", "int8"), ("lm_head", "float")] and by_error[2] == ("big", "int8")
+    assert step_bits((100, 16), "fp8", "float") == 800  # an fp16 target's float step
 
 
 def test_proxy_errors_fall_up_the_ladder() -> None:
@@ -113,6 +129,7 @@ def test_budget_is_met_by_promoting_and_recorded_in_report_and_inspect(tiny) -> 
     assert 0 < mixed["promotions"] <= mixed["candidates"] == 2 * mixed["layers"] and mixed["kl_search"] <= budget
     assert report["fidelity"]["kl_mean"] <= budget
     assert mixed["layers_promoted"] == sum(map(len, mixed["promoted"].values()))
+    assert mixed["added_weight_bytes"] > 0 and mixed["ranking"].startswith("proxy error removed per bit added")
     stored = json.loads((options.output / "build-report.json").read_text())
     assert stored["mixed_precision"] == json.loads(json.dumps(mixed))
     result = CliRunner().invoke(main, ["inspect", str(options.output)])
