@@ -65,11 +65,22 @@ def _weights(graph: ir.Graph, embedding: bool):
         yield embedding_name(table), x_name, table.array.T
 
 
-def layer_sizes(graph_or_model, spec: PassSpec) -> dict[str, tuple[int, int]]:
-    """(weights, bits of a float weight) of every layer ``spec`` may quantize: what a promotion costs."""
+def layer_sizes(graph_or_model, spec: PassSpec, float_bits: int | None = None) -> dict[str, tuple[int, int]]:
+    """(weights, bits of a float weight) of every layer ``spec`` may quantize: what a promotion costs.
+    ``float_bits``: the width the target computes in (:func:`target_float_bits`); without it, the traced
+    weight's own."""
     graph = graph_or_model.graph if isinstance(graph_or_model, ir.Model) else graph_or_model
-    return {name: (int(w.size), 8 * w.dtype.itemsize if w.dtype.kind == "f" else 32)
+    return {name: (int(w.size), float_bits or (8 * w.dtype.itemsize if w.dtype.kind == "f" else 32))
             for name, _, w in _weights(graph, spec.options.get("embedding", True))}
+
+
+def target_float_bits(recipe: Recipe, index: int, target_options=None) -> int | None:
+    """16 when the target lowers to float16/bfloat16 (TensorRT's ``--dtype``, or the lowering pass's ``dtype``
+    after the quantize pass ``index``), 32 for float32, None when nothing says (the traced dtype stands)."""
+    dtype = getattr(target_options, "dtype", None) or next(
+        (spec.options["dtype"] for spec in recipe.passes[index + 1:]
+         if spec.name.startswith("lower-") and "dtype" in spec.options), None)
+    return None if dtype is None else 16 if dtype in ("float16", "bfloat16") else 32
 
 
 BITS = {"int4": 4, "int8": 8, "fp8": 8}  # per weight; "float" is the layer's own float width (layer_sizes)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from graphopt.build.mixed_layers import (BASES, Step, assignment, layer_errors, layer_sizes, rank_steps, recipe_for,
-                                         step_bits)
+                                         step_bits, target_float_bits)
 from graphopt.build.precision import PrecisionError
 from graphopt.core.errors import GraphoptError
 from graphopt.core.progress import Progress
@@ -159,7 +159,7 @@ def build_within_budget(spec: str, options, progress: Progress, on_pass: Callabl
     prober = Prober(loaded, options, context, progress, index, measures)
     with progress.step("ranking quantized MatMuls by their output error per added bit on the calibration sample"):
         spec = options.recipe.passes[index]
-        sizes = layer_sizes(prober.prefix, spec)
+        sizes = layer_sizes(prober.prefix, spec, target_float_bits(options.recipe, index, options.target_options))
         steps = rank_steps(layer_errors(prober.prefix, prober.results.calibration, spec), sizes)
 
     def recipe(k: int) -> Recipe:

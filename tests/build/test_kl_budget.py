@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.build.artifact import BuildOptions, build
-from graphopt.build.mixed_layers import Step, assignment, grid_of, rank_steps, recipe_for, step_bits
+from graphopt.build.mixed_layers import (Step, assignment, grid_of, rank_steps, recipe_for, step_bits,
+                                         target_float_bits)
 from graphopt.build.mixed_precision import TOLERANCE, build_within_budget, search_promotions
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.cli.main import main
@@ -67,6 +68,19 @@ def test_ranking_per_added_bit_prefers_cheap_steps() -> None:
     by_error = [(s.layer, s.to) for s in rank_steps(errors)]  # without sizes: the old order, lm_head's steps first
     assert by_error[:2] == [("lm_head", "int8"), ("lm_head", "float")] and by_error[2] == ("big", "int8")
     assert step_bits((100, 16), "fp8", "float") == 800  # an fp16 target's float step
+
+
+def test_a_promotion_costs_the_targets_float_width() -> None:
+    """TensorRT recipes lower to float16 (a float step of fp8 adds 8 bits, not 24); ort-cpu keeps the traced fp32."""
+    fp8 = load_recipe("trt-fp8")
+    index = next(i for i, spec in enumerate(fp8.passes) if spec.name == "quantize-fp8")
+    assert target_float_bits(fp8, index) == 16
+    int4 = load_recipe("ort-cpu-int4")
+    assert target_float_bits(int4, next(i for i, s in enumerate(int4.passes) if s.name == "quantize-int4")) is None
+
+    class Float32:
+        dtype = "float32"
+    assert target_float_bits(fp8, index, Float32()) == 32  # the command line's --dtype wins
 
 
 def test_proxy_errors_fall_up_the_ladder() -> None:
