@@ -107,9 +107,15 @@ def rank_steps(errors: dict[str, dict[str, float]], sizes: dict[str, tuple[int, 
              for layer, errs in errors.items() for at, to in zip(errs, list(errs)[1:])]
     if sizes is None:
         return sorted(steps, key=lambda s: (s.layer != LOGITS, -s.gain))
-    starts = {layer: next(iter(errs), None) for layer, errs in errors.items()}  # where each ladder starts
+    starts = ladder_bottoms(steps)
     return sorted(steps, key=lambda s: (not (s.layer == LOGITS and s.at == starts[s.layer]),
                                         -s.gain / max(step_bits(sizes[s.layer], s.at, s.to), 1)))
+
+
+def ladder_bottoms(steps: list[Step]) -> dict[str, str]:
+    """Layer → the precision its ladder starts from: the one step of the layer that no other step reaches."""
+    reached = {(step.layer, step.to) for step in steps}
+    return {step.layer: step.at for step in steps if (step.layer, step.at) not in reached}
 
 
 def assignment(steps: list[Step], k: int) -> dict[str, str]:

@@ -33,8 +33,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from graphopt.build.mixed_layers import (BASES, Step, assignment, layer_errors, layer_sizes, rank_steps, recipe_for,
-                                         step_bits, target_float_bits)
+from graphopt.build.mixed_layers import (BASES, Step, assignment, ladder_bottoms, layer_errors, layer_sizes, rank_steps,
+                                         recipe_for, step_bits, target_float_bits)
 from graphopt.build.precision import PrecisionError
 from graphopt.core.errors import GraphoptError
 from graphopt.core.progress import Progress
@@ -205,8 +205,7 @@ def summary(budget: float, steps: list[Step], search: Search, base: str,
     """The report's ``mixed_precision``: what was promoted, the probes, the proxy that ranked them, and the
     weight bytes the promotions added (block scales left out)."""
     chosen = assignment(steps, search.chosen)
-    reached = {(step.layer, step.to) for step in steps}
-    start = {step.layer: step.at for step in steps if (step.layer, step.at) not in reached}  # each ladder's bottom
+    start = ladder_bottoms(steps)
     layers = {precision: sorted(name for name, p in chosen.items() if p == precision)
               for precision in ("int8", "float") if any(p == precision for p in chosen.values())}
     return {"kl_budget": budget, "base": base, "kl_plain": search.probes[0], "kl_search": search.kl,

@@ -14,7 +14,9 @@ Before any timed engine a throwaway one is opened, run once and held until timin
 2-core test machines the first engine opened in a process sometimes ran 5–8% slower than later engines of
 the same artifact for its whole life (4 engines of one artifact, 12 rounds each: the first one's median
 0.924 of the mean, min–max 0.86–0.99, in one of two runs), which would read as a change between this run's
-artifacts (opened first) and the baseline's. One warm-up per artifact, then interleaved rounds that each time every artifact once (the order alternating
+artifacts (opened first) and the baseline's.
+
+One warm-up per artifact, then interleaved rounds that each time every artifact once (the order alternating
 A B, B A, …, with graphopt.measure.bench.SETTLE_S idle before each run, so background load hits all alike),
 until every ratio to the reference recipe is known to the requested precision or the time cap is hit
 (graphopt.evaluate.intervals). Each figure is the median over rounds with its 95% interval; ratios to the
