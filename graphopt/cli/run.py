@@ -117,7 +117,8 @@ def _run_generate(artifact, ids, params, max_seq, spec, tokenizer) -> tuple[dict
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--vs", "peers", multiple=True, type=click.Choice(["hf", "genai"]), default=("hf",), show_default=True)
+@click.option("--vs", "peers", multiple=True, type=click.Choice(["hf", "genai", "llamacpp"]), default=("hf",),
+              show_default=True, help="Peers timed in the same run (llamacpp: the source GGUF in llama.cpp).")
 @click.option("--prompt-tokens", default=64, show_default=True)
 @click.option("--new-tokens", default=128, show_default=True)
 @click.option("--repeats", default=3, show_default=True, help="Runs per engine; medians are reported.")
@@ -171,6 +172,8 @@ def _chat_bench(artifact: Path, peers: tuple[str, ...], repeats: int, as_json: b
     source = click.get_current_context().get_parameter_source("peers")
     if "hf" in peers and source is not click.core.ParameterSource.DEFAULT:
         raise RuntimeInputError("--vs hf has no chat mode (no batching, no KV reuse across turns); use --vs genai")
+    if "llamacpp" in peers:
+        raise RuntimeInputError("--vs llamacpp has no chat mode here (batch 1 only); use --vs genai")
     if repeats < 1:
         raise RuntimeInputError(f"--repeats {repeats} is too small; use at least 1")
     results = run_chat_bench(artifact, [peer for peer in peers if peer == "genai"], repeats)

@@ -9,9 +9,11 @@ so bench drives the engine calls itself):
     genai     onnxruntime-genai's CPU model from its own builder at the artifact's precision (fp32, int8,
               int4 with the same block; graphopt/measure/genai_peer.py; built once, cached): append_tokens,
               generate_next_token …; min_length = max_length, so it never stops early (eos is masked)
+    llamacpp  llama.cpp on the source GGUF's own blocks (measure/llamacpp_peer.py): eval(prompt) → argmax …
 
 Each peer's weight precision is in the results (``peer_precision``); where it differs from the
-artifact's (hf always runs fp32; GenAI has no fp8 or per-channel int8), ``precision_mismatch`` says so
+artifact's (hf always runs fp32; GenAI has no fp8 or per-channel int8; llama.cpp runs the GGUF's own blocks,
+which only a --keep-quant artifact keeps), ``precision_mismatch`` says so
 and print_bench prints it — a ratio is never silently a comparison across precisions.
 
 TTFT = start → first token known; decode tok/s = (new_tokens - 1) / (last token − first token). One warm-up
@@ -46,9 +48,10 @@ from graphopt.runtime.engine import physical_cores
 from graphopt.runtime.engine_api import open_engine
 from graphopt.runtime.tokenizer import load_tokenizer
 from graphopt.measure.genai_peer import artifact_peer_precision, genai_model, peer_precisions
+from graphopt.measure.llamacpp_peer import llama_calls, open_llama, source_gguf, with_llamacpp
 from graphopt.sources import load_causal_lm, resolve_source
 
-PEERS = ("hf", "genai")
+PEERS = ("hf", "genai", "llamacpp")
 SETTLE_S = 0.5  # idle before each timed run: the last engine's spinning thread pool costs the next ~25 ms TTFT
 PROMPT_TEXT = (  # real English, tokenized and repeated/cut to the prompt length
     "The history of computing is a story of layers. Engineers first wired programs by hand into machines that "
@@ -155,7 +158,7 @@ def artifact_source(manifest: Any) -> Any:
 
 def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
               progress: Progress | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Time graphopt and ``peers`` (``hf``, ``genai``) on the artifact's weights; a JSON-serialisable dict."""
+    """Time graphopt and ``peers`` (``hf``, ``genai``, ``llamacpp``) on the artifact's weights; a JSON-serialisable dict."""
     check_args(peers, prompt_tokens, new_tokens, repeats)
     progress = progress or Progress()
     threads = threads or physical_cores()
@@ -163,6 +166,7 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
     tokenizer = load_tokenizer(artifact)
     prompt = benchmark_prompt(tokenizer, prompt_tokens)
     factories: dict[str, Callable[[], Runner]] = {"graphopt": lambda: graphopt_runner(Path(artifact), threads)}
+    gguf = None
     if peers:
         source = artifact_source(manifest)
         if "hf" in peers:
@@ -170,6 +174,9 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
         if "genai" in peers:
             genai_dir = genai_model(source, progress, artifact_peer_precision(Path(artifact), manifest))
             factories["genai"] = lambda: genai_runner(genai_dir, threads)
+        if "llamacpp" in peers:
+            gguf = source_gguf(source)
+            factories["llamacpp"] = lambda: llamacpp_runner(gguf, threads, prompt_tokens + new_tokens)
     runs, setup = measure(factories, prompt, new_tokens, repeats, progress)
     machine["other_cpu_cores"] = max(run.other_cpu_cores for engine_runs in runs.values() for run in engine_runs)
     engines = {name: summarize(engine_runs) | setup[name] for name, engine_runs in runs.items()}
@@ -178,7 +185,13 @@ def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: 
     return {"model": (manifest.source.id or Path(artifact).name), "artifact": str(artifact),
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "threads": threads,
             "engines": engines, "ratios": ratios(engines), "tokens_match": agreement, "machine": machine,
-            "versions": versions(list(runs))} | peer_precisions(Path(artifact), manifest, peers)
+            "versions": versions(list(runs))} | with_llamacpp(peer_precisions(Path(artifact), manifest, peers), gguf)
+
+
+def llamacpp_runner(gguf: Path, threads: int, n_ctx: int) -> Runner:
+    llm = open_llama(gguf, threads, n_ctx)
+    first, step = llama_calls(llm)
+    return lambda prompt, new_tokens: timed_loop(lambda: first(prompt), step, new_tokens)
 
 
 def check_args(peers: list[str], prompt_tokens: int, new_tokens: int, repeats: int) -> None:
@@ -250,7 +263,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def versions(engines: list[str]) -> dict[str, str]:
-    packages = {"graphopt": ["onnxruntime"], "hf": ["torch", "transformers"], "genai": ["onnxruntime-genai"]}
+    packages = {"graphopt": ["onnxruntime"], "hf": ["torch", "transformers"], "genai": ["onnxruntime-genai"],
+                "llamacpp": ["llama-cpp-python"]}
     return {package: version(package) for engine in engines for package in packages[engine]}
 
 
