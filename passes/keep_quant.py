@@ -6,8 +6,8 @@ graphopt.sources.gguf_weights; a Hugging Face GPTQ/AWQ Linear's: graphopt.source
 embedding with its tied lm_head::
 
     before:  x [B,S,K] ─MatMul(·, W [K,N] fp32)─► y            W[k,n] = scale[k/b,n]·q[k,n] + offset[k/b,n]
-    after:   x ─MatMul(·, DQ(q int4|int8 [K,N], scale [K/b,N], axis 0, block b))────────────┐
-             x ─MatMul(·, ones [K,K/b])─► sums [B,S,K/b] ─MatMul(·, offset [K/b,N])─► Add ─┴─► y
+    after:   x ─MatMul(·, DQ(q int4|int8 [K,N], scale [K/b,N], axis 0, block b))─────────────────────┐
+             x ─Reshape [B,S,K/b,b]─ReduceSum(-1)─► sums [B,S,K/b] ─MatMul(·, offset [K/b,N])─► Add ─┴─► y
     before:  Gather(E [V,H], input_ids)      MatMul(h, Transpose(E))                   (tied lm_head)
     after:   Gather(DQ(E_q, scale [V,H/b], axis 1, block b), …)   MatMul(h, Transpose(DQ(…)))
 
@@ -109,11 +109,7 @@ class KeepQuantPass(GraphoptPass):
         """y = x·DQ(q) + sums(x)·offset, the block sums of x made once per input."""
         x, k, b = lin.node.inputs[0], blocks.q.shape[1], blocks.block
         if (x.name, b) not in sums:
-            ones = initializer(graph, f"block_sums_{k}x{b}", np.repeat(np.eye(k // b, dtype=np.float32), b, axis=0))
-            node = ir.node("MatMul", [x, ones], name=f"{x.name}_block_sums")
-            node.outputs[0].name, node.outputs[0].dtype = f"{x.name}_block_sums", ir.DataType.FLOAT
-            graph.insert_before(lin.node, node)
-            sums[(x.name, b)] = node.outputs[0]
+            sums[(x.name, b)] = self._block_sums(graph, lin.node, x, k, b)
         offset = initializer(graph, f"{lin.weight.name}_offset", np.ascontiguousarray(blocks.offset.T))
         y = lin.node.outputs[0]
         correction = ir.node("MatMul", [sums[(x.name, b)], offset], name=f"{lin.node.name}_offset")
@@ -129,6 +125,26 @@ class KeepQuantPass(GraphoptPass):
             name, y.name = y.name, f"{y.name}_main"
             added.outputs[0].name = name
         self.count("offset_corrections")
+
+    @staticmethod
+    def _block_sums(graph: ir.Graph, before: ir.Node, x: ir.Value, k: int, b: int) -> ir.Value:
+        """sums[..., j] = Σ_i x[..., j·b + i]: Reshape to [..., K/b, b] (0 keeps a leading dim) + ReduceSum of the
+        last axis. (A MatMul by a 0/1 matrix [K, K/b] gives the same sums but reads K²/b floats per call: on
+        SmolLM2 that was 12.6 MB of every decode step.)"""
+        rank = len(x.shape) if x.shape is not None else 3
+        shape = initializer(graph, f"block_sums_shape_{rank}_{k}x{b}",
+                            np.array([0] * (rank - 1) + [k // b, b], np.int64))
+        axes = initializer(graph, "block_sums_axes", np.array([-1], np.int64))
+        blocks = ir.node("Reshape", [x, shape], name=f"{x.name}_blocks")
+        total = ir.node("ReduceSum", [blocks.outputs[0], axes], attributes={"keepdims": 0}, name=f"{x.name}_block_sums")
+        blocks.outputs[0].name, total.outputs[0].name = f"{x.name}_blocks", f"{x.name}_block_sums"
+        for value in (blocks.outputs[0], total.outputs[0]):
+            value.dtype = ir.DataType.FLOAT
+        if x.shape is not None:
+            lead = list(x.shape)[:-1]
+            blocks.outputs[0].shape, total.outputs[0].shape = ir.Shape(lead + [k // b, b]), ir.Shape(lead + [k // b])
+        graph.insert_before(before, [blocks, total])
+        return total.outputs[0]
 
     def _embedding(self, graph: ir.Graph, embedding, name: str, blocks: BlockQuant) -> None:
         if blocks.offset is not None:
