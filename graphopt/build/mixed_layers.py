@@ -31,19 +31,30 @@ class Step:
     at: str = ""
 
 
-def grid_of(spec: PassSpec) -> Grid:
+def grid_of(spec: PassSpec, activation_block: int = 0) -> Grid:
     base = BASES[spec.name]
     block = int(spec.options.get("block_size", 32 if base == "int4" else 0))
     activations = spec.options.get("activations", True)
     return Grid(base, 0 if base == "fp8" else block, activations not in (False, "none"),
-                bool(spec.options.get("full_range", False)))
+                bool(spec.options.get("full_range", False)), activation_block)
 
 
-def layer_errors(graph_or_model, stats, spec: PassSpec) -> dict[str, dict[str, float]]:
+def kernel_activation_block(recipe: Recipe, index: int) -> int:
+    """For an int4 quantize pass ``index``: its block size when a later ``lower-quant-ort-cpu`` runs MatMulNBits
+    at accuracy_level ≥ 2 (the pass's default is 4), whose kernel rounds the input to int8 in blocks; else 0."""
+    spec = recipe.passes[index]
+    lower = next((s for s in recipe.passes[index + 1:] if s.name == "lower-quant-ort-cpu"), None)
+    if BASES.get(spec.name) != "int4" or lower is None or int(lower.options.get("accuracy_level", 4)) < 2:
+        return 0
+    return grid_of(spec).block_size
+
+
+def layer_errors(graph_or_model, stats, spec: PassSpec, activation_block: int = 0) -> dict[str, dict[str, float]]:
     """Proxy error at each step of its ladder for every layer ``spec`` would quantize and the recipe did not
-    pin: ``keep`` layers are left out, int4 ``promote`` layers start at int8."""
+    pin: ``keep`` layers are left out, int4 ``promote`` layers start at int8. ``activation_block``: see
+    :func:`kernel_activation_block`."""
     graph = graph_or_model.graph if isinstance(graph_or_model, ir.Model) else graph_or_model
-    grid, keep, pinned = grid_of(spec), spec.options.get("keep"), spec.options.get("promote")
+    grid, keep, pinned = grid_of(spec, activation_block), spec.options.get("keep"), spec.options.get("promote")
     errors = {}
     for name, x_name, w in _weights(graph, spec.options.get("embedding", True)):
         if matches(name, keep):

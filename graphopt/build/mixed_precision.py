@@ -33,8 +33,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from graphopt.build.mixed_layers import (BASES, Step, assignment, ladder_bottoms, layer_errors, layer_sizes, rank_steps,
-                                         recipe_for, step_bits, target_float_bits)
+from graphopt.build.mixed_layers import (BASES, Step, assignment, kernel_activation_block, ladder_bottoms, layer_errors,
+                                         layer_sizes, rank_steps, recipe_for, step_bits, target_float_bits)
 from graphopt.build.precision import PrecisionError
 from graphopt.core.errors import GraphoptError
 from graphopt.core.progress import Progress
@@ -160,7 +160,8 @@ def build_within_budget(spec: str, options, progress: Progress, on_pass: Callabl
     with progress.step("ranking quantized MatMuls by their output error per added bit on the calibration sample"):
         spec = options.recipe.passes[index]
         sizes = layer_sizes(prober.prefix, spec, target_float_bits(options.recipe, index, options.target_options))
-        steps = rank_steps(layer_errors(prober.prefix, prober.results.calibration, spec), sizes)
+        block = kernel_activation_block(options.recipe, index)
+        steps = rank_steps(layer_errors(prober.prefix, prober.results.calibration, spec, block), sizes)
 
     def recipe(k: int) -> Recipe:
         return recipe_for(options.recipe, index, assignment(steps, k))
@@ -171,7 +172,7 @@ def build_within_budget(spec: str, options, progress: Progress, on_pass: Callabl
         raise BudgetError(f"--kl-budget {budget}: not met even with every quantized MatMul promoted; the best KL "
                           f"reached is {search.kl:.3g} (top {search.chosen} of {len(steps)} promotions); nothing was "
                           "written — raise the budget or drop other lossy options (--kv-cache)")
-    section = summary(budget, steps, search, QUANTIZE_PASSES[options.recipe.passes[index].name], sizes)
+    section = summary(budget, steps, search, QUANTIZE_PASSES[options.recipe.passes[index].name], sizes, block)
 
     def finalize(report: dict[str, Any]) -> None:
         report["mixed_precision"] = section
@@ -201,7 +202,7 @@ def _load(spec: str, options, progress: Progress):
 
 
 def summary(budget: float, steps: list[Step], search: Search, base: str,
-            sizes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+            sizes: dict[str, tuple[int, int]], activation_block: int = 0) -> dict[str, Any]:
     """The report's ``mixed_precision``: what was promoted, the probes, the proxy that ranked them, and the
     weight bytes the promotions added (block scales left out)."""
     chosen = assignment(steps, search.chosen)
@@ -214,5 +215,7 @@ def summary(budget: float, steps: list[Step], search: Search, base: str,
             "promoted": layers,
             "added_weight_bytes": sum(step_bits(sizes[name], start[name], p) for name, p in chosen.items()) // 8,
             "probes": [{"promotions": k, "kl": kl} for k, kl in sorted(search.probes.items())],
-            "proxy": "relative output error on the calibration sample, RTN (graphopt.quant.sensitivity)",
+            "proxy": "relative output error on the calibration sample, RTN (graphopt.quant.sensitivity)" + (
+                f"; input rounded to int8 in blocks of {activation_block}, as MatMulNBits' int8 kernel does"
+                if activation_block else ""),
             "ranking": "proxy error removed per bit added (the lm_head's first step first)"}

@@ -12,14 +12,15 @@ import pytest
 from click.testing import CliRunner
 
 from graphopt.build.artifact import BuildOptions, build
-from graphopt.build.mixed_layers import (Step, assignment, grid_of, rank_steps, recipe_for, step_bits,
-                                         target_float_bits)
+from graphopt.build.mixed_layers import (Step, assignment, grid_of, kernel_activation_block, rank_steps, recipe_for,
+                                         step_bits, target_float_bits)
 from graphopt.build.mixed_precision import TOLERANCE, build_within_budget, search_promotions
 from graphopt.build.precision import PrecisionFlags, precision_recipe
 from graphopt.cli.main import main
 from graphopt.core.progress import QUIET
 from graphopt.passes.pipeline import load_recipe
-from graphopt.quant.sensitivity import Grid, ladder_errors
+from graphopt.quant.numerics import pack_uint4, quantize_int
+from graphopt.quant.sensitivity import Grid, block_int8, ladder_errors
 from tiny_models import tiny_calibration_model
 
 
@@ -97,6 +98,52 @@ def test_proxy_errors_fall_up_the_ladder() -> None:
 def test_the_proxy_rounds_on_the_recipe_grid() -> None:
     spec = next(s for s in load_recipe("ort-cpu-int4").passes if s.name == "quantize-int4")
     assert grid_of(spec).full_range is bool(spec.options.get("full_range")) is True
+
+
+def _matmul_nbits_acc4(x: np.ndarray, q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    """ONNX Runtime's MatMulNBits (4 bits, accuracy_level 4) of x [R, K] by int4 blocks q [K, N] with scales
+    [K/block, N]."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    (k, n), blocks = q.shape, q.shape[0] // block
+    packed = pack_uint4(q.T.reshape(n, blocks, block)).reshape(n, blocks, block // 2)
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=4)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], n])],
+                              [onnx.numpy_helper.from_array(packed, "B"),
+                               onnx.numpy_helper.from_array(np.ascontiguousarray(scale.T).ravel(), "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_the_int4_proxy_rounds_the_input_as_onnx_runtimes_int8_kernel_does() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 128)).astype(np.float32)
+    x[:, 5] *= 60.0  # an outlier channel, as in real activations: its block's other inputs lose precision
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    quantized = quantize_int(w, 4, axis=0, block_size=32)
+    w_hat = quantized.dequantize()
+    got = _matmul_nbits_acc4(x, quantized.q.astype(np.int8), quantized.scale.astype(np.float32), 32)
+    exact, modelled = x @ w_hat, block_int8(x, 32) @ w_hat
+    assert np.abs(got - modelled).max() < 1e-3 * np.abs(got - exact).max()  # the kernel is the model, not x @ Ŵ
+    # hand-checked rounding: one block of 4, amax 2.54 → step 0.02
+    assert np.allclose(block_int8(np.array([[2.54, 0.011, -0.009, 1.0]], np.float32), 4),
+                       [[2.54, 0.02, -0.0, 1.0]], atol=1e-6)
+
+    plain, kernel = Grid("int4", 32), Grid("int4", 32, activation_block=32)
+    errors, with_kernel = ladder_errors(x, w, plain, "int4"), ladder_errors(x, w, kernel, "int4")
+    assert errors["int4"] > errors["int8"] > 0  # weight-only: no per-tensor int8 input on the int4 ladder
+    assert with_kernel["int8"] > errors["int8"] and with_kernel["float"] == 0.0  # the float step drops the rounding
+    assert kernel_activation_block(load_recipe("ort-cpu-int4"), _int4_index("ort-cpu-int4")) == 32
+    assert kernel_activation_block(load_recipe("trt-int4"), _int4_index("trt-int4")) == 0  # no int8 kernel there
+
+
+def _int4_index(name: str) -> int:
+    return next(i for i, s in enumerate(load_recipe(name).passes) if s.name == "quantize-int4")
 
 
 def _pinned_recipe(tmp: Path):
