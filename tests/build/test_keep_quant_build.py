@@ -40,7 +40,8 @@ def built(tmp_path_factory):
         env.setenv("GRAPHOPT_CACHE", str(root / "cache"))
         loaded = load(str(gguf_path), "sdpa", QUIET)
         trace_loaded(loaded, QUIET)
-        for name, recipe in (("fp32", load_recipe("ort-cpu")), ("kept", precision_recipe(PrecisionFlags(keep_quant=True), None, "ort-cpu"))):
+        for name, recipe in (("fp32", load_recipe("ort-cpu")), ("kept", precision_recipe(PrecisionFlags(keep_quant=True), None, "ort-cpu")),
+                             ("fast", load_recipe("ort-cpu-keep-quant-fast"))):
             options = BuildOptions(recipe, root / name, eval_text=words, eval_tokens=64)
             context = quant_build.context_for(options, loaded, QUIET)
             reports[name] = build_traced(loaded, options, QUIET, context, copy=True)
@@ -67,6 +68,26 @@ def test_kept_artifact_gives_the_fp32_logits(built) -> None:
     assert stats["fuse-qkv-rope"]["packed_qkv_corrections"] == 2
     assert reports["kept"]["precision"]["weights"].startswith("gguf 15 Q4_1, 1 Q8_0 kept exactly")
     assert reports["kept"]["fidelity"]["kl_mean"] < 1e-6 and reports["kept"]["fidelity"]["budget"]["kl_max"] == 1e-4
+
+
+def test_fast_recipe_keeps_the_blocks_with_int8_activations(built) -> None:
+    """ort-cpu-keep-quant-fast: the same blocks, MatMulNBits at accuracy_level 4 (the input rounded to int8 in
+    blocks, as llama.cpp does): close to the exact build, not equal. (Here the head is Q4_1 and the Q8_0
+    embedding is a Gather, so no 8-bit MatMulNBits is made.)"""
+    import onnx
+
+    root, reports = built
+    nodes = [n for n in onnx.load(str(root / "fast" / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: a.i for a in n.attribute} for n in nodes]
+    kept = [n for n in onnx.load(str(root / "kept" / "model.onnx"), load_external_data=False).graph.node
+            if n.op_type == "MatMulNBits"]
+    assert {a["accuracy_level"] for a in attrs} == {4} and {a["bits"] for a in attrs} == {4}
+    assert len(nodes) == len(kept) and {a.i for n in kept for a in n.attribute if a.name == "accuracy_level"} == {1}
+    worst = max(float(np.abs(a - b).max()) for a, b in zip(_steps(root / "fp32"), _steps(root / "fast")))
+    assert 1e-4 < worst < 0.5, worst
+    assert 0 < reports["fast"]["fidelity"]["kl_mean"] < 0.01
+    assert reports["fast"]["precision"]["weights"] == reports["kept"]["precision"]["weights"]
 
 
 def test_kept_weights_are_smaller(built) -> None:
