@@ -45,10 +45,16 @@ def open_llama(gguf: Path, threads: int, n_ctx: int, logits_all: bool = False) -
 
 def llama_calls(llm: Any) -> tuple[Callable[[Sequence[int]], int], Callable[[int], int]]:
     """(``first(prompt)``, ``step(token)``) for :func:`graphopt.measure.bench.timed_loop`: greedy argmax of
-    the last position's logits; ``first`` starts a fresh sequence (``reset`` drops the cached tokens)."""
+    the last position's logits; ``first`` starts a fresh sequence (``reset`` drops the cached tokens).
+
+    The logits are read from the context itself: without ``logits_all`` the binding (0.3.x) leaves
+    ``llm.scores`` at zero, so an argmax there is always token 0."""
+    from llama_cpp import llama_get_logits_ith
+
+    vocab = llm.n_vocab()
 
     def last_argmax() -> int:
-        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
 
     def first(prompt: Sequence[int]) -> int:
         llm.reset()

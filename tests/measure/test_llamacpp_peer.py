@@ -17,7 +17,8 @@ from graphopt.core.errors import BenchError
 from graphopt.core.progress import QUIET
 from graphopt.measure.bench import run_bench
 from graphopt.measure.fidelity import artifact_logits, evaluate
-from graphopt.measure.llamacpp_peer import llamacpp_logits, llamacpp_precision, open_llama, with_llamacpp
+from graphopt.measure.llamacpp_peer import (llama_calls, llamacpp_logits, llamacpp_precision, open_llama,
+                                            with_llamacpp)
 from tiny_models import make_tiny_model
 
 LAYERS = 2  # tests/gguf_quant_files.py's tiny Llama: 7 projections a layer, plus the head (``output``)
@@ -91,3 +92,17 @@ def test_llamacpp_logits_agree_with_the_kept_artifact(kept: tuple[Path, Path]) -
     fidelity = evaluate(llamacpp_logits(gguf, 1, 16), artifact_logits(artifact, 16), ids, "random ids", seq_len=16)
     assert fidelity.tokens == 45
     assert fidelity.kl_mean < 0.01 and fidelity.top1_agreement > 0.9
+
+
+def test_llamacpp_greedy_loop_follows_its_own_logits(kept: tuple[Path, Path]) -> None:
+    """bench's llama.cpp loop picks the argmax of llama.cpp's last-position logits at every step: the same
+    tokens as an argmax over its logits for the whole sequence (a loop reading zeros would give token 0)."""
+    gguf, _ = kept
+    first, step = llama_calls(open_llama(gguf, 1, 32))
+    prompt = [int(t) for t in np.random.default_rng(3).integers(4, 200, 8)]
+    tokens = [first(prompt)]
+    while len(tokens) < 8:
+        tokens.append(step(tokens[-1]))
+    logits = llamacpp_logits(gguf, 1, 32)(np.array(prompt + tokens[:-1]))
+    assert tokens == [int(t) for t in logits[len(prompt) - 1:].argmax(-1)]
+    assert len(set(tokens)) > 1
