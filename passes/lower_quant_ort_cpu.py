@@ -101,6 +101,10 @@ class LowerQuantOrtCpuPass(GraphoptPass):
             record_precision(self.context, note=f"fp8 on ort-cpu is a fidelity simulation: ONNX Runtime has no fp8 CPU "
                                          f"kernel, so {fp8} fp8 Q/DQ pairs run in fp32 (no speed-up, same numbers as "
                                          "an fp8 engine); the Q/DQ graph is the one TensorRT builds fp8 engines from")
+        nbits = self.stats.get("matmul_nbits", 0) + self.stats.get("lm_head", 0)
+        if self.lossy and nbits and "activations" not in self.context.results.precision:
+            record_precision(self.context, activations="int8 per weight block inside MatMulNBits "
+                                                       f"(accuracy_level {self.accuracy_level}), fp32 elsewhere")
         modified = any(k != "fp8_qdq_simulated" for k in self.stats)
         if modified:
             model.opset_imports.setdefault(MS_DOMAIN, 1)

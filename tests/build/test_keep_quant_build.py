@@ -88,6 +88,9 @@ def test_fast_recipe_keeps_the_blocks_with_int8_activations(built) -> None:
     assert 1e-4 < worst < 0.5, worst
     assert 0 < reports["fast"]["fidelity"]["kl_mean"] < 0.01
     assert reports["fast"]["precision"]["weights"] == reports["kept"]["precision"]["weights"]
+    label = "int8 per weight block inside MatMulNBits (accuracy_level 4), fp32 elsewhere"
+    assert reports["fast"]["precision"]["activations"] == label
+    assert reports["kept"]["precision"]["activations"] == "fp32"
 
 
 def test_kept_weights_are_smaller(built) -> None:
