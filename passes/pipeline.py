@@ -37,6 +37,8 @@ class Recipe:
     passes: tuple[PassSpec, ...]
     description: str = ""
     source: str = ""
+    budget: tuple[float, float | None] | None = None  # [budget] kl_max, top1_min: overrides the precision's
+
 
 
 @dataclasses.dataclass
@@ -84,7 +86,24 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         raise RecipeError(f"recipe {source} has no [[pass]] entries; list passes as [[pass]] name = \"cleanup\"")
     passes = tuple(_pass_spec(entry, source) for entry in entries)
     return Recipe(data.get("name", Path(source).stem), data.get("target", "ort-cpu"), passes,
-                  data.get("description", ""), source)
+                  data.get("description", ""), source, _budget(data.get("budget"), source))
+
+
+def _budget(table: Any, source: str) -> tuple[float, float | None] | None:
+    """A recipe's own fidelity budget: ``[budget] kl_max = 0.01`` (nats, > 0), ``top1_min = 0.95`` (optional,
+    in (0, 1]); it replaces the budget of the weights' precision in the build report."""
+    if table is None:
+        return None
+    fix = "write e.g. [budget] kl_max = 0.01, top1_min = 0.95"
+    if not isinstance(table, dict) or set(table) - {"kl_max", "top1_min"} or "kl_max" not in table:
+        raise RecipeError(f"recipe {source}: [budget] takes kl_max and optionally top1_min; {fix}")
+    kl_max, top1_min = table["kl_max"], table.get("top1_min")
+    if not isinstance(kl_max, (int, float)) or isinstance(kl_max, bool) or kl_max <= 0:
+        raise RecipeError(f"recipe {source}: [budget] kl_max = {kl_max!r} should be a number > 0; {fix}")
+    if top1_min is not None and (not isinstance(top1_min, (int, float)) or isinstance(top1_min, bool)
+                                 or not 0 < top1_min <= 1):
+        raise RecipeError(f"recipe {source}: [budget] top1_min = {top1_min!r} should be in (0, 1]; {fix}")
+    return float(kl_max), None if top1_min is None else float(top1_min)
 
 
 def _pass_spec(entry: dict[str, Any], source: str) -> PassSpec:

@@ -144,12 +144,14 @@ def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: P
     out = fidelity.to_json() | {"text_sha256": corpus.sha256,
                                 "reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)"}
     precision = load_manifest(staging, verify_hashes=False).precision
-    if (kind := weight_precision(precision)) is not None:
-        kl_max, top1_min = BUDGETS[kind]
+    kind = weight_precision(precision)
+    if (budget := options.recipe.budget or (BUDGETS[kind] if kind is not None else None)) is not None:
+        kl_max, top1_min = budget
         misses = [f"KL {fidelity.kl_mean:.4f} > {kl_max}"] if fidelity.kl_mean > kl_max else []
         if top1_min is not None and fidelity.top1_agreement < top1_min:
-            misses.append(f"top-1 {fidelity.top1_agreement:.1%} < {top1_min:.0%}")
-        out["budget"] = {"kl_max": kl_max, "top1_min": top1_min, "within": not misses, "misses": misses}
+            misses.append(f"top-1 {fidelity.top1_agreement:.1%} < {top1_min:.1%}")
+        out["budget"] = {"kl_max": kl_max, "top1_min": top1_min, "within": not misses, "misses": misses,
+                         "from": f"recipe {options.recipe.name}" if options.recipe.budget else f"{kind} weights"}
     timings["fidelity_s"] = time.perf_counter() - start
     return out
 

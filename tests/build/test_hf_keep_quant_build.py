@@ -60,8 +60,9 @@ def test_kept_artifact_gives_the_dequantized_logits(built) -> None:
     name, root, reports = built
     kept = reports["kept"]
     fidelity = kept["fidelity"]
-    assert fidelity["kl_mean"] <= 1e-4 and fidelity["budget"] == {"kl_max": 1e-4, "top1_min": 0.999, "within": True,
-                                                                    "misses": []}, fidelity
+    budget = {"kl_max": 1e-4, "top1_min": 0.999, "within": True, "misses": [],
+              "from": f"{CHECKPOINTS[name]['method']} weights"}
+    assert fidelity["kl_mean"] <= 1e-4 and fidelity["budget"] == budget, fidelity
     worst = max(float(np.abs(a - b).max()) for a, b in zip(_steps(root / "fp32"), _steps(root / "kept")))
     assert worst < 1e-4, worst
     method = CHECKPOINTS[name]["method"]

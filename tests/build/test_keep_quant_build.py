@@ -87,6 +87,8 @@ def test_fast_recipe_keeps_the_blocks_with_int8_activations(built) -> None:
     worst = max(float(np.abs(a - b).max()) for a, b in zip(_steps(root / "fp32"), _steps(root / "fast")))
     assert 1e-4 < worst < 0.5, worst
     assert 0 < reports["fast"]["fidelity"]["kl_mean"] < 0.01
+    budget = reports["fast"]["fidelity"]["budget"]  # the recipe's own [budget], not the exact build's 1e-4
+    assert (budget["kl_max"], budget["from"]) == (0.01, "recipe ort-cpu-keep-quant-fast")
     assert reports["fast"]["precision"]["weights"] == reports["kept"]["precision"]["weights"]
     label = "int8 per weight block inside MatMulNBits (accuracy_level 4), fp32 elsewhere"
     assert reports["fast"]["precision"]["activations"] == label

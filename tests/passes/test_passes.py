@@ -130,6 +130,24 @@ def test_recipe_errors(entry: dict, message: str) -> None:
         parse_recipe({"pass": [entry]})
 
 
+@pytest.mark.parametrize("budget,message", [
+    ({"top1_min": 0.9}, "takes kl_max"),
+    ({"kl_max": 0.01, "kl": 1}, "takes kl_max"),
+    ({"kl_max": -1}, "should be a number > 0"),
+    ({"kl_max": "0.01"}, "should be a number > 0"),
+    ({"kl_max": 0.01, "top1_min": 97}, r"should be in \(0, 1\]"),
+])
+def test_recipe_budget_errors(budget: dict, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe({"pass": [{"name": "cleanup"}], "budget": budget})
+
+
+def test_recipe_budget() -> None:
+    assert parse_recipe({"pass": [{"name": "cleanup"}]}).budget is None
+    assert parse_recipe({"pass": [{"name": "cleanup"}], "budget": {"kl_max": 1}}).budget == (1.0, None)
+    assert load_recipe("ort-cpu-keep-quant-fast").budget == (0.01, 0.95)
+
+
 def test_registry_names_are_kebab_case() -> None:
     assert all(name == name.lower() and " " not in name and "_" not in name for name in REGISTRY)
     with pytest.raises(RecipeError, match="unknown recipe"):
