@@ -189,6 +189,8 @@ def test_budget_is_met_by_promoting_and_recorded_in_report_and_inspect(tiny) -> 
     assert mixed["kl_plain"] > budget and mixed["probes"][0] == {"promotions": 0, "kl": mixed["kl_plain"]}
     assert 0 < mixed["promotions"] <= mixed["candidates"] == 2 * mixed["layers"] and mixed["kl_search"] <= budget
     assert report["fidelity"]["kl_mean"] <= budget
+    assert report["fidelity"]["budget"] == {"kl_max": budget, "top1_min": None, "within": True, "misses": [],
+                                            "from": "--kl-budget"}
     assert mixed["layers_promoted"] == sum(map(len, mixed["promoted"].values()))
     assert mixed["added_weight_bytes"] > 0 and mixed["ranking"].startswith("proxy error removed per bit added")
     stored = json.loads((options.output / "build-report.json").read_text())
