@@ -40,7 +40,6 @@ class Recipe:
     budget: tuple[float, float | None] | None = None  # [budget] kl_max, top1_min: overrides the precision's
 
 
-
 @dataclasses.dataclass
 class PassRecord:
     name: str

@@ -46,6 +46,7 @@ class BuildOptions:
     experts: str = "routed"  # how mixture-of-experts blocks are traced: graphopt/build/experts.py FORMS
     target: str | None = None  # graphopt/targets: None means the recipe's own target
     target_options: Any = None  # the target's options dataclass (Target.configure), None for its defaults
+    kl_budget: float | None = None  # --kl-budget: the fidelity budget is this KL alone (build/quant.py)
 
     @property
     def target_name(self) -> str:

@@ -180,11 +180,8 @@ def build_within_budget(spec: str, options, progress: Progress, on_pass: Callabl
         if measured is not None and measured > budget:
             raise BudgetError(f"--kl-budget {budget}: the written artifact measured KL {measured:.4f} (the search's "
                               f"graph {search.kl:.4f}); nothing was written — rerun, or lower the budget a little")
-        if measured is not None:  # the user's KL is the budget here, not the base precision's KL and top-1
-            report["fidelity"]["budget"] = {"kl_max": budget, "top1_min": None, "within": True, "misses": [],
-                                            "from": "--kl-budget"}
 
-    chosen = dataclasses.replace(options, recipe=recipe(search.chosen))
+    chosen = dataclasses.replace(options, recipe=recipe(search.chosen), kl_budget=budget)
     return build_traced(loaded, chosen, progress, context, on_pass, finalize=finalize)
 
 

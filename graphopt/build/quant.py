@@ -131,11 +131,22 @@ def weight_precision(precision: dict[str, str]) -> str | None:
     return first if first in BUDGETS else None
 
 
+def fidelity_budget(options, precision: dict[str, str]) -> tuple[float, float | None, str] | None:
+    """(KL max, top-1 min or None, where it comes from): the user's ``--kl-budget`` alone, else the recipe's
+    ``[budget]``, else the weights' precision's (BUDGETS); None for fp32 weights and no budget named."""
+    if options.kl_budget is not None:
+        return options.kl_budget, None, "--kl-budget"
+    if options.recipe.budget is not None:
+        return *options.recipe.budget, f"recipe {options.recipe.name}"
+    kind = weight_precision(precision)
+    return None if kind is None else (*BUDGETS[kind], f"{kind} weights")
+
+
 def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: Progress,
                      timings: dict[str, float]) -> dict[str, Any]:
     """KL / top-1 / perplexity of the written artifact against the fp32 PyTorch model (BuildOptions
-    ``eval_text`` or the built-in corpus's evaluation split, ``eval_tokens`` tokens), with the budget
-    of its weight precision; adds ``fidelity_s`` to ``timings``."""
+    ``eval_text`` or the built-in corpus's evaluation split, ``eval_tokens`` tokens), judged against
+    :func:`fidelity_budget`; adds ``fidelity_s`` to ``timings``."""
     start = time.perf_counter()
     corpus = evaluation_corpus(options.eval_text)
     ids = token_stream(tokenizer, corpus, options.eval_tokens, "eval_tokens")
@@ -143,15 +154,13 @@ def measure_fidelity(staging: Path, torch_model, tokenizer, options, progress: P
         fidelity = evaluate(artifact_logits(staging), torch_logits(torch_model), ids, corpus.source, advance=advance)
     out = fidelity.to_json() | {"text_sha256": corpus.sha256,
                                 "reference": "fp32 PyTorch model (= the fp32 artifact within 1e-4)"}
-    precision = load_manifest(staging, verify_hashes=False).precision
-    kind = weight_precision(precision)
-    if (budget := options.recipe.budget or (BUDGETS[kind] if kind is not None else None)) is not None:
-        kl_max, top1_min = budget
+    if (budget := fidelity_budget(options, load_manifest(staging, verify_hashes=False).precision)) is not None:
+        kl_max, top1_min, source = budget
         misses = [f"KL {fidelity.kl_mean:.4f} > {kl_max}"] if fidelity.kl_mean > kl_max else []
         if top1_min is not None and fidelity.top1_agreement < top1_min:
             misses.append(f"top-1 {fidelity.top1_agreement:.1%} < {top1_min:.1%}")
         out["budget"] = {"kl_max": kl_max, "top1_min": top1_min, "within": not misses, "misses": misses,
-                         "from": f"recipe {options.recipe.name}" if options.recipe.budget else f"{kind} weights"}
+                         "from": source}
     timings["fidelity_s"] = time.perf_counter() - start
     return out
 

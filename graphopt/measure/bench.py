@@ -158,7 +158,7 @@ def artifact_source(manifest: Any) -> Any:
 
 def run_bench(artifact: Path, peers: list[str], prompt_tokens: int, new_tokens: int, repeats: int,
               progress: Progress | None = None, threads: int | None = None) -> dict[str, Any]:
-    """Time graphopt and ``peers`` (``hf``, ``genai``, ``llamacpp``) on the artifact's weights; a JSON-serialisable dict."""
+    """Time graphopt and ``peers`` (of PEERS) on the artifact's weights; a JSON-serialisable dict."""
     check_args(peers, prompt_tokens, new_tokens, repeats)
     progress = progress or Progress()
     threads = threads or physical_cores()
